@@ -1,0 +1,80 @@
+"""Load and validate a run configuration against the JSON schema, filling in its defaults.
+
+The schema (``schemas/config.schema.yaml``) is the single home of parameter defaults. A config
+error names the offending key path and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key has a wrong value; the message names the key."""
+
+
+def schema() -> dict:
+    text = resources.files("weakseg").joinpath("schemas/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _fill_defaults(node: dict, value: dict) -> dict:
+    """Recursively add schema defaults for missing keys (objects default to {} then get filled)."""
+    for key, sub in node.get("properties", {}).items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if sub.get("type") == "object" and isinstance(value.get(key), dict):
+            _fill_defaults(sub, value[key])
+    return value
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        prefix = f"{path}." if path else ""
+        return f"{prefix}{extra[0] if extra else '?'}: unknown key (allowed here: {allowed})"
+    return f"{path or '<top level>'}: {error.message}"
+
+
+def validate(config: dict | None, source: str = "config") -> dict:
+    """Return a validated copy of ``config`` with all defaults filled in."""
+    value = copy.deepcopy(config or {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(value).__name__}")
+    sch = schema()
+    errors = sorted(jsonschema.Draft202012Validator(sch).iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(_key_path(e) for e in errors[:5]))
+    _fill_defaults(sch, value)
+    return value
+
+
+def load(spec: str | Path | dict | None) -> dict:
+    """Load a config from a YAML file, an inline JSON object string, or a dict; validate it."""
+    if spec is None or isinstance(spec, dict):
+        return validate(spec)
+    text = str(spec)
+    if text.lstrip().startswith("{"):
+        try:
+            return validate(json.loads(text), "inline config")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"inline config: not valid JSON ({exc})") from exc
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return validate(data, str(path))
+
+
+def run_dir(config: dict) -> Path:
+    return Path(config["results"]) / config["run"]

@@ -1,0 +1,33 @@
+"""Run a per-image function over many images on the rule's threads, with a progress bar."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import sys
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("weakseg")
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """A progress bar on stderr (Snakemake rules send stderr to their log)."""
+    return tqdm(items, desc=desc, total=total, file=sys.stderr, mininterval=2.0, dynamic_ncols=False,
+                disable=None if sys.stderr.isatty() else False)
+
+
+def map_images(fn: Callable[[T], R], items: Sequence[T], threads: int, desc: str) -> Iterator[R]:
+    """Yield ``fn(item)`` for every item, in order, using ``threads`` worker processes.
+
+    ``fn`` must be a picklable top-level function. With threads <= 1 it runs in this process,
+    which keeps tracebacks simple and avoids fork costs for small inputs.
+    """
+    if threads <= 1 or len(items) <= 1:
+        yield from progress(map(fn, items), desc, total=len(items))
+        return
+    ctx = mp.get_context("fork")
+    with ctx.Pool(processes=threads) as pool:
+        yield from progress(pool.imap(fn, items, chunksize=1), desc, total=len(items))
