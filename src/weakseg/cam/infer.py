@@ -1,0 +1,103 @@
+"""Multi-scale inference of CAM and SP-CAM score maps (SPN paper §5.1; IRN/SEAM CAM practice).
+
+SP-CAM: at each scale (and its flip) the SP-branch classifier is applied at every location of the
+upsampled features; that class-score map is resized bilinearly to image resolution and averaged
+inside every full-resolution superpixel. Because the classifier is linear, this equals classifying
+each superpixel's mean (interpolated) feature, as in training, while never losing a superpixel to
+a coarse grid. Scores are aggregated by **max** over scales, then ReLU and per-class max
+normalisation.
+CAM: the GAP-branch classifier on the encoder features, ReLU, resized, **summed** over scales and
+flips, per-class max-normalised.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakseg import store
+from weakseg.cam.models import build_classifier
+from weakseg.datasets import open_data, read_image
+from weakseg.parallel import progress
+from weakseg.training import load_model_file, select_device
+
+log = logging.getLogger("weakseg")
+
+
+def max_normalise(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ReLU, then divide each class map by its maximum -> [0, 1]."""
+    maps = maps.clamp(min=0)
+    return maps / (maps.flatten(1).max(1).values[:, None, None] + eps)
+
+
+def _flip_batch(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    return torch.cat([x, x.flip(-1)]) if flip else x
+
+
+def _unflip_mean(maps: torch.Tensor, flip: bool) -> torch.Tensor:
+    return (maps[0] + maps[1].flip(-1)) / 2 if flip else maps[0]
+
+
+@torch.inference_mode()
+def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip: bool,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (CAM, SP-CAM) for one image, each (C, H, W) float in [0, 1], C = classifier outputs."""
+    h, w = image.shape[:2]
+    sp = torch.from_numpy(superpixels.astype(np.int64)).to(device).reshape(-1)
+    n_sp = int(sp.max()) + 1
+    sp_counts = torch.bincount(sp, minlength=n_sp).clamp(min=1).float()
+    cam_total, sp_best = None, None
+    for s in scales:
+        size = (max(8, round(w * s)), max(8, round(h * s)))
+        x = torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
+        x = _flip_batch(x[None].float().div(255).to(device), flip)
+        cam = F.interpolate(model.cam(x).clamp(min=0), size=(h, w), mode="bilinear", align_corners=False)
+        cam = _unflip_mean(cam, flip)
+        cam_total = cam if cam_total is None else cam_total + cam
+        dense = F.interpolate(model.sp_score_map(x), size=(h, w), mode="bilinear", align_corners=False)
+        dense = _unflip_mean(dense, flip).reshape(dense.shape[1], -1)  # (C, H*W)
+        per_sp = torch.zeros(dense.shape[0], n_sp, device=device).index_add_(1, sp, dense) / sp_counts
+        sp_best = per_sp if sp_best is None else torch.maximum(sp_best, per_sp)
+    spcam = max_normalise(sp_best[:, None, :])[:, 0, :]  # normalise per class over superpixels
+    return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w)
+
+
+def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_path, threads: int = 1,
+                  shard: int = 0, n_shards: int = 1) -> int:
+    """CAM and SP-CAM for every image of the data store into a scores store (keys cam, spcam).
+
+    Training images keep only their labelled foreground classes (the only ones cleaning uses);
+    other images keep all foreground classes.
+    """
+    torch.set_num_threads(max(1, threads))
+    device = select_device(config["device"])
+    ckpt = load_model_file(model_path, "cam")
+    info, data = open_data(data_path)
+    if list(ckpt["class_names"]) != list(info.class_names):
+        raise ValueError(f"{model_path}: model classes {ckpt['class_names']} differ from the data store's")
+    model = build_classifier({**ckpt["config"]["cam"], "pretrained": False}, len(info.fg_classes))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    cam_cfg = config["cam"]
+    sp_store = store.open_store(superpixels_path, "superpixels")
+    train_ids = set(info.split(config["dataset"]["train_split"]))
+    ids = store.shard_ids(list(info.ids), shard, n_shards)
+    fg = info.fg_classes
+    started = time.perf_counter()
+    with store.writing(out_path, "scores", store.provenance("infer_cam", cam_cfg)) as out:
+        for image_id in progress(ids, "infer-cam"):
+            cam, spcam = image_scores(model, read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id),
+                                      cam_cfg["infer_scales"], cam_cfg["infer_flip"], device)
+            keep = np.arange(len(fg))
+            if image_id in train_ids:
+                keep = np.flatnonzero(info.label_vector(image_id)[fg])
+            store.put_scores(out, store.CAM, image_id, cam[keep].cpu().numpy(), fg[keep])
+            store.put_scores(out, store.SPCAM, image_id, spcam[keep].cpu().numpy(), fg[keep])
+    elapsed = time.perf_counter() - started
+    log.info("infer-cam: %d images in %.1f s (%.1f ms per image per scale)", len(ids), elapsed,
+             1000 * elapsed / max(1, len(ids)) / len(cam_cfg["infer_scales"]))
+    return len(ids)

@@ -1,0 +1,134 @@
+"""Classifiers trained on image-level labels: the CAM baseline and the Superpixel Pooling Network.
+
+CAM (Zhou et al. 2016): encoder -> global average pooling -> linear classifier; the class
+activation map is that classifier applied at every feature location.
+
+SPN (Kwak, Hong, Han, AAAI 2017): encoder -> one extra conv -> upsampling module (transposed convs
+with BN+ReLU, x2 each) -> superpixel pooling (mean feature inside each superpixel, then mean over
+an image's superpixels) -> classifier; plus a GAP branch with its own classifier on the encoder
+features as a regulariser. Because the classifier is linear, a superpixel's class scores equal the
+classifier applied to its mean feature — which is how SP-CAM is read off at inference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from weakseg.cam.backbones import build_encoder, normalise
+
+
+def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average features inside each superpixel of each image of a batch.
+
+    features: (B, D, h, w); superpixels: (B, h, w) long, ids >= 0, -1 = padding (excluded).
+    Images may have different numbers of superpixels; a superpixel with no pixel at this
+    resolution simply does not appear. Returns (superpixel features (S, D), image index (S,)),
+    S = number of superpixels present in the whole batch.
+    """
+    b, d, h, w = features.shape
+    if superpixels.shape != (b, h, w):
+        raise ValueError(f"superpixel map {tuple(superpixels.shape)} does not match features {(b, h, w)}")
+    flat = features.permute(0, 2, 3, 1).reshape(-1, d)
+    ids = superpixels.reshape(b, -1)
+    valid = ids >= 0
+    # One id space for the whole batch: image index * (max id + 1) + superpixel id.
+    span = int(ids.max().clamp(min=0)) + 1
+    global_ids = (torch.arange(b, device=ids.device)[:, None] * span + ids)[valid]
+    present, compact = torch.unique(global_ids, return_inverse=True)
+    sums = flat.new_zeros(present.numel(), d).index_add_(0, compact, flat[valid.reshape(-1)])
+    counts = torch.bincount(compact, minlength=present.numel()).to(flat.dtype)
+    return sums / counts[:, None], present // span
+
+
+def mean_per_image(values: torch.Tensor, image_index: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Mean of rows of ``values`` (S, D) grouped by image -> (B, D)."""
+    sums = values.new_zeros(n_images, values.shape[1]).index_add_(0, image_index, values)
+    counts = torch.bincount(image_index, minlength=n_images).clamp(min=1).to(values.dtype)
+    return sums / counts[:, None]
+
+
+class CAMNet(nn.Module):
+    """Encoder -> GAP -> linear classifier (no bias, so CAMs are exact class evidence)."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Conv2d(encoder.out_channels, n_classes, 1, bias=False)
+
+    def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
+        feats = self.encoder(normalise(x01, self.encoder))
+        return {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+
+    def cam(self, x01: torch.Tensor) -> torch.Tensor:
+        """Class activation maps (B, C, h, w) at the encoder's resolution (before ReLU)."""
+        return self.classifier(self.encoder(normalise(x01, self.encoder)))
+
+    def sp_score_map(self, x01: torch.Tensor) -> torch.Tensor:
+        """Per-location class scores whose superpixel means are SP-CAM scores (here: the CAM)."""
+        return self.cam(x01)
+
+    def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict]:
+        return [{"params": self.encoder.parameters(), "lr": lr * encoder_lr_mult},
+                {"params": self.classifier.parameters(), "lr": lr}]
+
+
+class SPN(CAMNet):
+    """Superpixel Pooling Network; the inherited GAP branch is the regulariser (and gives the CAM)."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int, channels: int = 256, upsample_layers: int = 2):
+        super().__init__(encoder, n_classes)
+        self.extra = nn.Sequential(nn.Conv2d(encoder.out_channels, channels, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        ups = []
+        for _ in range(upsample_layers):
+            ups += [nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.upsample = nn.Sequential(*ups)
+        self.upsample_factor = 2 ** upsample_layers
+        self.sp_classifier = nn.Linear(channels, n_classes, bias=False)
+
+    def _fine_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.extra(feats))
+
+    def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
+        feats = self.encoder(normalise(x01, self.encoder))
+        out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+        if superpixels is not None:
+            fine = self._fine_features(feats)
+            # Superpixel maps follow the image: nearest-neighbour resize to the fine feature grid.
+            sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
+            sp_feats, image_index = superpixel_pool(fine, sp)
+            out["sp_logits"] = self.sp_classifier(mean_per_image(sp_feats, image_index, x01.shape[0]))
+        return out
+
+    def sp_score_map(self, x01: torch.Tensor) -> torch.Tensor:
+        """SP-branch classifier applied at every location of the upsampled features (B, C, H', W')."""
+        fine = self._fine_features(self.encoder(normalise(x01, self.encoder)))
+        return torch.einsum("bdhw,cd->bchw", fine, self.sp_classifier.weight)
+
+    def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict]:
+        head = [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
+        return [{"params": self.encoder.parameters(), "lr": lr * encoder_lr_mult}, {"params": head, "lr": lr}]
+
+
+def build_classifier(cam_cfg: dict, n_classes: int) -> CAMNet:
+    encoder = build_encoder(cam_cfg["backbone"], pretrained=cam_cfg["pretrained"], weights=cam_cfg["weights"],
+                            output_stride=cam_cfg["output_stride"])
+    if cam_cfg["freeze_encoder"]:
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+    if cam_cfg["model"] == "cam":
+        return CAMNet(encoder, n_classes)
+    return SPN(encoder, n_classes, cam_cfg["extra_channels"], cam_cfg["upsample_layers"])
+
+
+def multilabel_loss(out: dict, targets: torch.Tensor, gap_weight: float) -> tuple[torch.Tensor, dict]:
+    """Multi-label soft-margin loss of the SP branch plus ``gap_weight`` x that of the GAP branch."""
+    parts = {"loss_gap": F.multilabel_soft_margin_loss(out["gap_logits"], targets)}
+    if "sp_logits" in out:
+        parts["loss_sp"] = F.multilabel_soft_margin_loss(out["sp_logits"], targets)
+        total = parts["loss_sp"] + gap_weight * parts["loss_gap"]
+    else:
+        total = parts["loss_gap"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,89 @@
+"""Train the SPN / CAM classifier on image-level labels with multi-scale training (SPN paper §5).
+
+Each batch: one size drawn from ``cam.train_sizes``; every image is padded to a square (padding
+is excluded from superpixel pooling), resized to that size, flipped at random. Superpixel maps
+follow the image through pad/resize/flip with nearest-neighbour sampling.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from weakseg import store
+from weakseg.cam.models import build_classifier, multilabel_loss
+from weakseg.datasets import open_data, read_image
+from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, select_device,
+                              train_loop)
+
+log = logging.getLogger("weakseg")
+
+
+def square_resize(image: np.ndarray, superpixels: np.ndarray, size: int, flip: bool,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Pad image (edge-mean colour) and superpixels (-1) to a square at a random offset, resize, flip."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    oy, ox = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = image.reshape(-1, 3).mean(0).astype(np.uint8)
+    canvas[oy:oy + h, ox:ox + w] = image
+    sp = np.full((side, side), -1, np.int32)
+    sp[oy:oy + h, ox:ox + w] = superpixels
+    canvas = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_LINEAR)
+    sp = cv2.resize(sp, (size, size), interpolation=cv2.INTER_NEAREST)
+    if flip:
+        canvas, sp = canvas[:, ::-1], sp[:, ::-1]
+    return canvas, sp
+
+
+def to_tensor01(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: int = 1) -> Path:
+    """Train the classifier of ``config['cam']``; writes ``out_dir/model.pt`` (resumes if killed)."""
+    torch.set_num_threads(max(1, threads))
+    cam_cfg = config["cam"]
+    info, data = open_data(data_path)
+    sp_store = store.open_store(superpixels_path, "superpixels")
+    fg = info.fg_classes
+    ids = [i for i in info.split(config["dataset"]["train_split"]) if info.label_vector(i)[fg].any()]
+    if not ids:
+        raise ValueError(f"{data_path}: no training image has a foreground label")
+    targets = {i: torch.from_numpy(info.label_vector(i)[fg].astype(np.float32)) for i in ids}
+    device = select_device(config["device"])
+    model = build_classifier(cam_cfg, len(fg)).to(device)
+    optimizer = make_optimizer(cam_cfg["optimizer"], model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
+                               cam_cfg["lr"], cam_cfg["weight_decay"])
+    scheduler = poly_schedule(optimizer, cam_cfg["iterations"])
+    log.info("train-cam: %s/%s on %d images, %d classes, %d iterations, device %s", cam_cfg["model"],
+             cam_cfg["backbone"], len(ids), len(fg), cam_cfg["iterations"], device)
+
+    def next_batch(rng: np.random.Generator) -> dict:
+        size = int(rng.choice(cam_cfg["train_sizes"]))
+        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
+        images, sps, ys = [], [], []
+        for k in chosen:
+            image_id = ids[k]
+            img, sp = square_resize(read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id),
+                                    size, bool(rng.integers(2)), rng)
+            images.append(img), sps.append(sp), ys.append(targets[image_id])
+        return {"x": to_tensor01(images).to(device), "sp": torch.from_numpy(np.stack(sps)).long().to(device),
+                "y": torch.stack(ys).to(device)}
+
+    def compute_loss(m, batch):
+        if cam_cfg["freeze_encoder"]:
+            m.encoder.eval()  # frozen encoder: keep its BatchNorm statistics as pretrained
+        return multilabel_loss(m(batch["x"], batch["sp"]), batch["y"], cam_cfg["gap_weight"])
+
+    train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
+               compute_loss=compute_loss, iterations=cam_cfg["iterations"],
+               checkpoint_every=cam_cfg["checkpoint_every"], out_dir=Path(out_dir), seed=cam_cfg["seed"],
+               desc="train-cam", fingerprint=config_fingerprint(cam_cfg, config["dataset"]))
+    model_path = Path(out_dir) / "model.pt"
+    save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "cam")
+    return model_path

@@ -1,0 +1,172 @@
+"""VOC-style dataset folders and their ingest into ``data.zarr`` (images + labels) and ``gt.zarr``.
+
+Layout read here (PASCAL VOC 2012 and MSRC-21 as shipped in ../shared both fit):
+
+    <root>/JPEGImages/<id>.jpg|.jpeg|.png
+    <root>/SegmentationClass/<id>.png   optional; palette or single-channel index PNG, 255 = ignore
+    <root>/<split>.txt  or  <root>/ImageSets/Segmentation/<split>.txt   one id per line
+    <root>/classes.txt                  class names, line i = class index i
+    labels file (optional)              CSV: id,labels  with class names joined by ';'
+
+Image-level labels come from the labels file when given (real users have no masks for their
+training images) and otherwise from the masks. Ingest validates everything it reads and names
+the file and the expectation on any problem; the stores are written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from weakseg import store
+from weakseg.datasets import IGNORE
+from weakseg.parallel import progress
+
+log = logging.getLogger("weakseg")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the expectation."""
+
+
+def read_classes(root: Path) -> list[str]:
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing; expected one class name per line (line i = class index i)")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) < 2:
+        raise DatasetError(f"{path}: expected at least 2 class names, found {len(names)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DatasetError(f"{path}: duplicate class names {dupes}")
+    if len(names) > 255:
+        raise DatasetError(f"{path}: at most 255 classes fit a uint8 label map (255 = ignore), found {len(names)}")
+    return names
+
+
+def read_split(root: Path, split: str) -> list[str]:
+    for path in (root / f"{split}.txt", root / "ImageSets" / "Segmentation" / f"{split}.txt"):
+        if path.is_file():
+            ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+            if not ids:
+                raise DatasetError(f"{path}: split '{split}' is empty; expected one image id per line")
+            return ids
+    raise DatasetError(f"{root}: no list for split '{split}' (expected {split}.txt or "
+                       f"ImageSets/Segmentation/{split}.txt)")
+
+
+def image_path(root: Path, image_id: str) -> Path:
+    for ext in IMAGE_EXTENSIONS:
+        path = root / "JPEGImages" / f"{image_id}{ext}"
+        if path.is_file():
+            return path
+    raise DatasetError(f"{root / 'JPEGImages' / image_id}.jpg: image file not found "
+                       f"(tried extensions {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); a clear error for unreadable files."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise DatasetError(f"{path}: unreadable image; expected a JPEG/PNG/BMP RGB image")
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def read_mask_file(path: Path, shape: tuple[int, int], n_classes: int) -> np.ndarray:
+    """Class-index mask (H, W) uint8 from a palette or single-channel PNG, validated."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DatasetError(f"{path}: mask mode {im.mode}; expected a palette or single-channel index PNG")
+            mask = np.array(im)
+    except (OSError, SyntaxError) as exc:
+        raise DatasetError(f"{path}: unreadable mask ({exc})") from exc
+    if mask.shape != shape:
+        raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(n_classes), IGNORE])
+    if bad.size:
+        raise DatasetError(f"{path}: mask values {bad[:5].tolist()} are not class indices 0..{n_classes - 1} or 255")
+    return mask.astype(np.uint8)
+
+
+def read_labels_file(path: Path, class_names: list[str]) -> dict[str, np.ndarray]:
+    """CSV id,labels (names joined by ';') -> {id: class index array}."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: labels file not found")
+    index = {n: i for i, n in enumerate(class_names)}
+    out = {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"id", "labels"} <= set(reader.fieldnames):
+            raise DatasetError(f"{path}: expected a CSV header with columns id,labels")
+        for line, row in enumerate(reader, start=2):
+            names = [n.strip() for n in (row["labels"] or "").split(";") if n.strip()]
+            unknown = [n for n in names if n not in index]
+            if unknown:
+                raise DatasetError(f"{path}:{line}: class {unknown[0]!r} is not in classes.txt "
+                                   f"({', '.join(class_names)})")
+            out[row["id"]] = np.array([index[n] for n in names], np.int64)
+    return out
+
+
+def labels_from_mask(mask: np.ndarray, n_classes: int) -> np.ndarray:
+    present = np.unique(mask)
+    return present[present < n_classes].astype(np.int64)
+
+
+def ingest(root: str | os.PathLike, dataset_cfg: dict, data_path, gt_path, prov: dict) -> dict:
+    """Read a folder dataset and write ``data.zarr`` and ``gt.zarr``. Returns a summary dict."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found (config key dataset.root)")
+    names = read_classes(root)
+    n_classes = len(names)
+    split_names = [dataset_cfg["train_split"]] + ([dataset_cfg["val_split"]] if dataset_cfg["val_split"] else [])
+    splits = {}
+    for split in split_names:
+        ids = read_split(root, split)
+        splits[split] = ids[: dataset_cfg["max_images"]] if dataset_cfg["max_images"] else ids
+    all_ids = list(dict.fromkeys(i for ids in splits.values() for i in ids))
+    file_labels = (read_labels_file(Path(dataset_cfg["labels_file"]), names)
+                   if dataset_cfg["labels_file"] else None)
+    has_bg = dataset_cfg["has_background"]
+    labels = np.zeros((len(all_ids), n_classes), np.uint8)
+    n_masks = 0
+    attrs = {"class_names": names, "has_background": has_bg, "ids": all_ids, "splits": splits,
+             "source": str(root)}
+    with store.writing(data_path, "data", prov, attrs) as data, \
+            store.writing(gt_path, "gt", prov, {"class_names": names, "has_background": has_bg}) as gt:
+        for row, image_id in enumerate(progress(all_ids, "ingest")):
+            image = read_image_file(image_path(root, image_id))
+            store.put(data, store.IMAGES, image_id, image)
+            mask_file = root / "SegmentationClass" / f"{image_id}.png"
+            mask = read_mask_file(mask_file, image.shape[:2], n_classes) if mask_file.is_file() else None
+            if mask is not None:
+                store.put(gt, store.MASKS, image_id, mask)
+                n_masks += 1
+            if file_labels is not None:
+                if image_id not in file_labels:
+                    raise DatasetError(f"{dataset_cfg['labels_file']}: no labels for image '{image_id}'")
+                present = file_labels[image_id]
+            elif mask is not None:
+                present = labels_from_mask(mask, n_classes)
+            else:
+                raise DatasetError(f"{mask_file}: missing, and no labels file is configured "
+                                   "(dataset.labels_file) to give this image's labels")
+            labels[row, present] = 1
+            if has_bg:
+                labels[row, 0] = 1  # every image has background in the VOC convention
+        empty = [i for i, r in zip(all_ids, labels) if not r[1 if has_bg else 0:].any()]
+        if empty:
+            log.warning("%d images have no foreground label, e.g. %s", len(empty), empty[:3])
+        data.create_array("labels", shape=labels.shape, dtype=np.uint8, chunks=labels.shape)[...] = labels
+    summary = {"images": len(all_ids), "masks": n_masks, "classes": n_classes,
+               **{f"split_{k}": len(v) for k, v in splits.items()}}
+    log.info("ingested %s", summary)
+    return summary

@@ -1,0 +1,144 @@
+"""The training loop shared by CAM/SPN and segmentation training: checkpoints and exact resume.
+
+A job killed half-way (node failure, Slurm time limit) and rerun continues from its latest
+checkpoint — weights, optimiser, scheduler, the batch-sampling RNG and torch's RNG included — so
+it ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from weakseg.parallel import progress
+
+log = logging.getLogger("weakseg")
+CHECKPOINT = "checkpoints/last.pt"
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Polynomial decay (power 0.9), the DeepLab/IRN schedule."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, iterations - 1) / iterations) ** 0.9)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    if not rows:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train_loop(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler,
+               next_batch: Callable[[np.random.Generator], dict],
+               compute_loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+               iterations: int, checkpoint_every: int, out_dir: Path, seed: int, desc: str,
+               fingerprint: str = "") -> list[dict]:
+    """Run ``iterations`` optimisation steps, resuming from ``out_dir/checkpoints/last.pt`` if present.
+
+    ``next_batch(rng)`` draws a batch with the loop's numpy Generator (whose state is checkpointed);
+    ``compute_loss(model, batch)`` returns the loss and a dict of floats for the log. Returns log rows;
+    also writes ``out_dir/train_log.csv``. A checkpoint whose ``fingerprint`` (a digest of the
+    training config) differs from this run's is ignored: a changed config starts training afresh.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    start, rows = 0, []
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        log.info("%s: ignoring checkpoint %s made with another config; starting afresh", desc, ckpt_path)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start, rows = int(state["iteration"]), list(state["log"])
+        log.info("%s: resumed from checkpoint %s at iteration %d of %d", desc, ckpt_path, start, iterations)
+
+    def save(iteration: int) -> None:
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "numpy_rng": rng.bit_generator.state,
+                           "torch_rng": torch.get_rng_state(), "iteration": iteration, "log": rows,
+                           "fingerprint": fingerprint}, ckpt_path)
+        _write_log(rows, out_dir / "train_log.csv")
+
+    model.train()
+    for it in progress(range(start, iterations), desc, total=iterations - start):
+        batch = next_batch(rng)
+        loss, parts = compute_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        rows.append({"iteration": it + 1, "loss": float(loss.detach()), **parts,
+                     "lr": optimizer.param_groups[-1]["lr"]})
+        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+            save(it + 1)
+    model.eval()
+    _write_log(rows, out_dir / "train_log.csv")
+    return rows
+
+
+def config_fingerprint(*sections: dict) -> str:
+    """A short digest of the config sections that determine a training run."""
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_model(path: Path, model: torch.nn.Module, config: dict, class_names, has_background: bool,
+               stage: str) -> None:
+    """The final model file: weights plus what is needed to rebuild and use it (config, classes)."""
+    atomic_torch_save({"model": model.state_dict(), "config": config, "class_names": list(class_names),
+                       "has_background": bool(has_background), "stage": stage}, Path(path))
+
+
+def load_model_file(path, stage: str, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
+        raise ValueError(f"{path}: not a weakseg {stage} model (stage {ckpt.get('stage') if isinstance(ckpt, dict) else '?'})")
+    return ckpt

@@ -1,0 +1,63 @@
+# CAM / SPN training on image-level labels, multi-scale CAM + SP-CAM inference, their evaluation.
+
+
+rule train_cam:
+    input:
+        data=P(RUN.data),
+        sp=P(RUN.superpixels),
+    output:
+        P(RUN.cam_model),
+    params:
+        cfg=cfg("dataset", "cam", "superpixels", "device"),
+        out_dir=P(RUN.cam_dir),
+    threads: THREADS
+    log:
+        log_for("train_cam"),
+    resources:
+        **gpu_resources(),
+    shell:
+        # Checkpoints live in cam/checkpoints/ (not an output), so a rerun after a kill resumes.
+        "weakseg train-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp}"
+        " --out-dir {params.out_dir} --threads {threads} 2> {log}"
+
+
+rule infer_cam:
+    input:
+        data=P(RUN.data),
+        sp=P(RUN.superpixels),
+        model=P(RUN.cam_model),
+    output:
+        directory(shard_path(RUN.scores)),
+    params:
+        cfg=cfg("dataset", "cam", "device"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
+    threads: THREADS
+    log:
+        log_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}")),
+    resources:
+        **gpu_resources(),
+    shell:
+        "weakseg infer-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp} --model {input.model}"
+        " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+
+
+rule evaluate_scores:
+    input:
+        data=P(RUN.data),
+        gt=P(RUN.gt),
+        scores=P(RUN.scores),
+    output:
+        metrics=P(RUN.metrics_dir / "{key}_{split}.csv"),
+        per_image=P(RUN.metrics_dir / "{key}_{split}_per_image.csv"),
+    wildcard_constraints:
+        key="cam|spcam",
+    params:
+        cfg=cfg("dataset", "evaluate"),
+    log:
+        log_for("evaluate_{key}_{split}"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.scores}"
+        " --stage {wildcards.key} --split {wildcards.split} --out {output.metrics} --per-image {output.per_image}"
+        " 2> {log}"

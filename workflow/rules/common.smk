@@ -1,0 +1,70 @@
+# Shared helpers: the validated config, output paths (from weakseg.store.RunLayout), per-rule
+# config JSON, resources and shard paths. No pipeline logic lives here.
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from weakseg.config import ConfigError, validate
+from weakseg.store import RunLayout
+
+try:
+    config = validate(config, "config")
+except ConfigError as exc:
+    raise WorkflowError(str(exc))
+
+RUN = RunLayout(Path(config["results"]) / config["run"])
+N_SHARDS = config["shards"]
+SHARDS = list(range(N_SHARDS))
+ROUNDS = list(range(1, config["segment"]["rounds"] + 1))
+HAS_VAL = config["dataset"]["val_split"] is not None
+TRAIN, VAL = config["dataset"]["train_split"], config["dataset"]["val_split"]
+RES = config["resources"]
+
+
+def P(path):
+    """Snakemake wants strings."""
+    return str(path)
+
+
+def cfg(*sections):
+    """The config sections a command uses, as JSON: rules rerun only when those sections change."""
+    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+
+
+def log_for(name):
+    return P(RUN / "logs" / f"{name}.log")
+
+
+def shard_path(final, shard="{shard}"):
+    """Where one shard of a per-image stage writes; with one shard, the stage store itself."""
+    final = Path(final)
+    if N_SHARDS == 1:
+        return P(final)
+    return P(final.parent / "shards" / f"{final.stem}-{shard}.zarr")
+
+
+def all_shards(final):
+    return [shard_path(final, s) for s in SHARDS]
+
+
+def metrics_csv(stage, split):
+    return P(RUN.metrics_dir / f"{stage}_{split}.csv")
+
+
+# Resources: network rules may ask for a GPU; CPU-only stages never do.
+def gpu_resources():
+    res = dict(mem_mb=RES["train_mem_mb"], runtime=RES["train_runtime_min"], cpus_per_task=RES["cpu_threads"])
+    if RES["gpu"] > 0:
+        res["gpu"] = RES["gpu"]
+    return res
+
+
+CPU_RESOURCES = dict(mem_mb=RES["cpu_mem_mb"], runtime=RES["cpu_runtime_min"], cpus_per_task=RES["cpu_threads"])
+THREADS = RES["cpu_threads"]
+
+
+wildcard_constraints:
+    r=r"\d+",
+    shard=r"\d+",
+    split=r"[A-Za-z0-9-]+",

@@ -1,0 +1,69 @@
+# Dataset -> data.zarr + gt.zarr; superpixels; the superpixel oracle.
+
+if config["dataset"]["kind"] == "synthetic":
+
+    rule synth:
+        output:
+            directory(P(RUN.synthetic)),
+        params:
+            cfg=cfg("dataset"),
+        log:
+            log_for("synth"),
+        shell:
+            "weakseg synth --config {params.cfg:q} --out {output} 2> {log}"
+
+    DATASET_ROOT = P(RUN.synthetic)
+else:
+    DATASET_ROOT = config["dataset"]["root"]
+    if not DATASET_ROOT:
+        raise WorkflowError("dataset.root: required when dataset.kind is 'folder'")
+
+
+rule ingest:
+    input:
+        DATASET_ROOT,
+    output:
+        data=directory(P(RUN.data)),
+        gt=directory(P(RUN.gt)),
+    params:
+        cfg=cfg("dataset"),
+    log:
+        log_for("ingest"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg ingest --config {params.cfg:q} --root {input} --data {output.data} --gt {output.gt} 2> {log}"
+
+
+rule superpixels:
+    input:
+        P(RUN.data),
+    output:
+        directory(shard_path(RUN.superpixels)),
+    params:
+        cfg=cfg("superpixels"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
+    threads: THREADS
+    log:
+        log_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}")),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg superpixels --config {params.cfg:q} --data {input} --out {output} --threads {threads}"
+        " --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+
+
+rule superpixel_oracle:
+    input:
+        data=P(RUN.data),
+        gt=P(RUN.gt),
+        sp=P(RUN.superpixels),
+    output:
+        metrics_csv("superpixel_oracle", TRAIN),
+    log:
+        log_for("superpixel_oracle"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg oracle --data {input.data} --gt {input.gt} --superpixels {input.sp} --split " + TRAIN
+        + " --out {output} 2> {log}"

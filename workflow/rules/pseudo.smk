@@ -1,0 +1,114 @@
+# Pseudo-labels from score maps: cleaning -> dense CRF -> RRM reliable regions; divergence-based
+# reliability and top-K selection; their evaluation on the training split.
+SOURCE = config["pseudo"]["source"]  # which score maps feed the pseudo-labels: spcam or cam
+SELECTED_VARIANT = config["segment"]["first_round_input"]  # the variant round 1 trains on
+
+
+rule clean:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.scores),
+    output:
+        directory(P(RUN.cleaned)),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+    log:
+        log_for("clean"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key " + SOURCE
+        + " --out {output} 2> {log}"
+
+
+rule crf:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.scores),
+    output:
+        directory(shard_path(RUN.crf)),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
+    threads: THREADS
+    log:
+        log_for("crf" + ("" if N_SHARDS == 1 else "-{shard}")),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key " + SOURCE
+        + " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+
+
+rule reliable:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.scores),
+        crf=P(RUN.crf),
+    output:
+        directory(P(RUN.reliable)),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+    log:
+        log_for("reliable"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg reliable --config {params.cfg:q} --data {input.data} --scores {input.scores} --key " + SOURCE
+        + " --crf {input.crf} --out {output} 2> {log}"
+
+
+rule reliability:
+    input:
+        data=P(RUN.data),
+        labels=P(RUN.pseudo(SELECTED_VARIANT)),
+    output:
+        P(RUN.reliability),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+    log:
+        log_for("reliability"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg reliability --config {params.cfg:q} --data {input.data} --labels {input.labels} --out {output}"
+        " 2> {log}"
+
+
+rule evaluate_pseudo:
+    input:
+        data=P(RUN.data),
+        gt=P(RUN.gt),
+        labels=lambda w: P(RUN.pseudo(w.variant)),
+        selection=P(RUN.reliability),
+    output:
+        metrics=P(RUN.metrics_dir / ("{variant}_" + TRAIN + ".csv")),
+        per_image=P(RUN.metrics_dir / ("{variant}_" + TRAIN + "_per_image.csv")),
+    wildcard_constraints:
+        variant="cleaned|crf|reliable",
+    params:
+        cfg=cfg("dataset", "evaluate"),
+    log:
+        log_for("evaluate_{variant}"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
+        " --stage {wildcards.variant} --split " + TRAIN + " --out {output.metrics} --per-image {output.per_image}"
+        " --selection {input.selection} 2> {log}"
+
+
+rule reliability_curve:
+    input:
+        gt=P(RUN.gt),
+        labels=P(RUN.pseudo(SELECTED_VARIANT)),
+        reliability=P(RUN.reliability),
+    output:
+        P(RUN.root / "pseudo" / "reliability_curve.csv"),
+    params:
+        points=config["evaluate"]["reliability_curve_points"],
+    log:
+        log_for("reliability_curve"),
+    shell:
+        "weakseg reliability-curve --gt {input.gt} --labels {input.labels} --reliability {input.reliability}"
+        " --points {params.points} --out {output} 2> {log}"

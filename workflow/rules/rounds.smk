@@ -1,0 +1,152 @@
+# Iterative segmentation rounds (SPN paper §6): train on the selected reliable pseudo-labels of
+# round r-1 (round 1: the pseudo-label stage), predict the training images, clean with the image
+# labels, optional CRF, reliability selection -> the annotations of round r. Every round is trained
+# from ImageNet weights, never from the previous round.
+ROUND = P(RUN.root / "round{r}")
+
+
+def round_inputs(w):
+    r = int(w.r)
+    if r == 1:
+        return {"labels": P(RUN.pseudo(config["segment"]["first_round_input"])), "selection": P(RUN.reliability)}
+    return {"labels": annotation_of(r - 1), "selection": P(RUN.round_reliability(r - 1))}
+
+
+def annotation_of(r):
+    """A round's train annotation: CRF-refined when segment.crf, else cleaned."""
+    return P(RUN.round_labels(r, f"crf_{TRAIN}" if config["segment"]["crf"] else "cleaned"))
+
+
+rule train_seg:
+    input:
+        unpack(round_inputs),
+        data=P(RUN.data),
+    output:
+        P(RUN.root / "round{r}" / "model.pt"),
+    params:
+        cfg=cfg("dataset", "segment", "device"),
+        out_dir=ROUND,
+    threads: THREADS
+    log:
+        log_for("train_seg_round{r}"),
+    resources:
+        **gpu_resources(),
+    shell:
+        "weakseg train-seg --config {params.cfg:q} --data {input.data} --labels {input.labels}"
+        " --selection {input.selection} --out-dir {params.out_dir} --threads {threads} 2> {log}"
+
+
+rule predict_seg:
+    input:
+        data=P(RUN.data),
+        model=P(RUN.root / "round{r}" / "model.pt"),
+    output:
+        directory(shard_path(RUN.root / "round{r}" / "scores_{split}.zarr")),
+    params:
+        cfg=cfg("dataset", "segment", "device"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
+    threads: THREADS
+    log:
+        log_for("predict_seg_round{r}_{split}" + ("" if N_SHARDS == 1 else "-{shard}")),
+    resources:
+        **gpu_resources(),
+    shell:
+        "weakseg predict-seg --config {params.cfg:q} --data {input.data} --model {input.model} --split {wildcards.split}"
+        " --out {output} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+
+
+rule clean_round:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.root / "round{r}" / ("scores_" + TRAIN + ".zarr")),
+    output:
+        directory(P(RUN.root / "round{r}" / "cleaned.zarr")),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+    log:
+        log_for("clean_round{r}"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        # ratio 0: keep the labelled classes only, then argmax (cleaning with the image labels).
+        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg --ratio 0"
+        " --out {output} 2> {log}"
+
+
+rule crf_round:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.root / "round{r}" / "scores_{split}.zarr"),
+    output:
+        directory(shard_path(RUN.root / "round{r}" / "crf_{split}.zarr")),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
+    threads: THREADS
+    log:
+        log_for("crf_round{r}_{split}" + ("" if N_SHARDS == 1 else "-{shard}")),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
+        " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+
+
+rule reliability_round:
+    input:
+        data=P(RUN.data),
+        labels=lambda w: annotation_of(int(w.r)),
+    output:
+        P(RUN.root / "round{r}" / "reliability.csv"),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+    log:
+        log_for("reliability_round{r}"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg reliability --config {params.cfg:q} --data {input.data} --labels {input.labels} --out {output}"
+        " 2> {log}"
+
+
+rule evaluate_round_train:
+    input:
+        data=P(RUN.data),
+        gt=P(RUN.gt),
+        labels=lambda w: annotation_of(int(w.r)),
+        selection=P(RUN.root / "round{r}" / "reliability.csv"),
+    output:
+        metrics=P(RUN.metrics_dir / ("round{r}_" + TRAIN + ".csv")),
+        per_image=P(RUN.metrics_dir / ("round{r}_" + TRAIN + "_per_image.csv")),
+    params:
+        cfg=cfg("dataset", "evaluate"),
+    log:
+        log_for("evaluate_round{r}_train"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
+        " --stage round{wildcards.r} --split " + TRAIN + " --out {output.metrics} --per-image {output.per_image}"
+        " --selection {input.selection} 2> {log}"
+
+
+rule evaluate_round_val:
+    input:
+        data=P(RUN.data),
+        gt=P(RUN.gt),
+        pred=lambda w: P(RUN.root / f"round{w.r}" / (f"crf_{VAL}.zarr" if w.post == "_crf" else f"scores_{VAL}.zarr")),
+    output:
+        metrics=P(RUN.metrics_dir / ("round{r}{post}_" + str(VAL) + ".csv")),
+        per_image=P(RUN.metrics_dir / ("round{r}{post}_" + str(VAL) + "_per_image.csv")),
+    wildcard_constraints:
+        post="|_crf",
+    params:
+        cfg=cfg("dataset", "evaluate"),
+    log:
+        log_for("evaluate_round{r}{post}_val"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.pred}"
+        " --stage round{wildcards.r}{wildcards.post} --split " + str(VAL) + " --out {output.metrics}"
+        " --per-image {output.per_image} 2> {log}"

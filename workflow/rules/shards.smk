@@ -1,0 +1,24 @@
+# With shards > 1, per-image stages run as N jobs writing disjoint shard stores; one gather rule
+# per stage merges them into the stage store (identical to a one-shard run).
+if N_SHARDS > 1:
+    for _name, _final, _kind in (
+        ("superpixels", RUN.superpixels, "superpixels"),
+        ("scores", RUN.scores, "scores"),
+        ("crf", RUN.crf, "labels"),
+        ("round_scores", RUN.root / "round{r}" / "scores_{split}.zarr", "scores"),
+        ("round_crf", RUN.root / "round{r}" / "crf_{split}.zarr", "labels"),
+    ):
+
+        rule:
+            name:
+                f"gather_{_name}"
+            input:
+                all_shards(_final),
+            output:
+                directory(P(_final)),
+            params:
+                kind=_kind,
+            log:
+                log_for(f"gather_{_name}") if "{" not in str(_final) else log_for(f"gather_{_name}_round{{r}}_{{split}}"),
+            shell:
+                "weakseg gather --kind {params.kind} --out {output} {input} 2> {log}"
