@@ -94,7 +94,7 @@ def cmd_reliability(a):
 def cmd_crf(a):
     from weakseg.pseudo.crf import run_crf
 
-    run_crf(_config(a), a.data, a.scores, a.key, a.out, a.threads, shard=a.shard, n_shards=a.shards)
+    run_crf(_config(a), a.data, a.scores, a.key, a.out, a.threads, shard=a.shard, n_shards=a.shards, split=a.split)
 
 
 def cmd_reliable(a):
@@ -119,7 +119,7 @@ def cmd_evaluate(a):
     from weakseg.evaluate import run_evaluate
 
     run_evaluate(_config(a), a.data, a.gt, a.pred, a.stage, a.split, a.out, selection_csv=a.selection,
-                 per_image_csv=a.per_image)
+                 per_image_csv=a.per_image, key=a.key)
 
 
 def cmd_oracle(a):
@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(p), _add_shard(p)
         if name == "crf":
             _add_threads(p)
+            p.add_argument("--split", help="which split's images (default: the train split; others use all classes)")
         p.add_argument("--data", required=True)
         p.add_argument("--scores", required=True)
         p.add_argument("--key", default="spcam", help="score maps to use: spcam, cam or seg")
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--selection", help="reliability CSV: also rows <stage>_selected for the selected images")
     p.add_argument("--per-image", help="CSV of per-image mIoU")
+    p.add_argument("--key", help="score key of a scores store (default: the only key, or the one named like --stage)")
 
     p = command("oracle", cmd_oracle, "superpixel oracle: mIoU when each superpixel takes its majority GT class")
     p.add_argument("--data", required=True)
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", required=True)
     p.add_argument("--labels", required=True)
     p.add_argument("--reliability", required=True)
-    p.add_argument("--points", type=int, default=10)
+    p.add_argument("--points", type=int, required=True, help="points on the curve (evaluate.reliability_curve_points)")
     p.add_argument("--out", required=True)
 
     p = command("metrics", cmd_metrics, "combine per-stage metric CSVs into metrics.csv")
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", cmd_report, "write the static HTML report of a run")
     p.add_argument("run_dir")
     p.add_argument("--out", help="default <run dir>/report/index.html")
-    p.add_argument("--gallery", type=int, default=24, help="panels in the gallery")
+    p.add_argument("--gallery", type=int, default=None, help="panels in the gallery (default: config inspect.gallery_images)")
 
     p = command("benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV")
     p.add_argument("what", choices=["superpixels", "crf", "pipeline", "bytes"])
@@ -318,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from weakseg.config import ConfigError
     from weakseg.datasets.folder import DatasetError
+    from weakseg.inspect.panels import SelectionError
     from weakseg.store import StoreError
 
     try:
         args.fn(args)
-    except (ConfigError, DatasetError, StoreError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, StoreError, SelectionError, FileNotFoundError, FileExistsError) as exc:
         # Expected user-facing problems: one clear line, no traceback.
         print(f"weakseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

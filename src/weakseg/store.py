@@ -68,8 +68,13 @@ def writing(path: str | os.PathLike, kind: str, prov: dict, attrs: dict | None =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_path(tmp, final)
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder into place, replacing ``final``; the old one is renamed
+    aside first so that a crash in between never leaves neither."""
     if final.exists():
-        # Rename the old store aside first so that a crash here never leaves neither store.
         old = final.with_name(f"{final.name}.tmp-old-{uuid.uuid4().hex[:8]}")
         final.rename(old)
         tmp.rename(final)

@@ -89,7 +89,7 @@ rule crf_round:
         **CPU_RESOURCES,
     shell:
         "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
-        " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        " --split {wildcards.split} --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
 
 
 rule reliability_round:

@@ -1,0 +1,112 @@
+"""Dense CRF refinement (Krähenbühl & Koltun 2011, via pydensecrf) of class score maps into labels.
+
+Scores become per-pixel class probabilities over the image's labelled classes (plus a background
+channel derived from low scores when the scores carry none), -log of them is the unary, and a
+Gaussian (smoothness) plus a bilateral (colour) kernel pull labels onto image edges.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+
+from weakseg.pseudo import (ImageJob, check_scores, implicit_background, job_image, job_scores, labelled_channels,
+                            make_jobs, write_labels)
+
+log = logging.getLogger("weakseg")
+
+CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat",
+            "unary_floor")
+
+
+def crf_probabilities(scores: np.ndarray, classes: np.ndarray, image_labels: np.ndarray, has_background: bool,
+                      background_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (K', H, W) float32 summing to 1 per pixel, and their class indices (K',).
+
+    Only channels of classes in ``image_labels`` are kept (for images without known labels pass all
+    classes). With a background class that the scores lack (CAM scores), background =
+    (1 - max_k s_k)^alpha is prepended as class 0 — a large alpha makes background win only where
+    every class is clearly absent. Otherwise (no background class, or class 0 already a channel as
+    in segmentation probabilities) the kept channels are used as they are. Each pixel is then
+    normalised over the channels; a pixel where all are 0 gets a uniform distribution.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    classes = np.asarray(classes)
+    check_scores(scores, classes)
+    channels = labelled_channels(classes, image_labels)
+    kept = np.clip(scores[channels], 0.0, 1.0)
+    kept_classes = classes[channels].astype(np.int64)
+    if implicit_background(classes, has_background):
+        peak = kept.max(axis=0) if channels.size else np.zeros(scores.shape[1:], np.float32)
+        background = (1.0 - peak) ** background_alpha
+        kept = np.concatenate([background[None], kept])
+        kept_classes = np.concatenate([[0], kept_classes])
+    elif channels.size == 0:
+        raise ValueError(f"crf: none of the score classes {classes.tolist()} is among the image labels "
+                         f"{np.asarray(image_labels).tolist()}, and there is no background to fall back on")
+    total = kept.sum(axis=0, keepdims=True)
+    probs = np.where(total > 0, kept / np.maximum(total, np.finfo(np.float32).tiny), 1.0 / len(kept))
+    return probs.astype(np.float32), kept_classes
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, crf_params: dict) -> np.ndarray:
+    """Mean-field inference of a fully connected CRF; returns the (K, H, W) marginals.
+
+    Unary = -log(max(p, unary_floor)): the floor keeps a zero probability from becoming an
+    infinite energy that no amount of colour evidence could overturn.
+    """
+    missing = [k for k in CRF_KEYS if k not in crf_params]
+    if missing:
+        raise KeyError(f"pseudo.crf: missing parameters {missing} (load the config with weakseg.config.load)")
+    probs = np.asarray(probs, dtype=np.float32)
+    n_classes, height, width = probs.shape
+    if image.shape != (height, width, 3):
+        raise ValueError(f"crf: image of shape {image.shape} does not match scores of size {height}x{width}")
+    if n_classes == 1:
+        return np.ones_like(probs)  # nothing to decide
+    # pydensecrf reads raw buffers: it needs C-contiguous uint8 RGB and float32 (K, H*W) energies.
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    unary = np.ascontiguousarray(-np.log(np.clip(probs, crf_params["unary_floor"], 1.0)).reshape(n_classes, -1))
+    crf = dcrf.DenseCRF2D(width, height, n_classes)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=crf_params["gaussian_sxy"], compat=crf_params["gaussian_compat"])
+    crf.addPairwiseBilateral(sxy=crf_params["bilateral_sxy"], srgb=crf_params["bilateral_srgb"], rgbim=image,
+                             compat=crf_params["bilateral_compat"])
+    marginals = crf.inference(int(crf_params["iterations"]))
+    return np.asarray(marginals, dtype=np.float32).reshape(n_classes, height, width)
+
+
+def crf_labels(image: np.ndarray, probs: np.ndarray, prob_classes: np.ndarray, crf_params: dict) -> np.ndarray:
+    """uint8 (H, W) labels: at each pixel the class (from ``prob_classes``) of the highest CRF marginal,
+    for probabilities made by ``crf_probabilities``."""
+    marginals = dense_crf(image, probs, crf_params)
+    return np.asarray(prob_classes)[marginals.argmax(axis=0)].astype(np.uint8)
+
+
+def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
+    scores, classes = job_scores(job)
+    image = job_image(job)
+    if image.shape[:2] != scores.shape[1:]:
+        raise ValueError(f"{job.scores_path}: '{job.key}/{job.image_id}' scores are {scores.shape[1:]} but the "
+                         f"image is {image.shape[:2]}")
+    probs, prob_classes = crf_probabilities(scores, classes, job.image_labels, job.has_background,
+                                            job.params["background_alpha"])
+    labels = crf_labels(image, probs, prob_classes, job.params["crf"])
+    # How far the CRF moved labels from the argmax of its own input, for the log.
+    changed = int(np.count_nonzero(labels != prob_classes[probs.argmax(axis=0)]))
+    return job.image_id, labels, Counter(pixels=labels.size, changed=changed)
+
+
+def run_crf(config: dict, data_path, scores_path, key: str, out_path, threads: int, shard: int = 0,
+            n_shards: int = 1, split: str | None = None) -> None:
+    """CRF-refine the ``key`` scores of the images of ``split`` (default train; one shard) into a labels
+    store at ``out_path``, on ``threads`` worker processes; logs images/s. Outside the train split
+    image labels are unknown and every class in the scores competes."""
+    params = {"background_alpha": config["pseudo"]["background_alpha"], "crf": dict(config["pseudo"]["crf"])}
+    _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, with_image=True,
+                        split=split)
+    counts = write_labels(out_path, "crf", config, _crf_one, jobs, threads, key=key)
+    log.info("crf: %.1f%% of pixels changed from the argmax of the scores",
+             100.0 * counts["changed"] / max(counts["pixels"], 1))

@@ -1,0 +1,171 @@
+"""Reliability of pseudo-label annotations by shape (SPN paper, Kwak et al. 2017, §6).
+
+The annotation of an image for class c is the set of pixels labelled c (possibly several blobs).
+Its divergence = perimeter^2 / area: compact annotations score low and are trusted most; ragged or
+fragmented ones, typical of wrong pseudo-labels, score high. Per class, the k annotations of lowest
+divergence (or a fraction of them) are selected, and an image is selected when it is selected for
+at least one class.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from weakseg import store
+from weakseg.datasets import IGNORE, open_data
+from weakseg.pseudo import split_ids
+
+log = logging.getLogger("weakseg")
+
+CSV_COLUMNS = ["id", "class", "class_name", "area", "perimeter", "divergence", "rank", "selected",
+               "image_selected", "image_divergence"]
+NO_CLASS, NO_CLASS_NAME = -1, "none"  # the row of an image whose annotation labels none of its classes
+
+
+def class_divergences(labels: np.ndarray, classes) -> dict[int, tuple[int, int, float]]:
+    """{class: (area, perimeter, divergence)} for each class of ``classes`` present in ``labels``.
+
+    area = pixel count; perimeter = number of 4-neighbour pixel edges between the region and the
+    rest of the image; divergence = perimeter^2 / area. 255 (ignore) is never scored; callers pass
+    only foreground classes, so background is not scored either.
+
+    The image border does not count as perimeter. The border is where the camera cut the scene,
+    not a boundary the annotation decided, and divergence is meant to measure how ragged the
+    decided boundaries are. Counting it would add the frame to every region that touches it —
+    e.g. a sky band across the full width w would gain 2w + 2h of perimeter it has no control over
+    — and drown the difference between a clean and a jagged horizon. Consequences, by design:
+    a region filling the whole image has perimeter 0 and divergence 0, and a shape touching the
+    border scores lower than the same shape inside the image. Ranking is done within a class, so
+    this only favours, among annotations of one class, those whose decided boundary is short.
+
+    In this edge metric a shape not touching the border has perimeter >= that of its bounding
+    box, 2(a + b) for an a x b box, so divergence >= 4(a + b)^2 / (ab) >= 16: the minimum, 16, is
+    reached by a square (side s: area s^2, perimeter 4s). A digital disc of radius r has
+    perimeter ~8r and area ~pi r^2, so ~64 / pi ~ 20.4.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels: expected an (H, W) label map, got shape {labels.shape}")
+    labels = labels.astype(np.int64, copy=False)
+    area = np.bincount(labels.ravel(), minlength=256)
+    perimeter = np.zeros(max(256, int(labels.max()) + 1), dtype=np.int64)
+    # Each pair of 4-neighbours with different labels is one edge of the perimeter of both labels.
+    for a, b in ((labels[:, 1:], labels[:, :-1]), (labels[1:, :], labels[:-1, :])):
+        differ = a != b
+        perimeter += np.bincount(a[differ], minlength=perimeter.size)
+        perimeter += np.bincount(b[differ], minlength=perimeter.size)
+    result = {}
+    for c in sorted({int(c) for c in classes} - {IGNORE}):
+        if c < area.size and area[c] > 0:
+            result[c] = (int(area[c]), int(perimeter[c]), float(perimeter[c]) ** 2 / float(area[c]))
+    return result
+
+
+def select_top_k(table: pd.DataFrame, k: int | None, fraction: float) -> pd.DataFrame:
+    """Add ``rank`` (0 = lowest divergence within the class) and ``selected`` to a table with columns
+    id, class, divergence (one row per annotation).
+
+    Selected: rank < k, or rank < ceil(fraction * annotations of the class) when k is None. Ties in
+    divergence are broken by id so that the selection is reproducible. Rows of class -1 (no
+    annotation) get rank -1 and are never selected; neither is an infinite divergence.
+    """
+    for column in ("id", "class", "divergence"):
+        if column not in table.columns:
+            raise ValueError(f"reliability table: missing column '{column}' (has {list(table.columns)})")
+    if k is None and not 0 < fraction <= 1:
+        raise ValueError(f"top_fraction: expected a number in (0, 1], got {fraction}")
+    if k is not None and k < 1:
+        raise ValueError(f"top_k: expected a positive integer or None, got {k}")
+    out = table.copy()
+    out["rank"] = -1
+    out["selected"] = False
+    scored = out.index[out["class"] >= 0]
+    order = out.loc[scored].sort_values(["class", "divergence", "id"], kind="stable")
+    out.loc[order.index, "rank"] = order.groupby("class").cumcount().to_numpy()
+    sizes = out.loc[scored].groupby("class")["id"].transform("size")
+    quota = sizes.apply(lambda n: k if k is not None else math.ceil(fraction * n))
+    out.loc[scored, "selected"] = ((out.loc[scored, "rank"] < quota)
+                                   & np.isfinite(out.loc[scored, "divergence"])).to_numpy()
+    if k is not None:
+        short = sorted(int(c) for c, n in out.loc[scored].groupby("class").size().items() if n < k)
+        if short:
+            log.info("reliability: classes %s have fewer than top_k = %d annotations; all of them are kept",
+                     short, k)
+    out["rank"] = out["rank"].astype(np.int64)
+    out["selected"] = out["selected"].astype(bool)
+    return out
+
+
+def reliability_table(annotations: dict[str, dict[int, tuple[int, int, float]]], class_names, k: int | None,
+                      fraction: float) -> pd.DataFrame:
+    """The tidy per-annotation table (columns CSV_COLUMNS) from {id: class_divergences(...)}."""
+    rows = []
+    for image_id, per_class in annotations.items():
+        if not per_class:
+            rows.append((image_id, NO_CLASS, NO_CLASS_NAME, 0, 0, math.inf))
+        for c, (area, perimeter, divergence) in per_class.items():
+            rows.append((image_id, c, class_names[c], area, perimeter, divergence))
+    table = pd.DataFrame(rows, columns=CSV_COLUMNS[:6]).astype(
+        {"id": str, "class": np.int64, "class_name": str, "area": np.int64, "perimeter": np.int64,
+         "divergence": np.float64})
+    table = select_top_k(table, k, fraction)
+    by_image = table.groupby("id")
+    table["image_selected"] = by_image["selected"].transform("any").astype(bool)
+    table["image_divergence"] = by_image["divergence"].transform("max")
+    return table[CSV_COLUMNS]
+
+
+def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFrame:
+    """Score every train annotation of a labels store and write the table to ``out_csv`` (atomically)."""
+    info, _ = open_data(data_path)
+    group = store.open_store(labels_path, "labels")
+    ids = split_ids(config, info, group, store.LABELS)
+    pseudo = config["pseudo"]
+    fg_classes = set(info.fg_classes.tolist())
+    annotations, missing_classes = {}, 0
+    for image_id in ids:
+        fg = [c for c in info.image_labels(image_id).tolist() if c in fg_classes]
+        annotations[image_id] = class_divergences(store.get(group, store.LABELS, image_id), fg)
+        missing_classes += len(fg) - len(annotations[image_id])
+    table = reliability_table(annotations, info.class_names, pseudo["top_k"], pseudo["top_fraction"])
+    _write_csv_atomic(table, out_csv)
+
+    empty = int((table["class"] == NO_CLASS).sum())
+    if empty:
+        log.warning("reliability: %d of %d images label none of their classes (divergence inf, never selected)",
+                    empty, len(ids))
+    if missing_classes:
+        log.info("reliability: %d labelled (image, class) pairs have no pixel in %s", missing_classes, labels_path)
+    n_selected = table.loc[table["image_selected"], "id"].nunique()
+    log.info("reliability: %d annotations of %d images; %d images selected -> %s", int((table["class"] >= 0).sum()),
+             len(ids), n_selected, out_csv)
+    return table
+
+
+def selected_ids(csv_path) -> list[str]:
+    """Sorted ids of the images selected for at least one class in a reliability CSV."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: reliability table not found (has the reliability stage run?)")
+    table = pd.read_csv(path, dtype={"id": str})
+    for column in ("id", "image_selected"):
+        if column not in table.columns:
+            raise ValueError(f"{path}: not a reliability table, column '{column}' missing")
+    return sorted(table.loc[table["image_selected"].astype(bool), "id"].unique().tolist())
+
+
+def _write_csv_atomic(table: pd.DataFrame, out_csv) -> None:
+    final = Path(out_csv)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,195 @@
+"""Predict per-pixel class probabilities with a trained segmentation network.
+
+Core: ``predict_probabilities`` (one image in, averaged multi-scale / flip softmax out).
+Edges: ``run_predict_store`` (a split of a data store -> scores store, key 'seg') and
+``predict_files`` (image files / folders -> palette PNGs, the user command).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakseg import store
+from weakseg.datasets import open_data, read_image
+from weakseg.palette import class_palette, save_palette_png
+from weakseg.parallel import progress
+from weakseg.segment.models import Segmenter, build_segmenter
+from weakseg.training import load_model_file, select_device
+
+log = logging.getLogger("weakseg")
+
+SEG = "seg"  # key of segmentation-net scores in a scores store (TODO: use store.SEG once it exists)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CHECKPOINT_KEYS = ("model", "config", "class_names", "has_background")
+
+
+def load_segmenter(model_path: str | os.PathLike, device: torch.device | str,
+                   class_names: Sequence[str] | None = None) -> tuple[Segmenter, dict]:
+    """Rebuild a segmentation network from a training checkpoint; returns (model in eval mode, checkpoint).
+
+    With ``class_names``, a checkpoint trained on another class set is refused.
+    """
+    path = Path(model_path)
+    ckpt = load_model_file(path, "segment")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: segmentation model file lacks {', '.join(missing)}")
+    if class_names is not None and list(class_names) != list(ckpt["class_names"]):
+        raise ValueError(f"{path}: checkpoint was trained on classes {list(ckpt['class_names'])}, "
+                         f"but the data has {list(class_names)}")
+    # The state dict replaces every weight, so never fetch ImageNet weights here.
+    seg_config = {**ckpt["config"]["segment"], "pretrained": False, "weights": None}
+    model = build_segmenter(seg_config, len(ckpt["class_names"]), bool(ckpt["has_background"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the '{seg_config['model']}' / "
+                         f"'{seg_config['backbone']}' network in its config ({exc})") from exc
+    return model.to(device).eval(), ckpt
+
+
+def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Sequence[float], flip: bool,
+                          device: torch.device | str, classes: Sequence[int] | None = None) -> np.ndarray:
+    """(n_classes, H, W) float32 softmax probabilities of one (H, W, 3) uint8 RGB image, averaged over
+    ``scales`` and (with ``flip``) horizontal flips, at image resolution.
+
+    With ``classes`` the distribution is over those classes only (image-label cleaning) and the result
+    is (len(classes), H, W) in that order.
+    """
+    if image_uint8.ndim != 3 or image_uint8.shape[2] != 3 or image_uint8.dtype != np.uint8:
+        raise ValueError(f"predict: expected an (H, W, 3) uint8 RGB image, got {image_uint8.dtype} "
+                         f"{image_uint8.shape}")
+    if not len(scales):
+        raise ValueError("predict: no inference scales given")
+    height, width = image_uint8.shape[:2]
+    image = torch.from_numpy(np.ascontiguousarray(image_uint8)).to(device)
+    image = image.permute(2, 0, 1)[None].float() / 255.0
+    allowed = torch.ones(model.n_classes, dtype=torch.bool, device=image.device)
+    if classes is not None:
+        classes = torch.as_tensor(np.asarray(classes, dtype=np.int64), device=image.device)
+        if classes.numel() == 0 or int(classes.min()) < 0 or int(classes.max()) >= model.n_classes:
+            raise ValueError(f"predict: classes must be a non-empty subset of 0..{model.n_classes - 1}, "
+                             f"got {classes.tolist()}")
+        allowed = torch.zeros_like(allowed).index_fill(0, classes, True)
+    batch = 2 if flip else 1
+    # Only the allowed classes need decoding (DecoupledNet); DeepLab ignores this.
+    image_labels = allowed.float()[None].expand(batch, -1)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(model.n_classes, height, width, device=image.device)
+    try:
+        with torch.inference_mode():
+            for scale in scales:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                x = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                        align_corners=False)
+                if flip:
+                    x = torch.cat([x, x.flip(-1)])
+                logits = model(x, image_labels)["logits"].float()
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                if flip:
+                    logits[1] = logits[1].flip(-1)
+                logits = logits.masked_fill(~allowed[None, :, None, None], float("-inf"))
+                total += logits.softmax(dim=1).sum(dim=0)
+    finally:
+        model.train(was_training)
+    probs = total / (batch * len(scales))
+    if classes is not None:
+        probs = probs[classes]
+    return probs.cpu().numpy().astype(np.float32)
+
+
+def run_predict_store(config: dict, data_path: str | os.PathLike, model_path: str | os.PathLike, split: str,
+                      out_path: str | os.PathLike, shard: int = 0, n_shards: int = 1) -> Path:
+    """Write segmentation probabilities of one shard of ``split`` to a scores store (key 'seg').
+
+    Train-split images keep only their labelled classes (background included when the dataset has one),
+    renormalised over those classes: the image labels clean the prediction and the store stays small.
+    Other splits keep every class.
+    """
+    info, data = open_data(data_path)
+    ids = store.shard_ids(info.split(split), shard, n_shards)
+    device = select_device(config["device"])
+    model, _ = load_segmenter(model_path, device, info.class_names)
+    if model.has_background != info.has_background:
+        raise ValueError(f"{model_path}: checkpoint has_background={model.has_background}, "
+                         f"but {data_path} has has_background={info.has_background}")
+    seg = config["segment"]
+    clean_with_labels = split == config["dataset"]["train_split"]
+    all_classes = np.arange(info.n_classes)
+    prov = store.provenance("segment_predict", seg, model=str(model_path), split=split, shard=shard,
+                            n_shards=n_shards)
+    attrs = {"class_names": list(info.class_names), "has_background": info.has_background, "split": split}
+    log.info("predicting %d %s images (shard %d/%d) on %s", len(ids), split, shard, n_shards, device)
+    with store.writing(out_path, "scores", prov, attrs) as out:
+        for image_id in progress(ids, desc=f"predict {split}", total=len(ids)):
+            classes = info.image_labels(image_id) if clean_with_labels else all_classes
+            if not len(classes):
+                log.warning("%s: image '%s' has no image-level labels; keeping all classes", data_path, image_id)
+                classes = all_classes
+            probs = predict_probabilities(model, read_image(data, image_id), seg["infer_scales"],
+                                          seg["infer_flip"], device, classes=classes)
+            store.put_scores(out, SEG, image_id, probs, classes)
+    return Path(out_path)
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named directly, plus the image files (by suffix, sorted) directly inside named folders."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image file or folder")
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems and stems[p.stem] != p:
+            raise ValueError(f"{p} and {stems[p.stem]} would both be written as {p.stem}.png; rename one")
+        stems[p.stem] = p
+    return list(stems.values())
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file (grey or alpha images are converted)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: cannot read this file as an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  probabilities: bool = False, class_names: Sequence[str] | None = None,
+                  device: str = "auto") -> list[Path]:
+    """Segment image files: writes ``<out_dir>/<stem>.png`` (palette PNG, pixel value = class index) per
+    image and, with ``probabilities``, ``<stem>.npy`` ((n_classes, H, W) float32). Inference scales and
+    flip come from the config saved in the checkpoint; ``device`` is auto, cpu or cuda.
+    Returns the PNG paths in input order.
+    """
+    paths = list_images(inputs)
+    torch_device = select_device(device)
+    model, ckpt = load_segmenter(model_path, torch_device, class_names)
+    seg = ckpt["config"]["segment"]
+    palette = class_palette(model.n_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in progress(paths, desc="predict files", total=len(paths)):
+        probs = predict_probabilities(model, read_rgb(path), seg["infer_scales"], seg["infer_flip"], torch_device)
+        written.append(save_palette_png(out_dir / f"{path.stem}.png", probs.argmax(axis=0).astype(np.uint8),
+                                        palette))
+        if probabilities:
+            np.save(out_dir / f"{path.stem}.npy", probs)
+    return written

@@ -1,0 +1,87 @@
+"""Train a segmentation network on the selected pseudo-labels of the previous round.
+
+Every round starts from ImageNet weights (never from the previous round's network: the SPN paper
+retrains from scratch so a round does not inherit the previous round's bias). Batches are random
+scale + crop + flip of the selected images; label pixels 255 (unreliable / padding) are ignored.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from weakseg import store
+from weakseg.datasets import IGNORE, open_data, read_image
+from weakseg.pseudo.reliability import selected_ids
+from weakseg.segment.models import build_segmenter
+from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, select_device,
+                              train_loop)
+
+log = logging.getLogger("weakseg")
+
+
+def random_crop(image: np.ndarray, labels: np.ndarray, crop: int, scale: float, flip: bool,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale image (bilinear) and labels (nearest), pad to the crop (labels 255), crop at random, flip."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    ph, pw = max(crop - image.shape[0], 0), max(crop - image.shape[1], 0)
+    if ph or pw:
+        mean = image.reshape(-1, 3).mean(0)
+        image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=mean.tolist())
+        labels = cv2.copyMakeBorder(labels, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE)
+    y = int(rng.integers(0, image.shape[0] - crop + 1))
+    x = int(rng.integers(0, image.shape[1] - crop + 1))
+    image, labels = image[y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
+    if flip:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, threads: int = 1) -> Path:
+    """Train ``config['segment']['model']`` on the selected annotations; writes ``out_dir/model.pt``."""
+    torch.set_num_threads(max(1, threads))
+    seg = config["segment"]
+    info, data = open_data(data_path)
+    labels_store = store.open_store(labels_path, "labels")
+    available = set(store.ids_in(labels_store, store.LABELS))
+    ids = [i for i in selected_ids(selection_csv) if i in available]
+    if not ids:
+        raise ValueError(f"{selection_csv}: no selected image has an annotation in {labels_path}")
+    device = select_device(config["device"])
+    model = build_segmenter(seg, info.n_classes, info.has_background).to(device)
+    optimizer = make_optimizer(seg["optimizer"], model.param_groups(seg["lr"], seg["encoder_lr_mult"]), seg["lr"],
+                               seg["weight_decay"])
+    scheduler = poly_schedule(optimizer, seg["iterations"])
+    log.info("train-seg: %s/%s on %d selected images (of %d annotated), %d iterations, device %s", seg["model"],
+             seg["backbone"], len(ids), len(available), seg["iterations"], device)
+    lo, hi = seg["scale_range"]
+
+    def next_batch(rng: np.random.Generator) -> dict:
+        chosen = rng.choice(len(ids), size=min(seg["batch_size"], len(ids)), replace=False)
+        images, targets, image_labels = [], [], []
+        for k in chosen:
+            image_id = ids[k]
+            img, lab = random_crop(read_image(data, image_id), store.get(labels_store, store.LABELS, image_id),
+                                   seg["crop_size"], float(rng.uniform(lo, hi)), bool(rng.integers(2)), rng)
+            images.append(img), targets.append(lab)
+            image_labels.append(info.label_vector(image_id).astype(np.float32))
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        return {"x": x.to(device), "y": torch.from_numpy(np.stack(targets)).long().to(device),
+                "labels": torch.from_numpy(np.stack(image_labels)).to(device)}
+
+    def compute_loss(m, batch):
+        return m.loss(m(batch["x"]), batch["y"], batch["labels"])
+
+    train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
+               compute_loss=compute_loss, iterations=seg["iterations"], checkpoint_every=seg["checkpoint_every"],
+               out_dir=Path(out_dir), seed=seg["seed"], desc="train-seg",
+               fingerprint=config_fingerprint(seg, config["dataset"], sorted(ids)))
+    model_path = Path(out_dir) / "model.pt"
+    save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
+    return model_path

@@ -1,0 +1,341 @@
+"""Segmentation networks (DeepLab, DecoupledNet) and prediction: shapes, losses, probabilities, outputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from weakseg import config as wconfig
+from weakseg import store
+from weakseg.datasets import IGNORE, open_data
+from weakseg.palette import class_palette
+from weakseg.segment.models import DecoupledNet, DeepLab, build_segmenter
+from weakseg.segment.predict import (SEG, list_images, load_segmenter, predict_files, predict_probabilities,
+                                     run_predict_store)
+from weakseg.training import save_model
+
+N_CLASSES = 4
+MODELS = ["deeplab", "decoupled"]
+CLASS_NAMES = ["background", "a", "b", "c"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """On a shared 2-core machine, torch's spinning worker threads slow these tiny runs 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(model: str = "deeplab", **segment) -> dict:
+    return wconfig.load({"device": "cpu", "segment": {"model": model, "pretrained": False, **segment}})
+
+
+def make_model(model: str, has_background: bool = True, seed: int = 0, n_classes: int = N_CLASSES):
+    torch.manual_seed(seed)
+    return build_segmenter(make_config(model)["segment"], n_classes, has_background)
+
+
+def calibrated(net, size: int = 64):
+    """Set every BatchNorm's running statistics from one batch. A randomly initialised encoder in eval
+    mode (identity BatchNorm) lets activations vanish, and a near-constant network would pass the
+    prediction tests trivially."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives its own statistics
+    net.train()
+    with torch.no_grad():
+        net(make_batch(size)[0])
+    return net.eval()
+
+
+def make_batch(size: int = 64, seed: int = 0, has_background: bool = True):
+    """Two images whose 16x16 blocks are coloured by class, so that labels are learnable from colour."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, N_CLASSES, (2, size // 16, size // 16), generator=gen)
+    labels = blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    colours = torch.rand(N_CLASSES, 3, generator=gen)
+    x = (colours[labels].permute(0, 3, 1, 2) + 0.05 * torch.rand(2, 3, size, size, generator=gen)).clamp(0, 1)
+    image_labels = F.one_hot(labels.flatten(1), N_CLASSES).amax(1).float()
+    if has_background:
+        image_labels[:, 0] = 1.0
+    return x, labels, image_labels
+
+
+# ------------------------------------------------------------------ models
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("has_background", [True, False])
+def test_forward_shapes(model, has_background):
+    net = make_model(model, has_background).eval()
+    n_fg = N_CLASSES - 1 if has_background else N_CLASSES
+    with torch.no_grad():
+        for height, width in [(64, 64), (45, 61)]:  # odd sizes: outputs still at input resolution
+            out = net(torch.rand(2, 3, height, width))
+            assert out["logits"].shape == (2, N_CLASSES, height, width)
+            assert torch.isfinite(out["logits"]).all()
+            if model == "deeplab":
+                assert out["cls"] is None
+            else:
+                assert out["cls"].shape == (2, n_fg)
+    assert isinstance(net, DeepLab if model == "deeplab" else DecoupledNet)
+    assert net.encoder.stride == 16
+
+
+def test_decoupled_decodes_labelled_classes_and_background_is_not_any_fg():
+    net = calibrated(make_model("decoupled"))
+    x, _, image_labels = make_batch()
+    image_labels = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        out = net(x, image_labels)
+    assert out["decoded"].tolist() == [[True, False, False], [False, True, True]]
+    scores = out["logits"].exp()
+    # an undecoded class scores (almost) nothing, so softmax(logits) gives it no mass
+    assert scores[0, 2:].max() < 1e-5 and scores[1, 1].max() < 1e-5
+    # background = 1 - max fg score, fg score = sigmoid(mask) * sigmoid(cls)
+    fg = torch.sigmoid(out["mask_logits"]) * torch.sigmoid(out["cls"])[:, :, None, None]
+    assert torch.allclose(scores[:, 1:], fg.clamp_min(1e-6), atol=1e-6)
+    assert torch.allclose(scores[:, 0], (1 - fg.amax(1)).clamp_min(1e-6), atol=1e-6)
+    with torch.no_grad():
+        full = net(x)
+    assert full["decoded"].all()
+    assert torch.allclose(full["mask_logits"][0, 0], out["mask_logits"][0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_loss_decreases_on_a_fixed_batch(model):
+    net = make_model(model).train()
+    x, labels, image_labels = make_batch()
+    optimizer = torch.optim.Adam(net.param_groups(1e-3, 1.0))
+    losses = []
+    for _ in range(10):
+        loss, parts = net.loss(net(x, image_labels), labels, image_labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        assert parts["loss"] == pytest.approx(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize("model,has_background", [("deeplab", True), ("decoupled", True), ("decoupled", False)])
+def test_loss_ignores_255_pixels(model, has_background):
+    net = make_model(model, has_background).eval()
+    x, labels, image_labels = make_batch(has_background=has_background)
+    ignored = torch.zeros_like(labels, dtype=torch.bool)
+    ignored[:, :20, :] = True
+    labels = labels.masked_fill(ignored, IGNORE)
+    with torch.no_grad():
+        out = net(x, image_labels)
+    # outputs as leaves: the gradient shows which pixels the loss reads
+    leaves = {k: (v.clone().requires_grad_() if k in ("logits", "mask_logits") else v) for k, v in out.items()}
+    loss, parts = net.loss(leaves, labels, image_labels)
+    loss.backward()
+    read = leaves["logits" if model == "deeplab" else "mask_logits"]
+    assert read.grad[ignored[:, None].expand_as(read)].abs().max() == 0
+    assert read.grad[~ignored[:, None].expand_as(read)].abs().max() > 0
+    # changing the network output only at ignored pixels leaves the loss unchanged
+    perturbed = dict(out)
+    for k in ("logits", "mask_logits"):
+        if k in out:
+            perturbed[k] = out[k] + 5.0 * ignored[:, None].float()
+    assert net.loss(perturbed, labels, image_labels)[0].item() == pytest.approx(loss.item(), abs=1e-6)
+    # and equals the loss written out over the labelled pixels
+    if model == "deeplab":
+        valid = ~ignored
+        expected = F.cross_entropy(out["logits"].permute(0, 2, 3, 1)[valid], labels[valid])
+        assert parts["ce"] == pytest.approx(expected.item(), rel=1e-5)
+    else:
+        terms = []
+        for b in range(2):
+            for k, c in enumerate(range(1 if has_background else 0, N_CLASSES)):
+                if image_labels[b, c] > 0:
+                    valid = ~ignored[b]
+                    target = (labels[b][valid] == c).float()
+                    terms.append(F.binary_cross_entropy_with_logits(out["mask_logits"][b, k][valid], target,
+                                                                    reduction="none"))
+        assert parts["seg_bce"] == pytest.approx(torch.cat(terms).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_loss_with_every_pixel_ignored_is_finite_and_backpropagates(model):
+    net = make_model(model).train()
+    x, labels, image_labels = make_batch()
+    loss, _ = net.loss(net(x, image_labels), torch.full_like(labels, IGNORE), image_labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_loss_rejects_out_of_range_pixel_labels():
+    net = make_model("deeplab").eval()
+    x, labels, image_labels = make_batch()
+    labels[0, 0, 0] = N_CLASSES
+    with torch.no_grad(), pytest.raises(ValueError, match="pixel labels must be 0..3 or 255"):
+        net.loss(net(x), labels, image_labels)
+
+
+def test_param_groups_split_encoder_and_head():
+    net = make_model("decoupled")
+    groups = net.param_groups(0.01, 0.1)
+    assert [g["lr"] for g in groups] == pytest.approx([0.001, 0.01])
+    encoder_ids = {id(p) for p in net.encoder.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == encoder_ids
+    assert not encoder_ids & {id(p) for p in groups[1]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+
+# ------------------------------------------------------------------ prediction
+
+@pytest.mark.parametrize("model", MODELS)
+def test_predict_probabilities_are_distributions_and_flip_equivariant(model):
+    net = calibrated(make_model(model)).train()
+    image = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    probs = predict_probabilities(net, image, [0.75, 1.0], True, "cpu")
+    assert net.training  # the caller's mode is restored
+    assert probs.shape == (N_CLASSES, 45, 61) and probs.dtype == np.float32
+    assert probs.min() >= 0 and np.allclose(probs.sum(0), 1.0, atol=1e-5)
+    flipped = predict_probabilities(net, np.ascontiguousarray(image[:, ::-1]), [0.75, 1.0], True, "cpu")
+    np.testing.assert_allclose(flipped, probs[:, :, ::-1], atol=1e-4)  # float rounding only
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_flip_averaging_is_what_makes_predictions_equivariant(model):
+    net = calibrated(make_model(model))
+    image = np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    plain = predict_probabilities(net, image, [1.0], False, "cpu")
+    plain_flipped = predict_probabilities(net, np.ascontiguousarray(image[:, ::-1]), [1.0], False, "cpu")
+    assert np.abs(plain_flipped - plain[:, :, ::-1]).max() > 1e-2
+
+
+def test_predict_probabilities_restricted_to_classes():
+    net = calibrated(make_model("deeplab"))
+    image = np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    full = predict_probabilities(net, image, [1.0], False, "cpu")
+    part = predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 2])
+    expected = full[[0, 2]] / full[[0, 2]].sum(0, keepdims=True)
+    np.testing.assert_allclose(part, expected, atol=1e-5)
+    decoupled = predict_probabilities(calibrated(make_model("decoupled")), image, [1.0], True, "cpu", classes=[0, 3])
+    assert decoupled.shape == (2, 40, 48) and np.allclose(decoupled.sum(0), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        predict_probabilities(net, image, [1.0], False, "cpu", classes=[])
+
+
+def save_checkpoint(path, model_name="deeplab", class_names=CLASS_NAMES, has_background=True, **segment):
+    config = make_config(model_name, **segment)
+    net = calibrated(make_model(model_name, has_background, n_classes=len(class_names)))
+    save_model(path, net, config, class_names, has_background, "segment")
+    return net, config
+
+
+def test_predict_files_writes_class_index_pngs(tmp_path):
+    import cv2
+
+    net, config = save_checkpoint(tmp_path / "model.pt", "decoupled", infer_scales=[1.0], infer_flip=True)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = {"one": rng.integers(0, 256, (40, 52, 3), dtype=np.uint8),
+              "two": rng.integers(0, 256, (33, 30, 3), dtype=np.uint8)}
+    cv2.imwrite(str(folder / "one.png"), images["one"][..., ::-1])
+    cv2.imwrite(str(folder / "two.png"), images["two"][..., ::-1])
+    (folder / "notes.txt").write_text("not an image, and skipped by its suffix")
+    written = predict_files(tmp_path / "model.pt", [str(folder)], tmp_path / "out", probabilities=True)
+    assert [p.name for p in written] == ["one.png", "two.png"]
+    for path in written:
+        png = Image.open(path)
+        assert png.mode == "P"
+        np.testing.assert_array_equal(np.array(png.getpalette()).reshape(-1, 3)[:N_CLASSES],
+                                      class_palette(N_CLASSES)[:N_CLASSES])
+        labels = np.array(png)
+        probs = np.load(path.with_suffix(".npy"))
+        expected = predict_probabilities(net, images[path.stem], [1.0], True, "cpu")
+        assert labels.shape == images[path.stem].shape[:2] and labels.max() < N_CLASSES
+        np.testing.assert_allclose(probs, expected, atol=1e-5)  # the checkpoint round-trips the weights
+        np.testing.assert_array_equal(labels, expected.argmax(0))
+
+
+def test_predict_files_clear_errors(tmp_path):
+    save_checkpoint(tmp_path / "model.pt")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    with pytest.raises(ValueError, match="broken.jpg: cannot read this file as an image"):
+        predict_files(tmp_path / "model.pt", [bad], tmp_path / "out", probabilities=False)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        predict_files(tmp_path / "model.pt", [tmp_path / "missing.png"], tmp_path / "out", probabilities=False)
+    with pytest.raises(ValueError, match="trained on classes"):
+        predict_files(tmp_path / "model.pt", [bad], tmp_path / "out", probabilities=False,
+                      class_names=["background", "x", "y", "z"])
+    torch.save({"model": {}, "stage": "cam"}, tmp_path / "cam.pt")
+    with pytest.raises(ValueError, match="not a weakseg segment model"):
+        load_segmenter(tmp_path / "cam.pt", "cpu")
+
+
+def test_list_images_refuses_two_inputs_with_one_output_name(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="both be written as x.png"):
+        list_images([tmp_path / "a", tmp_path / "b"])
+
+
+def test_run_predict_store_keeps_labelled_classes_on_train(tmp_path):
+    from weakseg.datasets.folder import ingest
+    from weakseg.datasets.synthetic import class_names, write_folder
+
+    config = wconfig.load({"device": "cpu", "dataset": {"synthetic": {
+        "n_train": 3, "n_val": 2, "height": 32, "width": 40, "n_classes": N_CLASSES - 1}},
+        "segment": {"pretrained": False, "infer_scales": [1.0], "infer_flip": False}})
+    root = write_folder(config["dataset"]["synthetic"], True, tmp_path / "synthetic")
+    ingest(root, config["dataset"], tmp_path / "data.zarr", tmp_path / "gt.zarr", store.provenance("test"))
+    info, _ = open_data(tmp_path / "data.zarr")
+    save_checkpoint(tmp_path / "model.pt", class_names=class_names(N_CLASSES - 1, True))
+
+    run_predict_store(config, tmp_path / "data.zarr", tmp_path / "model.pt", "train", tmp_path / "train.zarr")
+    train = store.open_store(tmp_path / "train.zarr", "scores")
+    assert store.ids_in(train, SEG) == sorted(info.split("train"))
+    for image_id in info.split("train"):
+        scores, classes = store.get_scores(train, SEG, image_id)
+        assert classes.tolist() == info.image_labels(image_id).tolist() and classes[0] == 0
+        assert np.abs(scores.sum(0) - 1).max() <= len(classes) / 255  # a distribution up to quantisation
+
+    run_predict_store(config, tmp_path / "data.zarr", tmp_path / "model.pt", "val", tmp_path / "val.zarr",
+                      shard=1, n_shards=2)
+    val = store.open_store(tmp_path / "val.zarr", "scores")
+    assert store.ids_in(val, SEG) == store.shard_ids(info.split("val"), 1, 2)
+    scores, classes = store.get_scores(val, SEG, store.ids_in(val, SEG)[0])
+    assert classes.tolist() == list(range(N_CLASSES)) and scores.shape[1:] == (32, 40)
+
+    save_checkpoint(tmp_path / "other.pt", class_names=["background", "p", "q", "r"])
+    with pytest.raises(ValueError, match="trained on classes"):
+        run_predict_store(config, tmp_path / "data.zarr", tmp_path / "other.pt", "val", tmp_path / "x.zarr")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_on_cuda_matches_cpu():
+    net = calibrated(make_model("decoupled"))
+    image = np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    on_cpu = predict_probabilities(net, image, [0.75, 1.0], True, "cpu", classes=[0, 1])
+    on_cuda = predict_probabilities(net.to("cuda"), image, [0.75, 1.0], True, "cuda", classes=[0, 1])
+    np.testing.assert_allclose(on_cuda, on_cpu, atol=1e-3)
+
+
+@pytest.mark.msrc
+def test_predict_files_on_an_msrc_photo(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
+    if not (root / "classes.txt").is_file():
+        pytest.skip(f"MSRC-21 not found at {root}")
+    class_names = (root / "classes.txt").read_text().split()
+    image_id = (root / "val.txt").read_text().split()[0]
+    save_checkpoint(tmp_path / "model.pt", class_names=class_names, has_background=False, infer_scales=[1.0])
+    (png,) = predict_files(tmp_path / "model.pt", [root / "JPEGImages" / f"{image_id}.jpg"], tmp_path / "out",
+                           probabilities=False, class_names=class_names)
+    truth = np.array(Image.open(root / "SegmentationClass" / f"{image_id}.png"))
+    labels = np.array(Image.open(png))
+    assert labels.shape == truth.shape  # photos of 213 x 320: not a multiple of the stride
+    assert labels.max() < len(class_names)
