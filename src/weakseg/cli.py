@@ -112,7 +112,8 @@ def cmd_train_seg(a):
 def cmd_predict_seg(a):
     from weakseg.segment.predict import run_predict_store
 
-    run_predict_store(_config(a), a.data, a.model, a.split, a.out, shard=a.shard, n_shards=a.shards)
+    run_predict_store(_config(a), a.data, a.model, a.split, a.out, shard=a.shard, n_shards=a.shards,
+                      threads=a.threads)
 
 
 def cmd_evaluate(a):
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
 
     p = command("predict-seg", cmd_predict_seg, "segmentation-net class probabilities for a split (scores store)")
-    _add_config(p), _add_shard(p)
+    _add_config(p), _add_shard(p), _add_threads(p)
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True)

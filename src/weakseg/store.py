@@ -32,6 +32,7 @@ import zarr
 # Keys of the per-image arrays, one per store kind. A stage store may hold several keys (scores).
 IMAGES, MASKS, SUPERPIXELS, LABELS = "images", "masks", "maps", "labels"
 CAM, SPCAM = "cam", "spcam"
+SEG = "seg"  # segmentation-net class probabilities (round scores)
 SCORE_SCALE = 255.0  # scores in [0, 1] are stored as uint8 value / 255
 
 

@@ -52,7 +52,7 @@ rule predict_seg:
         **gpu_resources(),
     shell:
         "weakseg predict-seg --config {params.cfg:q} --data {input.data} --model {input.model} --split {wildcards.split}"
-        " --out {output} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
 
 
 rule clean_round:

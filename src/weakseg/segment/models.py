@@ -186,7 +186,7 @@ class DecoupledNet(Segmenter):
             attended = self.bridge(features)[rows] * self.attention(features)[rows, cols].unsqueeze(1)
             masks = F.interpolate(self.decoder(attended), size=(height, width), mode="bilinear",
                                   align_corners=False)
-            mask_logits = mask_logits.index_put((rows, cols), masks[:, 0])
+            mask_logits = mask_logits.index_put((rows, cols), masks[:, 0].to(mask_logits.dtype))
         scores = torch.sigmoid(mask_logits) * torch.sigmoid(cls)[:, :, None, None]
         if self.has_background:
             scores = torch.cat([1.0 - scores.amax(dim=1, keepdim=True), scores], dim=1)

@@ -25,7 +25,7 @@ from weakseg.training import load_model_file, select_device
 
 log = logging.getLogger("weakseg")
 
-SEG = "seg"  # key of segmentation-net scores in a scores store (TODO: use store.SEG once it exists)
+SEG = store.SEG
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CHECKPOINT_KEYS = ("model", "config", "class_names", "has_background")
 
@@ -107,13 +107,14 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
 
 
 def run_predict_store(config: dict, data_path: str | os.PathLike, model_path: str | os.PathLike, split: str,
-                      out_path: str | os.PathLike, shard: int = 0, n_shards: int = 1) -> Path:
+                      out_path: str | os.PathLike, shard: int = 0, n_shards: int = 1, threads: int = 1) -> Path:
     """Write segmentation probabilities of one shard of ``split`` to a scores store (key 'seg').
 
     Train-split images keep only their labelled classes (background included when the dataset has one),
     renormalised over those classes: the image labels clean the prediction and the store stays small.
     Other splits keep every class.
     """
+    torch.set_num_threads(max(1, threads))
     info, data = open_data(data_path)
     ids = store.shard_ids(info.split(split), shard, n_shards)
     device = select_device(config["device"])

@@ -76,7 +76,8 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
                 "labels": torch.from_numpy(np.stack(image_labels)).to(device)}
 
     def compute_loss(m, batch):
-        return m.loss(m(batch["x"]), batch["y"], batch["labels"])
+        # Image labels let the decoupled net decode only the labelled classes (DeepLab ignores them).
+        return m.loss(m(batch["x"], batch["labels"]), batch["y"], batch["labels"])
 
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
                compute_loss=compute_loss, iterations=seg["iterations"], checkpoint_every=seg["checkpoint_every"],
