@@ -13,6 +13,8 @@ rule train_cam:
     threads: THREADS
     log:
         log_for("train_cam"),
+    benchmark:
+        bench_for("train_cam"),
     resources:
         **gpu_resources(),
     shell:
@@ -34,6 +36,8 @@ rule infer_cam:
     threads: THREADS
     log:
         log_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}")),
+    benchmark:
+        bench_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}")),
     resources:
         **gpu_resources(),
     shell:
@@ -55,6 +59,8 @@ rule evaluate_scores:
         cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_{key}_{split}"),
+    benchmark:
+        bench_for("evaluate_{key}_{split}"),
     resources:
         **CPU_RESOURCES,
     shell:

@@ -36,6 +36,11 @@ def log_for(name):
     return P(RUN / "logs" / f"{name}.log")
 
 
+def bench_for(name):
+    """Snakemake's per-job timing (s, max RSS) used by `weakseg benchmark`."""
+    return P(RUN / "benchmarks" / f"{name}.tsv")
+
+
 def shard_path(final, shard="{shard}"):
     """Where one shard of a per-image stage writes; with one shard, the stage store itself."""
     final = Path(final)

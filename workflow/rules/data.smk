@@ -9,6 +9,8 @@ if config["dataset"]["kind"] == "synthetic":
             cfg=cfg("dataset"),
         log:
             log_for("synth"),
+        benchmark:
+            bench_for("synth"),
         shell:
             "weakseg synth --config {params.cfg:q} --out {output} 2> {log}"
 
@@ -29,6 +31,8 @@ rule ingest:
         cfg=cfg("dataset"),
     log:
         log_for("ingest"),
+    benchmark:
+        bench_for("ingest"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -46,6 +50,8 @@ rule superpixels:
     threads: THREADS
     log:
         log_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}")),
+    benchmark:
+        bench_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}")),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -62,6 +68,8 @@ rule superpixel_oracle:
         metrics_csv("superpixel_oracle", TRAIN),
     log:
         log_for("superpixel_oracle"),
+    benchmark:
+        bench_for("superpixel_oracle"),
     resources:
         **CPU_RESOURCES,
     shell:

@@ -14,6 +14,8 @@ rule clean:
         cfg=cfg("dataset", "pseudo"),
     log:
         log_for("clean"),
+    benchmark:
+        bench_for("clean"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -33,6 +35,8 @@ rule crf:
     threads: THREADS
     log:
         log_for("crf" + ("" if N_SHARDS == 1 else "-{shard}")),
+    benchmark:
+        bench_for("crf" + ("" if N_SHARDS == 1 else "-{shard}")),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -51,6 +55,8 @@ rule reliable:
         cfg=cfg("dataset", "pseudo"),
     log:
         log_for("reliable"),
+    benchmark:
+        bench_for("reliable"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -68,6 +74,8 @@ rule reliability:
         cfg=cfg("dataset", "pseudo"),
     log:
         log_for("reliability"),
+    benchmark:
+        bench_for("reliability"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -90,6 +98,8 @@ rule evaluate_pseudo:
         cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_{variant}"),
+    benchmark:
+        bench_for("evaluate_{variant}"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -109,6 +119,8 @@ rule reliability_curve:
         points=config["evaluate"]["reliability_curve_points"],
     log:
         log_for("reliability_curve"),
+    benchmark:
+        bench_for("reliability_curve"),
     shell:
         "weakseg reliability-curve --gt {input.gt} --labels {input.labels} --reliability {input.reliability}"
         " --points {params.points} --out {output} 2> {log}"

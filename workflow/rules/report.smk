@@ -20,6 +20,8 @@ rule metrics:
         report(P(RUN.metrics), caption="../report/metrics.rst", category="Metrics"),
     log:
         log_for("metrics"),
+    benchmark:
+        bench_for("metrics"),
     shell:
         "weakseg metrics --out {output} {input} 2> {log}"
 
@@ -35,5 +37,7 @@ rule report:
         gallery=config["inspect"]["gallery_images"],
     log:
         log_for("report"),
+    benchmark:
+        bench_for("report"),
     shell:
         "weakseg report {params.run_dir} --out {output} --gallery {params.gallery} 2> {log}"

@@ -29,6 +29,8 @@ rule train_seg:
     threads: THREADS
     log:
         log_for("train_seg_round{r}"),
+    benchmark:
+        bench_for("train_seg_round{r}"),
     resources:
         **gpu_resources(),
     shell:
@@ -48,6 +50,8 @@ rule predict_seg:
     threads: THREADS
     log:
         log_for("predict_seg_round{r}_{split}" + ("" if N_SHARDS == 1 else "-{shard}")),
+    benchmark:
+        bench_for("predict_seg_round{r}_{split}" + ("" if N_SHARDS == 1 else "-{shard}")),
     resources:
         **gpu_resources(),
     shell:
@@ -65,6 +69,8 @@ rule clean_round:
         cfg=cfg("dataset", "pseudo"),
     log:
         log_for("clean_round{r}"),
+    benchmark:
+        bench_for("clean_round{r}"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -85,6 +91,8 @@ rule crf_round:
     threads: THREADS
     log:
         log_for("crf_round{r}_{split}" + ("" if N_SHARDS == 1 else "-{shard}")),
+    benchmark:
+        bench_for("crf_round{r}_{split}" + ("" if N_SHARDS == 1 else "-{shard}")),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -102,6 +110,8 @@ rule reliability_round:
         cfg=cfg("dataset", "pseudo"),
     log:
         log_for("reliability_round{r}"),
+    benchmark:
+        bench_for("reliability_round{r}"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -122,6 +132,8 @@ rule evaluate_round_train:
         cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_round{r}_train"),
+    benchmark:
+        bench_for("evaluate_round{r}_train"),
     resources:
         **CPU_RESOURCES,
     shell:
@@ -144,6 +156,8 @@ rule evaluate_round_val:
         cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_round{r}{post}_val"),
+    benchmark:
+        bench_for("evaluate_round{r}{post}_val"),
     resources:
         **CPU_RESOURCES,
     shell:

@@ -8,6 +8,8 @@ if N_SHARDS > 1:
         ("round_scores", RUN.root / "round{r}" / "scores_{split}.zarr", "scores"),
         ("round_crf", RUN.root / "round{r}" / "crf_{split}.zarr", "labels"),
     ):
+        # Round stores carry the {r} and {split} wildcards; their logs must too.
+        _tag = f"gather_{_name}" + ("_round{r}_{split}" if "{" in str(_final) else "")
 
         rule:
             name:
@@ -19,6 +21,8 @@ if N_SHARDS > 1:
             params:
                 kind=_kind,
             log:
-                log_for(f"gather_{_name}") if "{" not in str(_final) else log_for(f"gather_{_name}_round{{r}}_{{split}}"),
+                log_for(_tag),
+            benchmark:
+                bench_for(_tag),
             shell:
                 "weakseg gather --kind {params.kind} --out {output} {input} 2> {log}"
