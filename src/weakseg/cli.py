@@ -82,7 +82,8 @@ def cmd_infer_cam(a):
 def cmd_clean(a):
     from weakseg.pseudo.clean import run_clean
 
-    run_clean(_config(a), a.data, a.scores, a.key, a.out, ratio=a.ratio, shard=a.shard, n_shards=a.shards)
+    run_clean(_config(a), a.data, a.scores, a.key, a.out, ratio=a.ratio, shard=a.shard, n_shards=a.shards,
+              split=a.split, labels_from=a.labels_from)
 
 
 def cmd_reliability(a):
@@ -94,7 +95,8 @@ def cmd_reliability(a):
 def cmd_crf(a):
     from weakseg.pseudo.crf import run_crf
 
-    run_crf(_config(a), a.data, a.scores, a.key, a.out, a.threads, shard=a.shard, n_shards=a.shards, split=a.split)
+    run_crf(_config(a), a.data, a.scores, a.key, a.out, a.threads, shard=a.shard, n_shards=a.shards, split=a.split,
+            labels_from=a.labels_from)
 
 
 def cmd_reliable(a):
@@ -221,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(p), _add_shard(p)
         if name == "crf":
             _add_threads(p)
-            p.add_argument("--split", help="which split's images (default: the train split; others use all classes)")
+        p.add_argument("--split", help="which split's images (default: the train split)")
+        p.add_argument("--labels-from", help="CAM scores store whose classifier predicts the labels of images "
+                       "outside the train split (segment.val_labels: predicted); else all classes compete")
         p.add_argument("--data", required=True)
         p.add_argument("--scores", required=True)
         p.add_argument("--key", default="spcam", help="score maps to use: spcam, cam or seg")

@@ -76,5 +76,14 @@ def load(spec: str | Path | dict | None) -> dict:
     return validate(data, str(path))
 
 
+# segment.* keys that do not change what a round's network learns: raising `rounds` or changing
+# evaluation must neither retrain finished rounds nor invalidate a training checkpoint.
+SEGMENT_NOT_TRAINING = ("rounds", "crf", "eval_crf", "val_labels", "label_threshold", "infer_scales", "infer_flip")
+
+
+def training_section(segment: dict) -> dict:
+    return {k: v for k, v in segment.items() if k not in SEGMENT_NOT_TRAINING}
+
+
 def run_dir(config: dict) -> Path:
     return Path(config["results"]) / config["run"]

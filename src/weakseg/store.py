@@ -130,10 +130,11 @@ def ids_in(group: zarr.Group, key: str) -> list[str]:
     return sorted(name for name, _ in group[key].arrays())
 
 
-def put_scores(group: zarr.Group, key: str, image_id: str, scores: np.ndarray, classes) -> None:
+def put_scores(group: zarr.Group, key: str, image_id: str, scores: np.ndarray, classes,
+               attrs: dict | None = None) -> None:
     """Store (K, H, W) scores in [0, 1] quantised to uint8, with the K class indices they cover."""
     q = np.clip(np.rint(np.asarray(scores, np.float32) * SCORE_SCALE), 0, 255).astype(np.uint8)
-    put(group, key, image_id, q, {"classes": [int(c) for c in classes]})
+    put(group, key, image_id, q, {"classes": [int(c) for c in classes], **(attrs or {})})
 
 
 def get_scores(group: zarr.Group, key: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from weakseg.config import ConfigError, validate
+from weakseg.config import ConfigError, training_section, validate
 from weakseg.store import RunLayout
 
 try:
@@ -27,9 +27,15 @@ def P(path):
     return str(path)
 
 
-def cfg(*sections):
-    """The config sections a command uses, as JSON: rules rerun only when those sections change."""
-    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+def cfg(*sections, segment=None):
+    """The config sections a command uses, as JSON: rules rerun only when those sections change.
+    ``segment``: the segment keys to pass ('training' = those that change what a round learns)."""
+    chosen = {s: config[s] for s in sections}
+    if segment == "training":
+        chosen["segment"] = training_section(config["segment"])
+    elif segment is not None:
+        chosen["segment"] = {k: config["segment"][k] for k in segment}
+    return json.dumps(chosen, sort_keys=True)
 
 
 def log_for(name):

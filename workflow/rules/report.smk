@@ -8,6 +8,7 @@ def metric_files():
         files.append(metrics_csv(f"round{r}", TRAIN))
         if HAS_VAL:
             files.append(metrics_csv(f"round{r}", VAL))
+            files.append(metrics_csv(f"round{r}_gated", VAL))
             if config["segment"]["eval_crf"]:
                 files.append(metrics_csv(f"round{r}_crf", VAL))
     return files

@@ -3,6 +3,9 @@
 # labels, optional CRF, reliability selection -> the annotations of round r. Every round is trained
 # from ImageNet weights, never from the previous round.
 ROUND = P(RUN.root / "round{r}")
+# Val rows: round<r> = argmax over all classes of the network's probabilities; _gated = restricted
+# to the classes the CAM classifier predicts (segment.val_labels); _crf = gated + dense CRF.
+VAL_PREDICTIONS = {"": "scores_{split}.zarr", "_gated": "cleaned_{split}.zarr", "_crf": "crf_{split}.zarr"}
 
 
 def round_inputs(w):
@@ -14,7 +17,7 @@ def round_inputs(w):
 
 def annotation_of(r):
     """A round's train annotation: CRF-refined when segment.crf, else cleaned."""
-    return P(RUN.round_labels(r, f"crf_{TRAIN}" if config["segment"]["crf"] else "cleaned"))
+    return P(RUN.round_labels(r, f"{'crf' if config['segment']['crf'] else 'cleaned'}_{TRAIN}"))
 
 
 rule train_seg:
@@ -24,7 +27,7 @@ rule train_seg:
     output:
         P(RUN.root / "round{r}" / "model.pt"),
     params:
-        cfg=cfg("dataset", "segment", "device"),
+        cfg=cfg("dataset", "device", segment="training"),
         out_dir=ROUND,
     threads: THREADS
     log:
@@ -45,7 +48,7 @@ rule predict_seg:
     output:
         directory(shard_path(RUN.root / "round{r}" / "scores_{split}.zarr")),
     params:
-        cfg=cfg("dataset", "segment", "device"),
+        cfg=cfg("dataset", "device", segment=["infer_scales", "infer_flip"]),
         shard=lambda w: int(getattr(w, "shard", 0)),
     threads: THREADS
     log:
@@ -62,31 +65,34 @@ rule predict_seg:
 rule clean_round:
     input:
         data=P(RUN.data),
-        scores=P(RUN.root / "round{r}" / ("scores_" + TRAIN + ".zarr")),
+        scores=P(RUN.root / "round{r}" / "scores_{split}.zarr"),
+        labels_from=P(RUN.scores),
     output:
-        directory(P(RUN.root / "round{r}" / "cleaned.zarr")),
+        directory(P(RUN.root / "round{r}" / "cleaned_{split}.zarr")),
     params:
-        cfg=cfg("dataset", "pseudo"),
+        cfg=cfg("dataset", "pseudo", segment=["val_labels", "label_threshold"]),
     log:
-        log_for("clean_round{r}"),
+        log_for("clean_round{r}_{split}"),
     benchmark:
-        bench_for("clean_round{r}"),
+        bench_for("clean_round{r}_{split}"),
     resources:
         **CPU_RESOURCES,
     shell:
-        # ratio 0: keep the labelled classes only, then argmax (cleaning with the image labels).
+        # ratio 0: keep the image's classes only, then argmax (cleaning with the image labels; on val
+        # the labels the CAM classifier predicts, see segment.val_labels).
         "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg --ratio 0"
-        " --out {output} 2> {log}"
+        " --split {wildcards.split} --labels-from {input.labels_from} --out {output} 2> {log}"
 
 
 rule crf_round:
     input:
         data=P(RUN.data),
         scores=P(RUN.root / "round{r}" / "scores_{split}.zarr"),
+        labels_from=P(RUN.scores),
     output:
         directory(shard_path(RUN.root / "round{r}" / "crf_{split}.zarr")),
     params:
-        cfg=cfg("dataset", "pseudo"),
+        cfg=cfg("dataset", "pseudo", segment=["val_labels", "label_threshold"]),
         shard=lambda w: int(getattr(w, "shard", 0)),
     threads: THREADS
     log:
@@ -97,7 +103,7 @@ rule crf_round:
         **CPU_RESOURCES,
     shell:
         "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
-        " --split {wildcards.split} --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        " --split {wildcards.split} --labels-from {input.labels_from} --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
 
 
 rule reliability_round:
@@ -146,12 +152,12 @@ rule evaluate_round_val:
     input:
         data=P(RUN.data),
         gt=P(RUN.gt),
-        pred=lambda w: P(RUN.root / f"round{w.r}" / (f"crf_{VAL}.zarr" if w.post == "_crf" else f"scores_{VAL}.zarr")),
+        pred=lambda w: P(RUN.root / f"round{w.r}" / VAL_PREDICTIONS[w.post].format(split=VAL)),
     output:
         metrics=P(RUN.metrics_dir / ("round{r}{post}_" + str(VAL) + ".csv")),
         per_image=P(RUN.metrics_dir / ("round{r}{post}_" + str(VAL) + "_per_image.csv")),
     wildcard_constraints:
-        post="|_crf",
+        post="|_gated|_crf",
     params:
         cfg=cfg("dataset", "evaluate"),
     log:

@@ -44,13 +44,17 @@ def _unflip_mean(maps: torch.Tensor, flip: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip: bool,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (CAM, SP-CAM) for one image, each (C, H, W) float in [0, 1], C = classifier outputs."""
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (CAM, SP-CAM, label probabilities) for one image: maps (C, H, W) in [0, 1] and (C,).
+
+    The label probabilities are the classifier's image-level output (sigmoid of the mean superpixel
+    score, as in training), averaged over scales: what the model believes the image contains.
+    """
     h, w = image.shape[:2]
     sp = torch.from_numpy(superpixels.astype(np.int64)).to(device).reshape(-1)
     n_sp = int(sp.max()) + 1
     sp_counts = torch.bincount(sp, minlength=n_sp).clamp(min=1).float()
-    cam_total, sp_best = None, None
+    cam_total, sp_best, prob_sum = None, None, 0.0
     for s in scales:
         size = (max(8, round(w * s)), max(8, round(h * s)))
         x = torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
@@ -62,8 +66,9 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
         dense = _unflip_mean(dense, flip).reshape(dense.shape[1], -1)  # (C, H*W)
         per_sp = torch.zeros(dense.shape[0], n_sp, device=device).index_add_(1, sp, dense) / sp_counts
         sp_best = per_sp if sp_best is None else torch.maximum(sp_best, per_sp)
+        prob_sum = prob_sum + torch.sigmoid(per_sp.mean(1))
     spcam = max_normalise(sp_best[:, None, :])[:, 0, :]  # normalise per class over superpixels
-    return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w)
+    return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w), prob_sum / len(scales)
 
 
 def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_path, threads: int = 1,
@@ -90,12 +95,13 @@ def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_pat
     started = time.perf_counter()
     with store.writing(out_path, "scores", store.provenance("infer_cam", cam_cfg)) as out:
         for image_id in progress(ids, "infer-cam"):
-            cam, spcam = image_scores(model, read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id),
+            cam, spcam, probs = image_scores(model, read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id),
                                       cam_cfg["infer_scales"], cam_cfg["infer_flip"], device)
             keep = np.arange(len(fg))
             if image_id in train_ids:
                 keep = np.flatnonzero(info.label_vector(image_id)[fg])
-            store.put_scores(out, store.CAM, image_id, cam[keep].cpu().numpy(), fg[keep])
+            store.put_scores(out, store.CAM, image_id, cam[keep].cpu().numpy(), fg[keep],
+                             {"label_probabilities": [round(float(v), 4) for v in probs[keep]]})
             store.put_scores(out, store.SPCAM, image_id, spcam[keep].cpu().numpy(), fg[keep])
     elapsed = time.perf_counter() - started
     log.info("infer-cam: %d images in %.1f s (%.1f ms per image per scale)", len(ids), elapsed,

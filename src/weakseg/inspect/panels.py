@@ -219,9 +219,6 @@ def upscale(array: np.ndarray, scale: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- edge
 _ROUND_DIR = re.compile(r"^round(\d+)$")
-# A round's train annotation is its CRF output when it has one, else its cleaned labels; val images
-# appear in the round's val predictions.
-ROUND_ANNOTATIONS = ("crf", "cleaned", "val")
 
 
 def _open_optional(path: Path, kind: str):
@@ -256,11 +253,12 @@ class RunPanels:
             group = _open_optional(self.layout.pseudo(name), "labels")
             if group is not None:
                 self.label_stores.append((name, group))
+        # Every labels store of a round (cleaned, crf_<split>); its scores stores are not label maps.
         for r in round_numbers(self.layout):
-            for name in ROUND_ANNOTATIONS:
-                group = _open_optional(self.layout.round_labels(r, name), "labels")
+            for path in sorted(self.layout.round_dir(r).glob("*.zarr")):
+                group = _open_optional(path, "labels")
                 if group is not None:
-                    self.label_stores.append((f"round {r} {name}", group))
+                    self.label_stores.append((f"round {r} {path.stem}", group))
 
     def check_id(self, image_id: str) -> None:
         if image_id not in self.info.ids:

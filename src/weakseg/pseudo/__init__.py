@@ -91,24 +91,42 @@ def split_ids(config: dict, info: DatasetInfo, group, key: str, shard: int = 0, 
     return store.shard_ids(ids, shard, n_shards)
 
 
-def known_labels(config: dict, info: DatasetInfo, image_id: str, split: str | None) -> np.ndarray:
-    """Image labels a stage may use: the real ones on the train split; on any other split (val, test)
-    labels are unknown at test time, so every class is allowed."""
+def predicted_labels(label_probabilities, classes, threshold: float, has_background: bool) -> np.ndarray:
+    """Classes a classifier predicts present: probability >= threshold, at least its most likely class;
+    background (0) always when the dataset has one."""
+    probs, classes = np.asarray(label_probabilities, np.float64), np.asarray(classes, np.int64)
+    keep = set(classes[probs >= threshold].tolist()) | ({int(classes[probs.argmax()])} if probs.size else set())
+    if has_background:
+        keep.add(0)
+    return np.array(sorted(keep), np.int64)
+
+
+def known_labels(config: dict, info: DatasetInfo, image_id: str, split: str | None, labels_from=None) -> np.ndarray:
+    """Image labels a stage may use. On the train split: the real ones. On any other split (val, test)
+    labels are unknown at test time: every class, or — with segment.val_labels 'predicted' and a CAM
+    scores store ``labels_from`` — the classes its classifier predicts present."""
     if split is None or split == config["dataset"]["train_split"]:
         return info.image_labels(image_id)
-    return np.arange(info.n_classes)
+    if labels_from is None or config["segment"]["val_labels"] == "all":
+        return np.arange(info.n_classes)
+    attrs = store.get_attrs(labels_from, store.CAM, image_id)
+    return predicted_labels(attrs["label_probabilities"], attrs["classes"], config["segment"]["label_threshold"],
+                            info.has_background)
 
 
 def make_jobs(config: dict, data_path, scores_path, key: str, params: dict, shard: int, n_shards: int,
-              with_image: bool = False, labels_path=None, split: str | None = None) -> tuple[DatasetInfo, list[ImageJob]]:
-    """One job per image of ``split`` (default train) present in the scores store (one shard of them)."""
+              with_image: bool = False, labels_path=None, split: str | None = None,
+              labels_from=None) -> tuple[DatasetInfo, list[ImageJob]]:
+    """One job per image of ``split`` (default train) present in the scores store (one shard of them).
+    ``labels_from``: a CAM scores store whose classifier predictions stand in for unknown image labels."""
     info, _ = open_data(data_path)
     scores_group = store.open_store(scores_path, "scores")
     ids = split_ids(config, info, scores_group, key, shard, n_shards, split)
     if not ids:
         log.warning("%s: no train image has a '%s' array (shard %d/%d); writing an empty store",
                     scores_path, key, shard, n_shards)
-    jobs = [ImageJob(i, known_labels(config, info, i, split), info.has_background, os.fspath(scores_path), key, params,
+    predicted = store.open_store(labels_from, "scores") if labels_from is not None else None
+    jobs = [ImageJob(i, known_labels(config, info, i, split, predicted), info.has_background, os.fspath(scores_path), key, params,
                      os.fspath(data_path) if with_image else None,
                      os.fspath(labels_path) if labels_path is not None else None) for i in ids]
     return info, jobs

@@ -65,10 +65,13 @@ def _clean_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
 
 
 def run_clean(config: dict, data_path, scores_path, key: str, out_path, ratio: float | None = None,
-              shard: int = 0, n_shards: int = 1) -> None:
-    """Clean the ``key`` scores of the train images (one shard) into a labels store at ``out_path``."""
+              shard: int = 0, n_shards: int = 1, split: str | None = None, labels_from=None) -> None:
+    """Clean the ``key`` scores of the images of ``split`` (default train; one shard) into a labels
+    store at ``out_path``. Outside the train split the labels are unknown: all classes, or those
+    predicted by the classifier of the CAM scores store ``labels_from`` (see ``known_labels``)."""
     ratio = config["pseudo"]["clean_ratio"] if ratio is None else ratio
-    _, jobs = make_jobs(config, data_path, scores_path, key, {"ratio": ratio}, shard, n_shards)
+    _, jobs = make_jobs(config, data_path, scores_path, key, {"ratio": ratio}, shard, n_shards, split=split,
+                        labels_from=labels_from)
     counts = write_labels(out_path, "clean", config, _clean_one, jobs, key=key, ratio=ratio)
     if counts["empty_maps"]:
         log.warning("clean: %d of %d labelled class score maps are all zero; those classes label no pixel",

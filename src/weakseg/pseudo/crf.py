@@ -100,13 +100,14 @@ def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
 
 
 def run_crf(config: dict, data_path, scores_path, key: str, out_path, threads: int, shard: int = 0,
-            n_shards: int = 1, split: str | None = None) -> None:
+            n_shards: int = 1, split: str | None = None, labels_from=None) -> None:
     """CRF-refine the ``key`` scores of the images of ``split`` (default train; one shard) into a labels
     store at ``out_path``, on ``threads`` worker processes; logs images/s. Outside the train split
-    image labels are unknown and every class in the scores competes."""
+    image labels are unknown: every class in the scores competes, or those the classifier of the CAM
+    scores store ``labels_from`` predicts present (see ``known_labels``)."""
     params = {"background_alpha": config["pseudo"]["background_alpha"], "crf": dict(config["pseudo"]["crf"])}
     _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, with_image=True,
-                        split=split)
+                        split=split, labels_from=labels_from)
     counts = write_labels(out_path, "crf", config, _crf_one, jobs, threads, key=key)
     log.info("crf: %.1f%% of pixels changed from the argmax of the scores",
              100.0 * counts["changed"] / max(counts["pixels"], 1))

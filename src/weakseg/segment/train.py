@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from weakseg import store
+from weakseg.config import training_section
 from weakseg.datasets import IGNORE, open_data, read_image
 from weakseg.pseudo.reliability import selected_ids
 from weakseg.segment.models import build_segmenter
@@ -82,7 +83,7 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
                compute_loss=compute_loss, iterations=seg["iterations"], checkpoint_every=seg["checkpoint_every"],
                out_dir=Path(out_dir), seed=seg["seed"], desc="train-seg",
-               fingerprint=config_fingerprint(seg, config["dataset"], sorted(ids)))
+               fingerprint=config_fingerprint(training_section(seg), config["dataset"], sorted(ids)))
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
     return model_path
