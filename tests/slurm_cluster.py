@@ -30,10 +30,10 @@ SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 CLIENT_COMMANDS = ("sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel")
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", *CLIENT_COMMANDS)
 PARTITION = "debug"
-# The plugin falls back from squeue to sacct when MinJobAge < 3 * init-seconds; sacct without
-# accounting storage never reports a state and snakemake waits for ever. 300 s keeps finished
-# jobs visible to squeue long enough for the status checks.
-MIN_JOB_AGE_S = 300
+# How long finished jobs stay visible to squeue. The plugin needs >= 3 * init-seconds (else it falls
+# back to sacct, which without accounting storage never reports a state: snakemake waits for ever);
+# the tests need every job of a whole workflow run still listed when they check it afterwards.
+MIN_JOB_AGE_S = 3600
 STARTUP_TIMEOUT_S = 90
 APT_TIMEOUT_S = 600
 

@@ -105,7 +105,7 @@ def executed_rules(output: str) -> tuple[Counter, Counter]:
     return remote, local
 
 
-def assert_all_jobs_ran_in_slurm(cluster: SlurmCluster, output: str) -> dict[str, str]:
+def assert_all_jobs_ran_in_slurm(cluster: SlurmCluster, output: str, workdir: Path) -> dict[str, str]:
     """Every job snakemake sent out was a Slurm job of this run that COMPLETED; returns snakemake->Slurm ids."""
     run_id = slurm_run_id(output)
     submitted = submitted_slurm_jobs(output)
@@ -118,6 +118,10 @@ def assert_all_jobs_ran_in_slurm(cluster: SlurmCluster, output: str) -> dict[str
     # The plugin tags each job with its rule: the per-rule counts must match snakemake's.
     per_rule = Counter(re.match(r"rule_(.+?)(?:_wildcards_.*)?$", job.comment).group(1) for job in jobs.values())
     assert per_rule == remote, (per_rule, remote)
+    # slurmd wrote each job's output to the plugin's log file named by the Slurm job id (kept by the
+    # test profile).
+    logs = {path.stem for path in (workdir / ".snakemake" / "slurm_logs").rglob("*.log")}
+    assert set(submitted.values()) <= logs, sorted(set(submitted.values()) - logs)
     return submitted
 
 
@@ -198,7 +202,7 @@ def test_two_rule_workflow_runs_every_job_through_slurm(slurm_cluster, tmp_path)
         ["--cores", "2", "--profile", str(profile), "combined.txt"], work, cluster.env, SELF_TEST_TIMEOUT_S
     )
 
-    submitted = assert_all_jobs_ran_in_slurm(cluster, output)
+    submitted = assert_all_jobs_ran_in_slurm(cluster, output, work)
     assert len(submitted) == 3
     # Each job wrote the Slurm job id and CPU count it ran with: the ids are exactly the submitted
     # ones, and threads / cpus_per_task reached sbatch.
@@ -211,9 +215,6 @@ def test_two_rule_workflow_runs_every_job_through_slurm(slurm_cluster, tmp_path)
     details = cluster.run("scontrol", "show", "job", written["a"][0]).stdout
     assert "TimeLimit=00:05:00" in details and re.search(r"MinMemoryNode=200M\b", details), details
     assert f"Partition={cluster.partition}" in details
-    # The plugin's per-job logs (kept by the test profile) are named by Slurm job id.
-    logs = {path.stem for path in (work / ".snakemake" / "slurm_logs").rglob("*.log")}
-    assert set(submitted.values()) <= logs
 
 
 # ---------------------------------------------------------------- the real workflow
@@ -270,7 +271,7 @@ def test_tiny_workflow_on_slurm_matches_a_local_run(slurm_cluster, tmp_path):
         slurm_dir, cluster.env, FULL_RUN_TIMEOUT_S,
     )
 
-    assert_all_jobs_ran_in_slurm(cluster, output)
+    assert_all_jobs_ran_in_slurm(cluster, output, slurm_dir)
     _, local_rules = executed_rules(output)
     # Only target rules without a command may run outside Slurm.
     assert set(local_rules) <= {"all"}, local_rules

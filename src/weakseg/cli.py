@@ -45,12 +45,13 @@ def cmd_synth(a):
 
 def cmd_ingest(a):
     from weakseg import store
+    from weakseg.config import ConfigError
     from weakseg.datasets.folder import ingest
 
     cfg = _config(a)
     root = a.root or cfg["dataset"]["root"]
     if root is None:
-        raise SystemExit("dataset.root: not set; give --root or set it in the config")
+        raise ConfigError("dataset.root: not set; give --root or set it in the config")
     ingest(root, cfg["dataset"], a.data, a.gt, store.provenance("ingest", cfg["dataset"]))
 
 

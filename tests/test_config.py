@@ -1,0 +1,134 @@
+"""Config loading: schema defaults filled in, every error names its key path, YAML / inline JSON / dict."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from weakseg import config
+from weakseg.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _schema_defaults(node: dict) -> dict:
+    """Defaults read straight from the schema, independently of config._fill_defaults."""
+    out = {}
+    for key, sub in node.get("properties", {}).items():
+        if sub.get("type") == "object":
+            out[key] = _schema_defaults(sub)
+        elif "default" in sub:
+            out[key] = sub["default"]
+    return out
+
+
+def test_defaults_are_filled_from_the_schema():
+    cfg = config.load(None)
+    assert cfg == _schema_defaults(config.schema())
+    assert cfg == config.load({})
+    # Spot checks that the nesting really happened (not just top-level keys).
+    assert cfg["cam"]["lr"] == config.schema()["properties"]["cam"]["properties"]["lr"]["default"]
+    assert set(cfg["pseudo"]["crf"]) == set(config.schema()["properties"]["pseudo"]["properties"]["crf"]["properties"])
+    assert config.run_dir(cfg) == Path(cfg["results"]) / cfg["run"]
+
+
+def test_given_values_are_kept_and_siblings_get_defaults():
+    given = {"run": "r1", "cam": {"lr": 0.5}, "pseudo": {"crf": {"iterations": 3}},
+             "dataset": {"synthetic": {"n_train": 2}}}
+    original = copy.deepcopy(given)
+    cfg = config.load(given)
+    defaults = config.load(None)
+    assert cfg["run"] == "r1" and cfg["cam"]["lr"] == 0.5
+    assert cfg["pseudo"]["crf"]["iterations"] == 3
+    assert cfg["pseudo"]["crf"]["gaussian_sxy"] == defaults["pseudo"]["crf"]["gaussian_sxy"]
+    assert cfg["pseudo"]["clean_ratio"] == defaults["pseudo"]["clean_ratio"]
+    assert cfg["dataset"]["synthetic"]["n_train"] == 2
+    assert cfg["dataset"]["synthetic"]["seed"] == defaults["dataset"]["synthetic"]["seed"]
+    assert cfg["cam"]["iterations"] == defaults["cam"]["iterations"]
+    assert given == original  # the caller's dict is not modified
+
+
+def test_default_lists_are_not_shared_between_loads():
+    a = config.load(None)
+    a["cam"]["train_sizes"].append(999)
+    assert 999 not in config.load(None)["cam"]["train_sizes"]
+
+
+@pytest.mark.parametrize("bad, key_path, expectation", [
+    ({"cam": {"lrr": 0.1}}, "cam.lrr", "unknown key"),
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"pseudo": {"crf": {"sxy": 3}}}, "pseudo.crf.sxy", "unknown key"),
+    ({"cam": {"lr": "x"}}, "cam.lr", "'x' is not of type 'number'"),
+    ({"cam": {"lr": 0}}, "cam.lr", "less than or equal to the minimum of 0"),
+    ({"superpixels": {"n_segments": 1}}, "superpixels.n_segments", "less than the minimum of 2"),
+    ({"pseudo": {"clean_ratio": 1.5}}, "pseudo.clean_ratio", "greater than the maximum of 1"),
+    ({"superpixels": {"method": "quickshift"}}, "superpixels.method", "is not one of"),
+    ({"cam": {"train_sizes": []}}, "cam.train_sizes", "should be non-empty"),
+    ({"cam": {"train_sizes": [96, 8]}}, "cam.train_sizes.1", "less than the minimum of 32"),
+    ({"run": "a/b"}, "run", "does not match"),
+    ({"segment": {"iterations": 2.5}}, "segment.iterations", "not of type 'integer'"),
+])
+def test_bad_values_name_the_key_path(bad, key_path, expectation):
+    with pytest.raises(ConfigError) as err:
+        config.load(bad)
+    message = str(err.value)
+    assert f"{key_path}: " in message, message
+    assert expectation in message, message
+
+
+def test_unknown_key_lists_the_allowed_keys():
+    with pytest.raises(ConfigError, match=r"cam\.lrr: unknown key \(allowed here: .*\blr\b"):
+        config.load({"cam": {"lrr": 0.1}})
+
+
+def test_several_errors_are_all_reported_in_one_message():
+    with pytest.raises(ConfigError) as err:
+        config.load({"cam": {"lr": "x"}, "superpixels": {"n_segments": 0}})
+    assert "cam.lr" in str(err.value) and "superpixels.n_segments" in str(err.value)
+
+
+def test_inline_json_config():
+    cfg = config.load('{"run": "inline", "superpixels": {"method": "seeds"}}')
+    assert cfg["run"] == "inline" and cfg["superpixels"]["method"] == "seeds"
+    assert cfg["superpixels"]["n_segments"] == config.load(None)["superpixels"]["n_segments"]
+    with pytest.raises(ConfigError, match=r"inline config: cam\.lr: "):
+        config.load(json.dumps({"cam": {"lr": "x"}}))
+    with pytest.raises(ConfigError, match="inline config: not valid JSON"):
+        config.load('{"run": ')
+
+
+def test_yaml_file_config_and_file_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"run": "from_file", "pseudo": {"top_k": 3}}))
+    cfg = config.load(path)
+    assert cfg["run"] == "from_file" and cfg["pseudo"]["top_k"] == 3
+    assert config.load(str(path)) == cfg  # str or Path
+
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
+        config.load(tmp_path / "missing.yaml")
+
+    (tmp_path / "broken.yaml").write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        config.load(tmp_path / "broken.yaml")
+
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of keys, got list"):
+        config.load(tmp_path / "list.yaml")
+
+    (tmp_path / "bad_value.yaml").write_text("cam:\n  lr: x\n")
+    with pytest.raises(ConfigError, match=r"bad_value\.yaml: cam\.lr: "):
+        config.load(tmp_path / "bad_value.yaml")
+
+    (tmp_path / "empty.yaml").write_text("")  # an empty file is the all-defaults config
+    assert config.load(tmp_path / "empty.yaml") == config.load(None)
+
+
+def test_shipped_configs_are_valid():
+    shipped = sorted(REPO.glob("config*.yaml")) + sorted((REPO / "config").glob("*.yaml")) \
+        + sorted((REPO / "tests" / "configs").glob("*.yaml"))
+    assert shipped, "no config files found in the repository"
+    for path in shipped:
+        config.load(path)  # raises ConfigError naming the file and key if one drifted from the schema
