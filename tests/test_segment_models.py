@@ -21,15 +21,6 @@ MODELS = ["deeplab", "decoupled"]
 CLASS_NAMES = ["background", "a", "b", "c"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """On a shared 2-core machine, torch's spinning worker threads slow these tiny runs 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(model: str = "deeplab", **segment) -> dict:
     return wconfig.load({"device": "cpu", "segment": {"model": model, "pretrained": False, **segment}})
 

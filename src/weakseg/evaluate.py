@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -347,17 +346,7 @@ def reliability_curve(rows: Iterable[tuple[float, Confusion]], points: int) -> p
 # Edge: stores in, tidy CSVs out
 # ----------------------------------------------------------------------------------------------
 
-def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a CSV atomically: a temporary sibling, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+write_csv = store.write_table  # atomic CSV writes live with the other atomic writes
 
 
 def read_tidy(path: str | os.PathLike) -> pd.DataFrame:

@@ -175,6 +175,19 @@ def shard_ids(ids: list[str], shard: int, n_shards: int) -> list[str]:
     return sorted(ids)[shard::n_shards]
 
 
+def write_table(table, path: str | os.PathLike) -> Path:
+    """Write a pandas table as CSV atomically (temporary sibling, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def store_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +132,7 @@ def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFra
         annotations[image_id] = class_divergences(store.get(group, store.LABELS, image_id), fg)
         missing_classes += len(fg) - len(annotations[image_id])
     table = reliability_table(annotations, info.class_names, pseudo["top_k"], pseudo["top_fraction"])
-    _write_csv_atomic(table, out_csv)
+    store.write_table(table, out_csv)
 
     empty = int((table["class"] == NO_CLASS).sum())
     if empty:
@@ -158,14 +156,3 @@ def selected_ids(csv_path) -> list[str]:
         if column not in table.columns:
             raise ValueError(f"{path}: not a reliability table, column '{column}' missing")
     return sorted(table.loc[table["image_selected"].astype(bool), "id"].unique().tolist())
-
-
-def _write_csv_atomic(table: pd.DataFrame, out_csv) -> None:
-    final = Path(out_csv)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)

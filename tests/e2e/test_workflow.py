@@ -1,0 +1,214 @@
+"""The Snakemake workflow end to end on tests/configs/tiny.yaml: every stage runs, every rule logs,
+a rerun has nothing to do; sharded runs equal one-shard runs; a killed CAM training job resumes."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+VENV_BIN = Path(sys.executable).parent
+SNAKEMAKE = VENV_BIN / "snakemake"
+TIMEOUT_S = 600
+
+pytestmark = pytest.mark.skipif(not SNAKEMAKE.exists(), reason=f"snakemake not installed next to {sys.executable}")
+
+
+def snakemake_command(workdir: Path, *args: str, configfile: Path = TINY) -> list[str]:
+    """Run the repository's Snakefile with ``workdir`` as working directory (results/ goes there)."""
+    return [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
+            str(configfile), "--cores", "2", *args]
+
+
+def snakemake_env() -> dict:
+    """Rules call the ``weakseg`` command: it must be the one of this virtual environment."""
+    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path = TINY) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_command(workdir, *args, configfile=configfile), env=snakemake_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def check_ok(result: subprocess.CompletedProcess) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"snakemake failed ({result.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def metric_stages(metrics_csv: Path) -> set[tuple[str, str]]:
+    with metrics_csv.open() as fh:
+        return {(row["stage"], row["split"]) for row in csv.DictReader(fh)}
+
+
+def job_blocks(output: str) -> dict[str, list[str]]:
+    """Rule name -> the ``log:`` entries of each of its jobs, from Snakemake's job announcements."""
+    jobs: dict[str, list[str]] = {}
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n?)*)", output, flags=re.M):
+        found = re.search(r"^    log: (.+)$", body, flags=re.M)
+        jobs.setdefault(rule, []).append(found.group(1).strip() if found else "")
+    return jobs
+
+
+def store_arrays(path: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every array of a Zarr store (recursively) with its attributes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Snakemake's .snakemake_timestamp inside directory outputs
+        group = zarr.open_group(str(path), mode="r")
+        return {name: (node[...], dict(node.attrs)) for name, node in group.members(max_depth=None)
+                if isinstance(node, zarr.Array)}
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{what}: {len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workflow")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(workdir):
+    """The one-shard tiny run (results/tiny), shared by the tests of this module."""
+    started = time.perf_counter()
+    result = snakemake(workdir)
+    print(f"tiny run: {time.perf_counter() - started:.0f} s")
+    return workdir / "results" / "tiny", result
+
+
+def test_tiny_workflow_runs_every_stage(tiny_run, workdir):
+    run, result = tiny_run
+    output = check_ok(result)
+
+    stages = metric_stages(run / "metrics.csv")
+    expected = {("superpixel_oracle", "train"), ("cam", "train"), ("spcam", "train"), ("cleaned", "train"),
+                ("crf", "train"), ("reliable", "train"), ("round1", "train"), ("round1", "val"),
+                ("round1_crf", "val")}
+    assert expected <= stages, f"missing metrics rows: {sorted(expected - stages)}"
+    report = run / "report" / "index.html"
+    assert report.is_file() and report.stat().st_size > 0
+
+    jobs = job_blocks(output)
+    total = int(re.search(r"^total\s+(\d+)$", output, flags=re.M).group(1))
+    assert sum(len(v) for v in jobs.values()) == total  # every job announcement was parsed
+    assert {"train_cam", "infer_cam", "crf", "reliable", "train_seg", "report"} <= set(jobs)
+    logs_dir = run / "logs"
+    for rule, logs in jobs.items():
+        if rule == "all":
+            continue
+        for log in logs:
+            assert log, f"a {rule} job declares no log file"
+            assert (workdir / log).is_file(), f"{rule}: log {log} not written"
+            assert (workdir / log).parent == logs_dir
+    assert "train-cam" in (logs_dir / "train_cam.log").read_text()
+
+    dry = check_ok(snakemake(workdir, "-n"))
+    assert "Nothing to be done" in dry, dry[-3000:]
+
+
+@pytest.mark.slow
+def test_two_shards_give_the_same_stores(tiny_run, workdir):
+    run, result = tiny_run
+    check_ok(result)
+    started = time.perf_counter()
+    check_ok(snakemake(workdir, "--config", "shards=2", "run=tiny2"))
+    print(f"2-shard run: {time.perf_counter() - started:.0f} s")
+    sharded = workdir / "results" / "tiny2"
+    # the per-image stages really ran as shards
+    for shard_store in ("shards/superpixels-1.zarr", "cam/shards/scores-1.zarr", "pseudo/shards/crf-1.zarr"):
+        assert (sharded / shard_store).is_dir(), shard_store
+
+    # Training is seeded and single-threaded on CPU: both runs train the same networks.
+    assert_same_weights(model_weights(run / "cam" / "model.pt"), model_weights(sharded / "cam" / "model.pt"), "CAM")
+    assert_same_weights(model_weights(run / "round1" / "model.pt"), model_weights(sharded / "round1" / "model.pt"),
+                        "round 1")
+
+    stores = sorted(p.relative_to(run) for p in run.rglob("*.zarr")
+                    if "shards" not in p.parts and ".tmp-" not in p.name)
+    for must in ("superpixels.zarr", "cam/scores.zarr", "pseudo/cleaned.zarr", "pseudo/crf.zarr",
+                 "pseudo/reliable.zarr", "round1/scores_val.zarr", "round1/crf_val.zarr"):
+        assert Path(must) in stores, must
+    for rel in stores:
+        one, two = store_arrays(run / rel), store_arrays(sharded / rel)
+        assert one.keys() == two.keys(), f"{rel}: different arrays"
+        for name, (array, attrs) in one.items():
+            assert np.array_equal(array, two[name][0]) and attrs == two[name][1], f"{rel}/{name} differs"
+    assert (run / "metrics.csv").read_text() == (sharded / "metrics.csv").read_text()
+
+
+def kill_config(workdir: Path) -> Path:
+    """tiny.yaml with a CAM training long enough to be killed after its first checkpoint."""
+    config = yaml.safe_load(TINY.read_text())
+    config["cam"].update(iterations=40, checkpoint_every=5)
+    path = workdir / "kill.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def kill_train_cam_after_first_checkpoint(workdir: Path, configfile: Path, run: str) -> int:
+    """Start snakemake for the CAM model, SIGKILL ``weakseg train-cam`` once a checkpoint exists.
+
+    Returns the checkpoint's iteration at the time of the kill."""
+    import psutil
+
+    target = f"results/{run}/cam/model.pt"
+    checkpoint = workdir / "results" / run / "cam" / "checkpoints" / "last.pt"
+    with (workdir / f"{run}-killed.out").open("w") as out:
+        proc = subprocess.Popen(snakemake_command(workdir, target, "--config", f"run={run}", configfile=configfile),
+                                env=snakemake_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not checkpoint.exists():
+                assert proc.poll() is None, f"snakemake ended before a checkpoint: {(workdir / f'{run}-killed.out').read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no checkpoint within the time limit"
+                time.sleep(0.05)
+            trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                        if "train-cam" in " ".join(p.cmdline())]
+            assert trainers, "no weakseg train-cam process found"
+            for p in trainers:
+                os.kill(p.pid, signal.SIGKILL)
+            assert not (workdir / target).exists(), "training finished before it could be killed"
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode != 0, "snakemake did not notice the killed job"
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"])
+
+
+@pytest.mark.slow
+def test_killed_cam_training_resumes_to_the_uninterrupted_model(workdir):
+    configfile = kill_config(workdir)
+    killed_at = kill_train_cam_after_first_checkpoint(workdir, configfile, "tiny3")
+    assert 5 <= killed_at < 40
+
+    check_ok(snakemake(workdir, "results/tiny3/cam/model.pt", "--rerun-incomplete", "--config", "run=tiny3",
+                       configfile=configfile))
+    log = (workdir / "results" / "tiny3" / "logs" / "train_cam.log").read_text()
+    assert "resumed from checkpoint" in log and f"at iteration {killed_at} of 40" in log, log[-2000:]
+
+    check_ok(snakemake(workdir, "results/tiny4/cam/model.pt", "--config", "run=tiny4", configfile=configfile))
+    assert "resumed" not in (workdir / "results" / "tiny4" / "logs" / "train_cam.log").read_text()
+    assert_same_weights(model_weights(workdir / "results" / "tiny3" / "cam" / "model.pt"),
+                        model_weights(workdir / "results" / "tiny4" / "cam" / "model.pt"), "resumed vs uninterrupted")
