@@ -250,7 +250,9 @@ def test_max_normalise():
 
 def test_image_scores_range_normalisation_and_superpixel_constancy(signed_spn):
     image, superpixels = scene()
-    cam, spcam = image_scores(signed_spn, image, superpixels, [1.0, 0.75], True, torch.device("cpu"))
+    cam, spcam, probs = image_scores(signed_spn, image, superpixels, [1.0, 0.75], True, torch.device("cpu"))
+    assert probs.shape == (N_CLASSES,)
+    assert float(probs[0]) > 0.5 and float(probs[1]) > 0.5 and float(probs[2]) < 0.5  # sign of the evidence
     for scores in (cam, spcam):
         assert scores.shape == (N_CLASSES, *image.shape[:2])
         assert float(scores.min()) >= 0 and float(scores.max()) <= 1
@@ -264,17 +266,20 @@ def test_image_scores_range_normalisation_and_superpixel_constancy(signed_spn):
     assert len(torch.unique(spcam[0])) > 5  # but differs between superpixels
 
 
-def test_spcam_is_superpixel_mean_of_upsampled_sp_scores(signed_spn):
+def test_spcam_and_label_probabilities_come_from_superpixel_means_of_sp_scores(signed_spn):
     image, superpixels = scene()
     h, w = superpixels.shape
-    _, spcam = image_scores(signed_spn, image, superpixels, [1.0], False, torch.device("cpu"))
+    _, spcam, probs = image_scores(signed_spn, image, superpixels, [1.0], False, torch.device("cpu"))
     with torch.no_grad():
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         dense = F.interpolate(signed_spn.sp_score_map(x), size=(h, w), mode="bilinear", align_corners=False)[0]
-    expected = torch.zeros(N_CLASSES, h, w)
+    expected, per_superpixel = torch.zeros(N_CLASSES, h, w), []
     for sp_id in np.unique(superpixels):
         mask = torch.from_numpy(superpixels == sp_id)
-        expected[:, mask] = dense[:, mask].mean(1, keepdim=True)
+        per_superpixel.append(dense[:, mask].mean(1))
+        expected[:, mask] = per_superpixel[-1][:, None]
+    # the image-level output as in training: sigmoid of the mean superpixel score
+    torch.testing.assert_close(probs, torch.sigmoid(torch.stack(per_superpixel).mean(0)), atol=1e-5, rtol=0)
     expected = expected.clamp(min=0)
     expected /= expected.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]
     torch.testing.assert_close(spcam, expected, atol=1e-3, rtol=0)
@@ -284,11 +289,12 @@ def test_image_scores_flip_consistency(signed_spn):
     image, superpixels = scene()
     flipped_image, flipped_sp = image[:, ::-1].copy(), superpixels[:, ::-1].copy()
     device = torch.device("cpu")
-    cam, spcam = image_scores(signed_spn, image, superpixels, [1.0, 0.75], True, device)
-    cam_f, spcam_f = image_scores(signed_spn, flipped_image, flipped_sp, [1.0, 0.75], True, device)
+    cam, spcam, probs = image_scores(signed_spn, image, superpixels, [1.0, 0.75], True, device)
+    cam_f, spcam_f, probs_f = image_scores(signed_spn, flipped_image, flipped_sp, [1.0, 0.75], True, device)
     torch.testing.assert_close(cam_f, cam.flip(-1), atol=1e-4, rtol=0)
     torch.testing.assert_close(spcam_f, spcam.flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(probs_f, probs, atol=1e-5, rtol=0)
     # the network itself is not flip-equivariant, so without flip averaging the check above would fail
-    cam_nf, _ = image_scores(signed_spn, image, superpixels, [1.0], False, device)
-    cam_nf_f, _ = image_scores(signed_spn, flipped_image, flipped_sp, [1.0], False, device)
+    cam_nf = image_scores(signed_spn, image, superpixels, [1.0], False, device)[0]
+    cam_nf_f = image_scores(signed_spn, flipped_image, flipped_sp, [1.0], False, device)[0]
     assert float((cam_nf_f - cam_nf.flip(-1)).abs().max()) > 1e-2

@@ -32,7 +32,8 @@ TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 # What the test profile changes, and why: no accounting database, so job states come from squeue
-# (MinJobAge=300 keeps finished jobs there); quick first status check; keep logs to inspect them.
+# (the test cluster's MinJobAge keeps finished jobs listed); quick first status check; keep the
+# per-job logs to check them.
 TEST_PROFILE_OVERRIDES = {
     "slurm-status-command": "squeue",
     "slurm-init-seconds-before-status-checks": 2,

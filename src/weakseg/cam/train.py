@@ -16,8 +16,8 @@ import torch
 from weakseg import store
 from weakseg.cam.models import build_classifier, multilabel_loss
 from weakseg.datasets import open_data, read_image
-from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, select_device,
-                              train_loop)
+from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, seed_everything,
+                              select_device, train_loop)
 
 log = logging.getLogger("weakseg")
 
@@ -56,6 +56,7 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         raise ValueError(f"{data_path}: no training image has a foreground label")
     targets = {i: torch.from_numpy(info.label_vector(i)[fg].astype(np.float32)) for i in ids}
     device = select_device(config["device"])
+    seed_everything(cam_cfg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_classifier(cam_cfg, len(fg)).to(device)
     optimizer = make_optimizer(cam_cfg["optimizer"], model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
                                cam_cfg["lr"], cam_cfg["weight_decay"])

@@ -18,8 +18,8 @@ from weakseg.config import training_section
 from weakseg.datasets import IGNORE, open_data, read_image
 from weakseg.pseudo.reliability import selected_ids
 from weakseg.segment.models import build_segmenter
-from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, select_device,
-                              train_loop)
+from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, seed_everything,
+                              select_device, train_loop)
 
 log = logging.getLogger("weakseg")
 
@@ -55,6 +55,7 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
     if not ids:
         raise ValueError(f"{selection_csv}: no selected image has an annotation in {labels_path}")
     device = select_device(config["device"])
+    seed_everything(seg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_segmenter(seg, info.n_classes, info.has_background).to(device)
     optimizer = make_optimizer(seg["optimizer"], model.param_groups(seg["lr"], seg["encoder_lr_mult"]), seg["lr"],
                                seg["weight_decay"])
