@@ -87,11 +87,13 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (so a second cluster or a system Slurm does not clash)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct TCP ports nobody listens on right now (so a second cluster or a system Slurm does not clash)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:  # all bound at once, so the ports differ
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def host_memory_mb() -> int:
@@ -255,12 +257,13 @@ def single_node_cluster(directory: Path) -> Iterator[SlurmCluster]:
     for sub in ("state", "spool"):
         (directory / sub).mkdir(exist_ok=True)
     hostname = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
+    # CPUs this process may use (nproc); configuring more than slurmd detects would drain the node.
+    cpus = len(os.sched_getaffinity(0))
     # 95 % of MemTotal: a node configured above what slurmd measures is drained ("Low RealMemory").
     real_memory_mb = max(1, int(host_memory_mb() * 0.95))
     slurm_conf = directory / "slurm.conf"
     slurm_conf.write_text(
-        slurm_conf_text(directory, hostname, cpus, real_memory_mb, free_port(), free_port())
+        slurm_conf_text(directory, hostname, cpus, real_memory_mb, *free_ports(2))
     )
     munge_key = directory / "munge.key"
     munge_key.write_bytes(os.urandom(1024))
