@@ -83,12 +83,11 @@ def bytes_per_image(run_dir: Path) -> pd.DataFrame:
         if ".tmp-" in path.name or "shards" in path.parts:
             continue
         group = store.open_store(path)
-        n = sum(len(store.ids_in(group, k)) for k, _ in group.groups())
-        keys = sorted(k for k, _ in group.groups())
-        n_images = max((len(store.ids_in(group, k)) for k in keys), default=0)
+        counts = {k: len(store.ids_in(group, k)) for k, _ in group.groups()}
+        n_images = max(counts.values(), default=0)
         size = store.store_bytes(path)
-        rows.append({"store": str(path.relative_to(run_dir)), "kind": group.attrs.get("kind"), "keys": ",".join(keys),
-                     "images": n_images, "arrays": n, "bytes": size,
+        rows.append({"store": str(path.relative_to(run_dir)), "kind": group.attrs.get("kind"),
+                     "keys": ",".join(sorted(counts)), "images": n_images, "arrays": sum(counts.values()), "bytes": size,
                      "bytes_per_image": size / n_images if n_images else np.nan})
     return pd.DataFrame(rows)
 
