@@ -164,3 +164,53 @@ def test_bad_names_and_strides_are_refused():
         B.build_encoder("efficientnet_lite0", pretrained=False, output_stride=4)
     with pytest.raises(ValueError, match="vgg16 supports output_stride 16 or 32"):
         B.build_encoder("vgg16", pretrained=False, output_stride=8)
+
+
+# ------------------------------------------------------------ partial freezing
+
+@pytest.mark.parametrize("name,n_layers", [("efficientnet_lite0", 18), ("resnet50", 8)])
+def test_encoder_layers_cover_the_body_in_order(name, n_layers):
+    encoder = B.build_encoder(name, pretrained=False).eval()
+    layers = encoder.layers()
+    assert len(layers) == n_layers
+    x = torch.rand(1, 3, 48, 40)
+    with torch.no_grad():
+        y = x
+        for layer in layers:
+            y = layer(y)
+        torch.testing.assert_close(y, encoder(x))
+
+
+def test_freeze_first_layers_stops_their_gradients_and_statistics_but_not_the_output():
+    torch.manual_seed(0)
+    encoder = B.build_encoder("efficientnet_lite0", pretrained=False)
+    reference = B.build_encoder("efficientnet_lite0", pretrained=False)
+    reference.load_state_dict(encoder.state_dict())
+    encoder.freeze(12, batchnorm=False)
+    layers = encoder.layers()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # in eval mode a frozen encoder computes exactly what the unfrozen one does
+        torch.testing.assert_close(encoder.eval()(x), reference.eval()(x))
+    stats_before = {k: v.clone() for k, v in encoder.state_dict().items() if "running_mean" in k}
+    encoder.train()
+    assert not any(l.training for l in layers[:12]) and all(l.training for l in layers[12:])
+    encoder(x).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for l in layers[:12] for p in l.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for l in layers[12:] for p in l.parameters()
+               if p.ndim > 1)
+    after = encoder.state_dict()
+    frozen_keys = [k for k in stats_before if k.startswith(("body.stem", "body.blocks.0.", "body.blocks.10."))]
+    assert frozen_keys and all(torch.equal(stats_before[k], after[k]) for k in frozen_keys)
+    assert not torch.equal(stats_before["body.top.bn.running_mean"], after["body.top.bn.running_mean"])
+
+
+def test_freeze_encoder_setting_and_batchnorm():
+    encoder = B.build_encoder("efficientnet_lite0", pretrained=False)
+    B.freeze_encoder(encoder, True, pretrained=True)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert not any(m.training for m in encoder.train().modules() if isinstance(m, torch.nn.BatchNorm2d))
+    encoder = B.build_encoder("efficientnet_lite0", pretrained=False)
+    B.freeze_encoder(encoder, False, pretrained=False)  # random init: BatchNorm must still learn
+    assert all(p.requires_grad for p in encoder.parameters()) and encoder.train().body.top.bn.training
+    with pytest.raises(ValueError, match="has 18 layers, cannot freeze 19"):
+        encoder.freeze(19)

@@ -1,11 +1,13 @@
 """CAM / SPN: superpixel pooling, the SPN forward pass and loss, training-time resizing, inference scores."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from weakseg.cam.backbones import normalise
 from weakseg.cam.infer import image_scores, max_normalise
 from weakseg.cam.models import CAMNet, SPN, build_classifier, mean_per_image, multilabel_loss, superpixel_pool
 from weakseg.cam.train import square_resize
@@ -93,11 +95,11 @@ def test_mean_per_image():
 # ------------------------------------------------------------------ SPN / CAM models
 
 
-@pytest.fixture(scope="module")
-def spn() -> SPN:
+@pytest.fixture(scope="module", params=["transposed", "bilinear"])
+def spn(request) -> SPN:
     torch.manual_seed(0)
-    model = build_classifier(tiny_cam_config(), N_CLASSES)
-    assert isinstance(model, SPN)
+    model = build_classifier(tiny_cam_config(upsampling=request.param), N_CLASSES)
+    assert isinstance(model, SPN) and model.upsampling == request.param
     return model
 
 
@@ -132,8 +134,8 @@ def test_spn_gradients_reach_encoder_and_both_classifiers(spn):
     spn.zero_grad(set_to_none=True)
     total, _ = multilabel_loss(spn(x, sp), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), 1.0)
     total.backward()
-    for name in ("encoder.body.stem.conv.weight", "sp_classifier.weight", "classifier.weight", "extra.0.weight",
-                 "upsample.0.weight"):
+    learned_upsampling = ("extra.0.weight", "upsample.0.weight") if spn.upsampling == "transposed" else ()
+    for name in ("encoder.body.stem.conv.weight", "sp_classifier.weight", "classifier.weight", *learned_upsampling):
         grad = dict(spn.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     spn.zero_grad(set_to_none=True)
@@ -154,6 +156,22 @@ def test_spn_sp_logits_are_per_image_mean_of_superpixel_scores(spn):
             torch.testing.assert_close(batch_logits[b], torch.stack(per_sp).mean(0), rtol=1e-4, atol=1e-5)
             single = spn(x[b:b + 1], sp[b:b + 1])["sp_logits"][0]
             torch.testing.assert_close(batch_logits[b], single, rtol=1e-4, atol=1e-5)
+
+
+def test_bilinear_spn_pools_scores_exactly_as_pooling_upsampled_features():
+    """The paper pools features, then classifies; pooling class scores instead is the same (all linear)."""
+    torch.manual_seed(0)
+    model = build_classifier(tiny_cam_config(upsampling="bilinear"), N_CLASSES).eval()
+    assert not hasattr(model, "extra") and model.sp_classifier.in_features == model.encoder.out_channels
+    x, sp = two_image_batch()
+    with torch.no_grad():
+        logits = model(x, sp)["sp_logits"]
+        feats = model.encoder(normalise(x, model.encoder))
+        fine = F.interpolate(feats, scale_factor=4, mode="bilinear", align_corners=False)
+        fine_sp = sp[:, ::4, ::4]
+        sp_feats, owner = superpixel_pool(fine, fine_sp)
+        expected = model.sp_classifier(mean_per_image(sp_feats, owner, 2))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cam_model_has_no_sp_branch():
@@ -298,3 +316,24 @@ def test_image_scores_flip_consistency(signed_spn):
     cam_nf = image_scores(signed_spn, image, superpixels, [1.0], False, device)[0]
     cam_nf_f = image_scores(signed_spn, flipped_image, flipped_sp, [1.0], False, device)[0]
     assert float((cam_nf_f - cam_nf.flip(-1)).abs().max()) > 1e-2
+
+
+def test_spcam_merge_mean_sums_scales_and_max_takes_the_largest(signed_spn):
+    image, superpixels = scene()
+    device = torch.device("cpu")
+    h, w = superpixels.shape
+    sp = torch.from_numpy(superpixels.astype(np.int64)).reshape(-1)
+    per_scale = []
+    for s in (1.0, 0.5):
+        x = torch.from_numpy(cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR))
+        with torch.no_grad():
+            dense = F.interpolate(signed_spn.sp_score_map(x.permute(2, 0, 1)[None].float() / 255), size=(h, w),
+                                  mode="bilinear", align_corners=False)[0].reshape(N_CLASSES, -1)
+        per_scale.append(torch.stack([dense[:, sp == k].mean(1) for k in range(int(sp.max()) + 1)], 1))
+    for merge, combined in (("max", torch.maximum(*per_scale)), ("mean", per_scale[0] + per_scale[1])):
+        spcam = image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, spcam_merge=merge)[1]
+        expected = max_normalise(combined[:, None, :])[:, 0, :][:, sp].reshape(N_CLASSES, h, w)
+        torch.testing.assert_close(spcam, expected, atol=1e-3, rtol=0)
+    assert not torch.allclose(image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, "max")[1],
+                              image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, "mean")[1],
+                              atol=1e-3)

@@ -44,9 +44,10 @@ def _unflip_mean(maps: torch.Tensor, flip: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip: bool,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 device: torch.device, spcam_merge: str = "max") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (CAM, SP-CAM, label probabilities) for one image: maps (C, H, W) in [0, 1] and (C,).
 
+    ``spcam_merge``: SP-CAM scores of the scales combine by ``max`` (paper) or ``mean``.
     The label probabilities are the classifier's image-level output (sigmoid of the mean superpixel
     score, as in training), averaged over scales: what the model believes the image contains.
     """
@@ -65,7 +66,10 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
         dense = F.interpolate(model.sp_score_map(x), size=(h, w), mode="bilinear", align_corners=False)
         dense = _unflip_mean(dense, flip).reshape(dense.shape[1], -1)  # (C, H*W)
         per_sp = torch.zeros(dense.shape[0], n_sp, device=device).index_add_(1, sp, dense) / sp_counts
-        sp_best = per_sp if sp_best is None else torch.maximum(sp_best, per_sp)
+        if sp_best is None:
+            sp_best = per_sp
+        else:
+            sp_best = torch.maximum(sp_best, per_sp) if spcam_merge == "max" else sp_best + per_sp
         prob_sum = prob_sum + torch.sigmoid(per_sp.mean(1))
     spcam = max_normalise(sp_best[:, None, :])[:, 0, :]  # normalise per class over superpixels
     return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w), prob_sum / len(scales)
@@ -95,8 +99,10 @@ def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_pat
     started = time.perf_counter()
     with store.writing(out_path, "scores", store.provenance("infer_cam", cam_cfg)) as out:
         for image_id in progress(ids, "infer-cam"):
-            cam, spcam, probs = image_scores(model, read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id),
-                                      cam_cfg["infer_scales"], cam_cfg["infer_flip"], device)
+            cam, spcam, probs = image_scores(model, read_image(data, image_id),
+                                             store.get(sp_store, store.SUPERPIXELS, image_id),
+                                             cam_cfg["infer_scales"], cam_cfg["infer_flip"], device,
+                                             cam_cfg["spcam_merge"])
             keep = np.arange(len(fg))
             if image_id in train_ids:
                 keep = np.flatnonzero(info.label_vector(image_id)[fg])

@@ -77,8 +77,6 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
                 "y": torch.stack(ys).to(device)}
 
     def compute_loss(m, batch):
-        if cam_cfg["freeze_encoder"]:
-            m.encoder.eval()  # frozen encoder: keep its BatchNorm statistics as pretrained
         return multilabel_loss(m(batch["x"], batch["sp"]), batch["y"], cam_cfg["gap_weight"])
 
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weakseg.cam.backbones import build_encoder, normalise
+from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise
 
 IGNORE = 255  # pixel label meaning "no label" (weakseg.datasets.IGNORE)
 OUTPUT_STRIDE = 16  # encoder stride for dense prediction: dilated last stage(s), as in DeepLabv3
@@ -219,10 +219,11 @@ MODELS = {"deeplab": DeepLab, "decoupled": DecoupledNet}
 
 
 def build_segmenter(seg_config: dict, n_classes: int, has_background: bool) -> Segmenter:
-    """Build the network described by config['segment'] (model, backbone, pretrained, weights)."""
+    """Build the network described by config['segment'] (model, backbone, pretrained, weights, freeze_encoder)."""
     name = seg_config["model"]
     if name not in MODELS:
         raise ValueError(f"segment.model: expected one of {', '.join(MODELS)}, got '{name}'")
     encoder = build_encoder(seg_config["backbone"], pretrained=seg_config["pretrained"],
                             weights=seg_config["weights"], output_stride=OUTPUT_STRIDE)
+    freeze_encoder(encoder, seg_config["freeze_encoder"], seg_config["pretrained"])
     return MODELS[name](encoder, n_classes, has_background)
