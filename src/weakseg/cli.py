@@ -103,7 +103,8 @@ def cmd_crf(a):
 def cmd_reliable(a):
     from weakseg.pseudo.reliable import run_reliable
 
-    run_reliable(_config(a), a.data, a.scores, a.key, a.crf, a.out, shard=a.shard, n_shards=a.shards)
+    run_reliable(_config(a), a.data, a.scores, a.key, a.crf, a.out, shard=a.shard, n_shards=a.shards,
+                 confidence=a.confidence)
 
 
 def cmd_train_seg(a):
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="spcam")
     p.add_argument("--crf", required=True, help="labels store of the CRF stage")
     p.add_argument("--out", required=True)
+    p.add_argument("--confidence", type=float, default=None, help="override pseudo.reliable.confidence")
 
     p = command("reliability", cmd_reliability, "divergence (perimeter^2/area) per annotation and top-K selection")
     _add_config(p)

@@ -78,7 +78,8 @@ def load(spec: str | Path | dict | None) -> dict:
 
 # segment.* keys that do not change what a round's network learns: raising `rounds` or changing
 # evaluation must neither retrain finished rounds nor invalidate a training checkpoint.
-SEGMENT_NOT_TRAINING = ("rounds", "crf", "eval_crf", "val_labels", "label_threshold", "infer_scales", "infer_flip")
+SEGMENT_NOT_TRAINING = ("rounds", "annotation", "reliable_confidence", "eval_crf", "val_labels", "label_threshold",
+                        "infer_scales", "infer_flip")
 
 
 def training_section(segment: dict) -> dict:

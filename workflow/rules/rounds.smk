@@ -16,8 +16,8 @@ def round_inputs(w):
 
 
 def annotation_of(r):
-    """A round's train annotation: CRF-refined when segment.crf, else cleaned."""
-    return P(RUN.round_labels(r, f"{'crf' if config['segment']['crf'] else 'cleaned'}_{TRAIN}"))
+    """A round's train annotation (segment.annotation): cleaned, CRF-refined or RRM reliable regions."""
+    return P(RUN.round_labels(r, f"{config['segment']['annotation']}_{TRAIN}"))
 
 
 rule train_seg:
@@ -104,6 +104,27 @@ rule crf_round:
     shell:
         "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
         " --split {wildcards.split} --labels-from {input.labels_from} --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+
+
+rule reliable_round:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.root / "round{r}" / f"scores_{TRAIN}.zarr"),
+        crf=P(RUN.root / "round{r}" / f"crf_{TRAIN}.zarr"),
+    output:
+        directory(P(RUN.root / "round{r}" / f"reliable_{TRAIN}.zarr")),
+    params:
+        cfg=cfg("dataset", "pseudo"),
+        confidence=config["segment"]["reliable_confidence"],
+    log:
+        log_for("reliable_round{r}"),
+    benchmark:
+        bench_for("reliable_round{r}"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg reliable --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
+        " --crf {input.crf} --confidence {params.confidence} --out {output} 2> {log}"
 
 
 rule reliability_round:

@@ -253,7 +253,7 @@ class RunPanels:
             group = _open_optional(self.layout.pseudo(name), "labels")
             if group is not None:
                 self.label_stores.append((name, group))
-        # Every labels store of a round (cleaned, crf_<split>); its scores stores are not label maps.
+        # Every labels store of a round (cleaned_, crf_, reliable_<split>); its scores stores are not label maps.
         for r in round_numbers(self.layout):
             for path in sorted(self.layout.round_dir(r).glob("*.zarr")):
                 group = _open_optional(path, "labels")

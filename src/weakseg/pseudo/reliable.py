@@ -61,10 +61,12 @@ def _reliable_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
 
 
 def run_reliable(config: dict, data_path, scores_path, key: str, crf_path, out_path, shard: int = 0,
-                 n_shards: int = 1) -> None:
+                 n_shards: int = 1, confidence: float | None = None) -> None:
     """Keep the CRF labels (store ``crf_path``) of the train images (one shard) that agree with confident
-    ``key`` scores; writes a labels store at ``out_path``."""
+    ``key`` scores; writes a labels store at ``out_path``. ``confidence`` overrides the config's."""
     params = dict(config["pseudo"]["reliable"])
+    if confidence is not None:
+        params["confidence"] = confidence
     _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, labels_path=crf_path)
     counts = write_labels(out_path, "reliable", config, _reliable_one, jobs, key=key)
     log.info("reliable: %.1f%% of pixels keep their CRF label", 100.0 * counts["kept"] / max(counts["pixels"], 1))
