@@ -351,6 +351,11 @@ def freeze_encoder(encoder: Encoder, setting: bool | int, pretrained: bool) -> N
     encoder.freeze(n_layers, batchnorm=pretrained)
 
 
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimiser should update: frozen layers excluded."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def imagenet_classifier(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Sequential:
     """Encoder plus its ImageNet head: (B, 3, H, W) normalised -> (B, 1000) logits. For verifying weights."""
     return _build(name, pretrained, weights, 32)

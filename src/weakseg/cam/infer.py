@@ -69,6 +69,7 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
         if sp_best is None:
             sp_best = per_sp
         else:
+            # a sum, not a mean: the same map after the per-class max normalisation below
             sp_best = torch.maximum(sp_best, per_sp) if spcam_merge == "max" else sp_best + per_sp
         prob_sum = prob_sum + torch.sigmoid(per_sp.mean(1))
     spcam = max_normalise(sp_best[:, None, :])[:, 0, :]  # normalise per class over superpixels

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise
+from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise, trainable
 
 
 def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +39,6 @@ def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[
     sums = flat.new_zeros(present.numel(), d).index_add_(0, compact, flat[valid.reshape(-1)])
     counts = torch.bincount(compact, minlength=present.numel()).to(flat.dtype)
     return sums / counts[:, None], present // span
-
-
-def trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
 
 
 def mean_per_image(values: torch.Tensor, image_index: torch.Tensor, n_images: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise
+from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise, trainable
 
 IGNORE = 255  # pixel label meaning "no label" (weakseg.datasets.IGNORE)
 OUTPUT_STRIDE = 16  # encoder stride for dense prediction: dilated last stage(s), as in DeepLabv3
@@ -49,7 +49,7 @@ class Segmenter(nn.Module):
     def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict]:
         """The encoder's parameters at ``lr * encoder_lr_mult``, every other parameter at ``lr``."""
         encoder_ids = {id(p) for p in self.encoder.parameters()}
-        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        encoder = trainable(self.encoder)
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
         return [{"params": encoder, "lr": lr * encoder_lr_mult, "name": "encoder"},
                 {"params": head, "lr": lr, "name": "head"}]
