@@ -330,3 +330,123 @@ def test_predict_files_on_an_msrc_photo(tmp_path):
     labels = np.array(Image.open(png))
     assert labels.shape == truth.shape  # photos of 213 x 320: not a multiple of the stride
     assert labels.max() < len(class_names)
+
+
+# ------------------------------------------------------------------ class prior and its adjustment
+
+def test_label_prior_counts_labelled_pixels_only():
+    from weakseg.segment.train import PRIOR_FLOOR, label_prior
+
+    maps = [np.array([[0, 0, 1], [IGNORE, IGNORE, 1]], np.uint8), np.array([[0, 0], [0, 1]], np.uint8)]
+    prior = label_prior(maps, 3)  # 5 x class 0, 3 x class 1, none of class 2 (floored), 255 ignored
+    assert prior[2] == pytest.approx((PRIOR_FLOOR / 3) / (1 + PRIOR_FLOOR / 3))
+    np.testing.assert_allclose(prior[:2] / prior[:2].sum(), [5 / 8, 3 / 8])
+    assert prior.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(label_prior([np.full((2, 2), IGNORE, np.uint8)], 4), 0.25)
+    with pytest.raises(ValueError, match="pixel label 7"):
+        label_prior([np.array([[7]], np.uint8)], 3)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_prior_adjustment_divides_the_prior_out_of_the_softmax(model):
+    net = calibrated(make_model(model))
+    image = np.random.default_rng(4).integers(0, 256, (36, 44, 3), dtype=np.uint8)
+    plain = predict_probabilities(net, image, [1.0], False, "cpu")
+    # With the uniform prior of an untrained model, adjustment changes nothing.
+    np.testing.assert_allclose(predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=1.0), plain,
+                               atol=1e-6)
+    prior = torch.tensor([0.7, 0.2, 0.08, 0.02])
+    net.label_prior.copy_(prior)
+    for tau in (0.5, 1.0):
+        adjusted = predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=tau)
+        expected = plain / prior.numpy()[:, None, None] ** tau
+        np.testing.assert_allclose(adjusted, expected / expected.sum(0, keepdims=True), atol=1e-5)
+    # The rare class wins more pixels, the frequent one fewer.
+    adjusted = predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=1.0)
+    assert (adjusted.argmax(0) == 3).sum() > (plain.argmax(0) == 3).sum()
+    assert (adjusted.argmax(0) == 0).sum() < (plain.argmax(0) == 0).sum()
+    # Within the image's labels (train cleaning) too: over classes {0, 3} only.
+    part = predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 3], prior_adjustment=1.0)
+    expected = predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 3]) / prior.numpy()[[0, 3], None, None]
+    np.testing.assert_allclose(part, expected / expected.sum(0, keepdims=True), atol=1e-5)
+
+
+def test_model_file_keeps_the_prior_and_predict_files_applies_it(tmp_path):
+    import cv2
+
+    net, _ = save_checkpoint(tmp_path / "old.pt", infer_scales=[1.0], infer_flip=False)
+    # A model file written before the prior was recorded still loads, with the uniform prior.
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    del ckpt["model"]["label_prior"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded, _ = load_segmenter(tmp_path / "old.pt", "cpu")
+    np.testing.assert_allclose(loaded.label_prior.numpy(), 1 / N_CLASSES)
+
+    net.label_prior.copy_(torch.tensor([0.85, 0.1, 0.04, 0.01]))
+    config = make_config(infer_scales=[1.0], infer_flip=False, prior_adjustment=1.0)
+    save_model(tmp_path / "model.pt", net, config, CLASS_NAMES, True, "segment")
+    loaded, _ = load_segmenter(tmp_path / "model.pt", "cpu")
+    np.testing.assert_allclose(loaded.label_prior.numpy(), [0.85, 0.1, 0.04, 0.01])
+    image = np.random.default_rng(5).integers(0, 256, (30, 34, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), image[..., ::-1])
+    predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], tmp_path / "out", probabilities=True)
+    expected = predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=1.0)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "x.npy"), expected, atol=1e-5)
+    assert not np.allclose(expected, predict_probabilities(net, image, [1.0], False, "cpu"), atol=1e-3)
+
+
+# ------------------------------------------------------------------ run_train_seg
+
+@pytest.fixture
+def seg_inputs(tmp_path):
+    """A small synthetic data store, its GT masks (partly set to 255) as annotations, and a selection."""
+    from weakseg.datasets.folder import ingest
+    from weakseg.datasets.synthetic import write_folder
+
+    config = wconfig.load({"device": "cpu", "dataset": {"synthetic": {
+        "n_train": 4, "n_val": 1, "height": 32, "width": 40, "n_classes": N_CLASSES - 1}},
+        "segment": {"pretrained": False, "iterations": 2, "checkpoint_every": 1, "batch_size": 2,
+                    "crop_size": 32, "infer_scales": [1.0], "prior_adjustment": 0.5}})
+    root = write_folder(config["dataset"]["synthetic"], True, tmp_path / "synthetic")
+    data, gt = tmp_path / "data.zarr", tmp_path / "gt.zarr"
+    ingest(root, config["dataset"], data, gt, store.provenance("test"))
+    info, _ = open_data(data)
+    masks = store.open_store(gt)
+    annotations = {i: store.get(masks, store.MASKS, i).copy() for i in info.split("train")}
+    for labels in annotations.values():
+        labels[:, :8] = IGNORE
+    selected = sorted(annotations)[:3]
+    (tmp_path / "selection.csv").write_text("id,image_selected\n" + "".join(
+        f"{i},{i in selected}\n" for i in sorted(annotations)))
+    return config, data, annotations, selected, tmp_path
+
+
+def write_annotations(path, annotations):
+    with store.writing(path, "labels", store.provenance("test")) as group:
+        for image_id, labels in annotations.items():
+            store.put(group, store.LABELS, image_id, labels)
+
+
+def test_run_train_seg_records_the_prior_and_never_resumes_on_other_annotations(seg_inputs, caplog):
+    import logging
+
+    from weakseg.segment.train import label_prior, run_train_seg
+
+    config, data, annotations, selected, tmp_path = seg_inputs
+    write_annotations(tmp_path / "labels.zarr", annotations)
+    model_path = run_train_seg(config, data, tmp_path / "labels.zarr", tmp_path / "selection.csv", tmp_path / "run")
+    ckpt = torch.load(model_path, weights_only=True)
+    np.testing.assert_allclose(ckpt["model"]["label_prior"].numpy(),
+                               label_prior([annotations[i] for i in selected], N_CLASSES), rtol=1e-6)
+    assert ckpt["config"]["segment"]["prior_adjustment"] == 0.5  # prediction settings travel with the model
+
+    # Same annotations: the finished checkpoint is resumed (no training). Other annotations (e.g. a new
+    # round's) with the same ids and config: trained afresh, never the stale network.
+    caplog.set_level(logging.INFO, logger="weakseg")
+    run_train_seg(config, data, tmp_path / "labels.zarr", tmp_path / "selection.csv", tmp_path / "run")
+    assert "resumed from checkpoint" in caplog.text and "starting afresh" not in caplog.text
+    caplog.clear()
+    annotations[selected[0]][:, 8:12] = IGNORE
+    write_annotations(tmp_path / "labels.zarr", annotations)
+    run_train_seg(config, data, tmp_path / "labels.zarr", tmp_path / "selection.csv", tmp_path / "run")
+    assert "starting afresh" in caplog.text

@@ -78,12 +78,20 @@ def load(spec: str | Path | dict | None) -> dict:
 
 # segment.* keys that do not change what a round's network learns: raising `rounds` or changing
 # evaluation must neither retrain finished rounds nor invalidate a training checkpoint.
+SEGMENT_PREDICTION = ("infer_scales", "infer_flip", "prior_adjustment")
 SEGMENT_NOT_TRAINING = ("rounds", "annotation", "reliable_confidence", "eval_crf", "val_labels", "label_threshold",
-                        "infer_scales", "infer_flip")
+                        *SEGMENT_PREDICTION)
 
 
 def training_section(segment: dict) -> dict:
     return {k: v for k, v in segment.items() if k not in SEGMENT_NOT_TRAINING}
+
+
+def model_section(segment: dict) -> dict:
+    """What a saved segmentation model records: its training keys plus how to predict with it, so that
+    `weakseg predict` needs no config. A change of the prediction keys only rewrites the model file
+    (training resumes from its final checkpoint), and invalidates the predictions made with it."""
+    return {**training_section(segment), **{k: segment[k] for k in SEGMENT_PREDICTION}}
 
 
 def run_dir(config: dict) -> Path:

@@ -67,3 +67,50 @@ rule evaluate_scores:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.scores}"
         " --stage {wildcards.key} --split {wildcards.split} --out {output.metrics} --per-image {output.per_image}"
         " 2> {log}"
+
+
+# The CAM / SPN network as a segmenter on val (the baseline the rounds must beat): the argmax of its
+# score maps over the classes its own classifier predicts present (segment.val_labels), no GT labels.
+rule gate_scores_val:
+    input:
+        data=P(RUN.data),
+        scores=P(RUN.scores),
+    output:
+        directory(P(RUN.cam_dir / ("{key}_gated_" + str(VAL) + ".zarr"))),
+    wildcard_constraints:
+        key="cam|spcam",
+    params:
+        cfg=cfg("dataset", "pseudo", segment=["val_labels", "label_threshold"]),
+    log:
+        log_for("gate_{key}_val"),
+    benchmark:
+        bench_for("gate_{key}_val"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {wildcards.key}"
+        " --ratio 0 --split " + str(VAL) + " --labels-from {input.scores} --out {output} 2> {log}"
+
+
+rule evaluate_gated_val:
+    input:
+        data=P(RUN.data),
+        gt=P(RUN.gt),
+        labels=P(RUN.cam_dir / ("{key}_gated_" + str(VAL) + ".zarr")),
+    output:
+        metrics=P(RUN.metrics_dir / ("{key}_gated_" + str(VAL) + ".csv")),
+        per_image=P(RUN.metrics_dir / ("{key}_gated_" + str(VAL) + "_per_image.csv")),
+    wildcard_constraints:
+        key="cam|spcam",
+    params:
+        cfg=cfg("dataset", "evaluate"),
+    log:
+        log_for("evaluate_{key}_gated_val"),
+    benchmark:
+        bench_for("evaluate_{key}_gated_val"),
+    resources:
+        **CPU_RESOURCES,
+    shell:
+        "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
+        " --stage {wildcards.key}_gated --split " + str(VAL) + " --out {output.metrics} --per-image {output.per_image}"
+        " 2> {log}"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from weakseg.config import ConfigError, training_section, validate
+from weakseg.config import SEGMENT_PREDICTION, ConfigError, model_section, validate
 from weakseg.store import RunLayout
 
 try:
@@ -29,10 +29,10 @@ def P(path):
 
 def cfg(*sections, segment=None):
     """The config sections a command uses, as JSON: rules rerun only when those sections change.
-    ``segment``: the segment keys to pass ('training' = those that change what a round learns)."""
+    ``segment``: the segment keys to pass ('model' = those a saved model records: training + prediction)."""
     chosen = {s: config[s] for s in sections}
-    if segment == "training":
-        chosen["segment"] = training_section(config["segment"])
+    if segment == "model":
+        chosen["segment"] = model_section(config["segment"])
     elif segment is not None:
         chosen["segment"] = {k: config["segment"][k] for k in segment}
     return json.dumps(chosen, sort_keys=True)

@@ -4,6 +4,8 @@
 def metric_files():
     files = [metrics_csv("superpixel_oracle", TRAIN), metrics_csv("cam", TRAIN), metrics_csv("spcam", TRAIN)]
     files += [metrics_csv(v, TRAIN) for v in ("cleaned", "crf", "reliable")]
+    if HAS_VAL:
+        files += [metrics_csv("cam_gated", VAL), metrics_csv("spcam_gated", VAL)]
     for r in ROUNDS:
         files.append(metrics_csv(f"round{r}", TRAIN))
         if HAS_VAL:

@@ -27,7 +27,7 @@ rule train_seg:
     output:
         P(RUN.root / "round{r}" / "model.pt"),
     params:
-        cfg=cfg("dataset", "device", segment="training"),
+        cfg=cfg("dataset", "device", segment="model"),
         out_dir=ROUND,
     threads: THREADS
     log:
@@ -48,7 +48,7 @@ rule predict_seg:
     output:
         directory(shard_path(RUN.root / "round{r}" / "scores_{split}.zarr")),
     params:
-        cfg=cfg("dataset", "device", segment=["infer_scales", "infer_flip"]),
+        cfg=cfg("dataset", "device", segment=list(SEGMENT_PREDICTION)),
         shard=lambda w: int(getattr(w, "shard", 0)),
     threads: THREADS
     log:

@@ -6,6 +6,7 @@ Both share one interface so that training and prediction never branch on the mod
   "cls": (B, n_fg) or None}``; ``softmax(logits)`` is the model's class distribution per pixel.
 * ``loss(out, pixel_labels, image_labels)`` -> (scalar loss, {name: float}) with 255 = ignore.
 * ``param_groups(lr, encoder_lr_mult)`` -> optimizer groups (pretrained encoder at a smaller rate).
+* buffer ``label_prior`` (n_classes,): class frequencies of the training pixel labels.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class Segmenter(nn.Module):
         self.has_background = has_background
         # Classes a classifier predicts: all but background (class 0) when there is one.
         self.register_buffer("fg_classes", torch.arange(1 if has_background else 0, n_classes), persistent=False)
+        # Class frequencies of the pixel labels the net was trained on (set by training, saved with the
+        # weights): prediction can divide them out (segment.prior_adjustment). Uniform = no adjustment.
+        self.register_buffer("label_prior", torch.full((n_classes,), 1.0 / n_classes))
 
     @property
     def n_fg(self) -> int:

@@ -47,8 +47,10 @@ def load_segmenter(model_path: str | os.PathLike, device: torch.device | str,
     # The state dict replaces every weight, so never fetch ImageNet weights here.
     seg_config = {**ckpt["config"]["segment"], "pretrained": False, "weights": None}
     model = build_segmenter(seg_config, len(ckpt["class_names"]), bool(ckpt["has_background"]))
+    # Models saved before the class prior was recorded: keep the uniform prior (no adjustment).
+    state = {"label_prior": model.label_prior, **ckpt["model"]}
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the '{seg_config['model']}' / "
                          f"'{seg_config['backbone']}' network in its config ({exc})") from exc
@@ -56,12 +58,15 @@ def load_segmenter(model_path: str | os.PathLike, device: torch.device | str,
 
 
 def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Sequence[float], flip: bool,
-                          device: torch.device | str, classes: Sequence[int] | None = None) -> np.ndarray:
+                          device: torch.device | str, classes: Sequence[int] | None = None,
+                          prior_adjustment: float = 0.0) -> np.ndarray:
     """(n_classes, H, W) float32 softmax probabilities of one (H, W, 3) uint8 RGB image, averaged over
     ``scales`` and (with ``flip``) horizontal flips, at image resolution.
 
     With ``classes`` the distribution is over those classes only (image-label cleaning) and the result
-    is (len(classes), H, W) in that order.
+    is (len(classes), H, W) in that order. ``prior_adjustment`` tau divides the class prior of the
+    training labels out of the softmax, p(c|x) / prior(c)^tau (logit adjustment, Menon et al., ICLR
+    2021): tau = 1 is the Bayes decision for mean class accuracy, 0 leaves the network's distribution.
     """
     if image_uint8.ndim != 3 or image_uint8.shape[2] != 3 or image_uint8.dtype != np.uint8:
         raise ValueError(f"predict: expected an (H, W, 3) uint8 RGB image, got {image_uint8.dtype} "
@@ -78,6 +83,7 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
             raise ValueError(f"predict: classes must be a non-empty subset of 0..{model.n_classes - 1}, "
                              f"got {classes.tolist()}")
         allowed = torch.zeros_like(allowed).index_fill(0, classes, True)
+    log_prior = model.label_prior.to(image.device).log()[None, :, None, None] * float(prior_adjustment)
     batch = 2 if flip else 1
     # Only the allowed classes need decoding (DecoupledNet); DeepLab ignores this.
     image_labels = allowed.float()[None].expand(batch, -1)
@@ -96,7 +102,7 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
                 if flip:
                     logits[1] = logits[1].flip(-1)
-                logits = logits.masked_fill(~allowed[None, :, None, None], float("-inf"))
+                logits = (logits - log_prior).masked_fill(~allowed[None, :, None, None], float("-inf"))
                 total += logits.softmax(dim=1).sum(dim=0)
     finally:
         model.train(was_training)
@@ -136,7 +142,8 @@ def run_predict_store(config: dict, data_path: str | os.PathLike, model_path: st
                 log.warning("%s: image '%s' has no image-level labels; keeping all classes", data_path, image_id)
                 classes = all_classes
             probs = predict_probabilities(model, read_image(data, image_id), seg["infer_scales"],
-                                          seg["infer_flip"], device, classes=classes)
+                                          seg["infer_flip"], device, classes=classes,
+                                          prior_adjustment=seg["prior_adjustment"])
             store.put_scores(out, SEG, image_id, probs, classes)
     return Path(out_path)
 
@@ -175,8 +182,8 @@ def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathL
                   probabilities: bool = False, class_names: Sequence[str] | None = None,
                   device: str = "auto") -> list[Path]:
     """Segment image files: writes ``<out_dir>/<stem>.png`` (palette PNG, pixel value = class index) per
-    image and, with ``probabilities``, ``<stem>.npy`` ((n_classes, H, W) float32). Inference scales and
-    flip come from the config saved in the checkpoint; ``device`` is auto, cpu or cuda.
+    image and, with ``probabilities``, ``<stem>.npy`` ((n_classes, H, W) float32). Inference scales, flip
+    and prior adjustment come from the config saved with the model; ``device`` is auto, cpu or cuda.
     Returns the PNG paths in input order.
     """
     paths = list_images(inputs)
@@ -188,7 +195,8 @@ def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathL
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in progress(paths, desc="predict files", total=len(paths)):
-        probs = predict_probabilities(model, read_rgb(path), seg["infer_scales"], seg["infer_flip"], torch_device)
+        probs = predict_probabilities(model, read_rgb(path), seg["infer_scales"], seg["infer_flip"], torch_device,
+                                      prior_adjustment=seg.get("prior_adjustment", 0.0))
         written.append(save_palette_png(out_dir / f"{path.stem}.png", probs.argmax(axis=0).astype(np.uint8),
                                         palette))
         if probabilities:

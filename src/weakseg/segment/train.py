@@ -6,6 +6,7 @@ scale + crop + flip of the selected images; label pixels 255 (unreliable / paddi
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule,
                               select_device, train_loop)
 
 log = logging.getLogger("weakseg")
+PRIOR_FLOOR = 0.01  # smallest prior, as a fraction of the uniform 1 / n_classes
 
 
 def random_crop(image: np.ndarray, labels: np.ndarray, crop: int, scale: float, flip: bool,
@@ -44,6 +46,25 @@ def random_crop(image: np.ndarray, labels: np.ndarray, crop: int, scale: float, 
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
+def label_prior(label_maps, n_classes: int) -> np.ndarray:
+    """(n_classes,) frequency of each class among the labelled pixels of ``label_maps`` (255 = ignored).
+
+    Floored at ``PRIOR_FLOOR / n_classes`` and renormalised, so that a class with no labelled pixel keeps
+    a finite log prior; all-ignore maps give the uniform prior.
+    """
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for labels in label_maps:
+        labelled = labels[labels != IGNORE]
+        if labelled.size and int(labelled.max()) >= n_classes:
+            raise ValueError(f"label_prior: pixel label {int(labelled.max())} is not a class 0..{n_classes - 1} "
+                             f"or {IGNORE}")
+        counts += np.bincount(labelled, minlength=n_classes)
+    if counts.sum() == 0:
+        return np.full(n_classes, 1.0 / n_classes)
+    prior = np.maximum(counts / counts.sum(), PRIOR_FLOOR / n_classes)
+    return prior / prior.sum()
+
+
 def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, threads: int = 1) -> Path:
     """Train ``config['segment']['model']`` on the selected annotations; writes ``out_dir/model.pt``."""
     torch.set_num_threads(max(1, threads))
@@ -57,6 +78,20 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
     device = select_device(config["device"])
     seed_everything(seg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_segmenter(seg, info.n_classes, info.has_background).to(device)
+    # One pass over the annotations: their class prior, and a digest so that a checkpoint trained on other
+    # annotations (an earlier round's, or before a pseudo-label change) is never resumed.
+    labels_digest = hashlib.sha256()
+
+    def read_annotations():
+        for image_id in ids:
+            labels = store.get(labels_store, store.LABELS, image_id)
+            labels_digest.update(image_id.encode() + labels.tobytes())
+            yield labels
+
+    prior = label_prior(read_annotations(), info.n_classes)
+    model.label_prior.copy_(torch.from_numpy(prior))
+    log.info("train-seg: class prior of the labelled pixels: %s",
+             ", ".join(f"{name} {p:.3f}" for name, p in zip(info.class_names, prior)))
     optimizer = make_optimizer(seg["optimizer"], model.param_groups(seg["lr"], seg["encoder_lr_mult"]), seg["lr"],
                                seg["weight_decay"])
     scheduler = poly_schedule(optimizer, seg["iterations"])
@@ -84,7 +119,8 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
                compute_loss=compute_loss, iterations=seg["iterations"], checkpoint_every=seg["checkpoint_every"],
                out_dir=Path(out_dir), seed=seg["seed"], desc="train-seg",
-               fingerprint=config_fingerprint(training_section(seg), config["dataset"], sorted(ids)))
+               fingerprint=config_fingerprint(training_section(seg), config["dataset"], ids,
+                                             labels_digest.hexdigest()))
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
     return model_path
