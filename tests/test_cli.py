@@ -143,3 +143,25 @@ def test_config_and_store_errors_exit_2_naming_the_problem(tmp_path, capsys):
                      str(tmp_path / "shard0.zarr")]) == 2
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "shard0.zarr: store not found" in lines[0]
+
+
+def test_predict_reports_an_unreadable_image_and_a_bad_tau_in_one_line(tmp_path, capsys):
+    from weakseg import config as wconfig
+    from weakseg.segment.models import build_segmenter
+    from weakseg.training import save_model
+
+    config = wconfig.load({"device": "cpu", "segment": {"pretrained": False, "infer_scales": [1.0]}})
+    save_model(tmp_path / "model.pt", build_segmenter(config["segment"], 3, True), config, ["background", "a", "b"],
+               True, "segment")
+    (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", "--model", str(tmp_path / "model.pt"), str(tmp_path / "broken.jpg"),
+                  "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "weakseg predict: error:" in err and "broken.jpg: cannot read this file as an image" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", "--model", str(tmp_path / "model.pt"), str(tmp_path / "broken.jpg"),
+                  "--out", str(tmp_path / "out"), "--prior-adjustment", "-1"])
+    assert exit_info.value.code == 2 and "--prior-adjustment: expected a number >= 0" in capsys.readouterr().err

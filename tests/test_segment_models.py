@@ -392,7 +392,11 @@ def test_model_file_keeps_the_prior_and_predict_files_applies_it(tmp_path):
     predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], tmp_path / "out", probabilities=True)
     expected = predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=1.0)
     np.testing.assert_allclose(np.load(tmp_path / "out" / "x.npy"), expected, atol=1e-5)
-    assert not np.allclose(expected, predict_probabilities(net, image, [1.0], False, "cpu"), atol=1e-3)
+    plain = predict_probabilities(net, image, [1.0], False, "cpu")
+    assert not np.allclose(expected, plain, atol=1e-3)
+    predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], tmp_path / "plain", probabilities=True,
+                  prior_adjustment=0.0)  # the override of `weakseg predict --prior-adjustment`
+    np.testing.assert_allclose(np.load(tmp_path / "plain" / "x.npy"), plain, atol=1e-5)
 
 
 # ------------------------------------------------------------------ run_train_seg

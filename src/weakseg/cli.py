@@ -36,6 +36,13 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 # --- command implementations (thin: parse -> one call) ---------------------------------------
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def cmd_synth(a):
     from weakseg.datasets.synthetic import write_folder
 
@@ -148,7 +155,12 @@ def cmd_metrics(a):
 def cmd_predict(a):
     from weakseg.segment.predict import predict_files
 
-    written = predict_files(a.model, a.inputs, a.out, a.probabilities)
+    try:
+        written = predict_files(a.model, a.inputs, a.out, a.probabilities, device=a.device,
+                                prior_adjustment=a.prior_adjustment)
+    except ValueError as exc:  # an unreadable image, a model file of another kind: the user's input
+        print(f"weakseg predict: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     print(f"wrote {len(written)} label maps to {a.out}")
 
 
@@ -299,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="also write <id>.npy class probabilities")
+    p.add_argument("--prior-adjustment", type=_non_negative, metavar="TAU",
+                   help="divide the training labels' class prior out, p(c|x) / prior(c)^TAU "
+                        "(default: the segment.prior_adjustment the model was trained with)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     p = command("inspect", cmd_inspect, "render per-image panels of every intermediate of a run")
     p.add_argument("run_dir")

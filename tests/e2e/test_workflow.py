@@ -103,7 +103,7 @@ def test_tiny_workflow_runs_every_stage(tiny_run, workdir):
     stages = metric_stages(run / "metrics.csv")
     expected = {("superpixel_oracle", "train"), ("cam", "train"), ("spcam", "train"), ("cleaned", "train"),
                 ("crf", "train"), ("reliable", "train"), ("round1", "train"), ("round1", "val"),
-                ("round1_crf", "val")}
+                ("round1_crf", "val"), ("cam_gated", "val"), ("spcam_gated", "val")}
     assert expected <= stages, f"missing metrics rows: {sorted(expected - stages)}"
     report = run / "report" / "index.html"
     assert report.is_file() and report.stat().st_size > 0

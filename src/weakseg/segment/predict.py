@@ -180,23 +180,25 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   probabilities: bool = False, class_names: Sequence[str] | None = None,
-                  device: str = "auto") -> list[Path]:
+                  device: str = "auto", prior_adjustment: float | None = None) -> list[Path]:
     """Segment image files: writes ``<out_dir>/<stem>.png`` (palette PNG, pixel value = class index) per
     image and, with ``probabilities``, ``<stem>.npy`` ((n_classes, H, W) float32). Inference scales, flip
-    and prior adjustment come from the config saved with the model; ``device`` is auto, cpu or cuda.
+    and prior adjustment come from the config saved with the model (``prior_adjustment`` overrides the
+    latter); ``device`` is auto, cpu or cuda.
     Returns the PNG paths in input order.
     """
     paths = list_images(inputs)
     torch_device = select_device(device)
     model, ckpt = load_segmenter(model_path, torch_device, class_names)
     seg = ckpt["config"]["segment"]
+    tau = seg.get("prior_adjustment", 0.0) if prior_adjustment is None else prior_adjustment
     palette = class_palette(model.n_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in progress(paths, desc="predict files", total=len(paths)):
         probs = predict_probabilities(model, read_rgb(path), seg["infer_scales"], seg["infer_flip"], torch_device,
-                                      prior_adjustment=seg.get("prior_adjustment", 0.0))
+                                      prior_adjustment=tau)
         written.append(save_palette_png(out_dir / f"{path.stem}.png", probs.argmax(axis=0).astype(np.uint8),
                                         palette))
         if probabilities:
