@@ -1,10 +1,14 @@
 # weakseg: image-level labels -> SPN / CAM -> pseudo-labels -> segmentation rounds.
 # Reads like the SPN paper's pipeline figure; each stage is one rule file in workflow/rules/.
-#   snakemake --cores 2                       the default run (config.yaml: synthetic dataset)
+#   snakemake --cores 2                       the demo run (config.yaml: synthetic dataset)
+#   snakemake --cores 2 --configfile my.yaml  your run: my.yaml alone (+ schema defaults), results/my/
 #   snakemake --cores 8 --profile slurm       on a Slurm cluster (edit slurm/config.yaml first)
 #   snakemake -n                              show what would run
 
-configfile: "config.yaml"
+# One config per run: the demo config only when no --configfile is given, never merged under yours.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -18,5 +22,11 @@ include: "workflow/rules/shards.smk"
 
 rule all:
     input:
-        str(RUN.metrics),
-        str(RUN.report_dir / "index.html"),
+        P(RUN.resolved_config),
+        [P(RUN.metrics)] if EVAL_SPLITS else [],
+        P(RUN.report_page),
+
+
+onsuccess:
+    if RUN.report_page.exists():
+        print(f"weakseg: the report of run '{config['run']}' is {RUN.report_page}")

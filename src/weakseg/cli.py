@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from weakseg.inspect.stages import STAGE_HELP
+
 log = logging.getLogger("weakseg")
 
 
@@ -74,16 +76,26 @@ def cmd_gather(a):
     store.gather(a.shard_stores, a.out, a.kind, store.provenance(f"gather:{a.kind}"))
 
 
+def _network_config(a):
+    """The config of a command that runs a network; stops at once when the job asked for a GPU
+    (--gpus) that this machine does not have."""
+    from weakseg.training import check_gpu_request
+
+    cfg = _config(a)
+    check_gpu_request(cfg["device"], a.gpus)
+    return cfg
+
+
 def cmd_train_cam(a):
     from weakseg.cam.train import run_train_cam
 
-    run_train_cam(_config(a), a.data, a.superpixels, a.out_dir, threads=a.threads)
+    run_train_cam(_network_config(a), a.data, a.superpixels, a.out_dir, threads=a.threads)
 
 
 def cmd_infer_cam(a):
     from weakseg.cam.infer import run_infer_cam
 
-    run_infer_cam(_config(a), a.data, a.superpixels, a.model, a.out, threads=a.threads, shard=a.shard,
+    run_infer_cam(_network_config(a), a.data, a.superpixels, a.model, a.out, threads=a.threads, shard=a.shard,
                   n_shards=a.shards)
 
 
@@ -117,13 +129,13 @@ def cmd_reliable(a):
 def cmd_train_seg(a):
     from weakseg.segment.train import run_train_seg
 
-    run_train_seg(_config(a), a.data, a.labels, a.selection, a.out_dir, threads=a.threads)
+    run_train_seg(_network_config(a), a.data, a.labels, a.selection, a.out_dir, threads=a.threads)
 
 
 def cmd_predict_seg(a):
     from weakseg.segment.predict import run_predict_store
 
-    run_predict_store(_config(a), a.data, a.model, a.split, a.out, shard=a.shard, n_shards=a.shards,
+    run_predict_store(_network_config(a), a.data, a.model, a.split, a.out, shard=a.shard, n_shards=a.shards,
                       threads=a.threads)
 
 
@@ -180,6 +192,19 @@ def cmd_report(a):
     print(f"report: {out}")
 
 
+def cmd_resolve_config(a):
+    from weakseg.config import load, write_resolved
+
+    cfg = load(a.config, run_from_file=True)
+    if a.out:
+        write_resolved(cfg, a.out)
+        print(f"wrote {a.out}")
+    else:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=100), end="")
+
+
 def cmd_benchmark(a):
     from weakseg.benchmark import run_benchmark
 
@@ -188,13 +213,56 @@ def cmd_benchmark(a):
 
 # --- parser ---------------------------------------------------------------------------------
 
+DESCRIPTION = """\
+weakseg: weakly supervised semantic segmentation from image-level labels.
+
+You give photos with image labels ("cow;grass"); weakseg trains a classifier (SPN or CAM), turns
+its class maps into pixel pseudo-labels (cleaning, dense CRF, reliable regions) and trains a
+segmentation network on them in rounds. The whole pipeline is a Snakemake workflow:
+
+  snakemake --cores 2                          the demo run (synthetic data, results/demo/)
+  snakemake --cores 2 --configfile my.yaml     your dataset (results/my/, see README)
+
+The commands below are the workflow's steps, each usable by hand, plus tools to look at a run and
+to segment new images."""
+
+EPILOG = """\
+examples:
+  weakseg inspect results/demo --worst 8 --stage crf    panels of the 8 worst CRF pseudo-labels
+  weakseg report results/demo                           (re)write results/demo/report/index.html
+  weakseg predict --model results/demo/round2/model.pt photos/ --out predictions/
+  weakseg resolve-config --config my.yaml               every key of a config, defaults filled in
+Run 'weakseg COMMAND --help' for a command's options."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and appends each option's default to its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_gpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=0,
+                   help="GPUs this job asked for (resources.gpu); with N > 0 and no usable CUDA device the "
+                        "command stops at once, unless the config says device: cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weakseg", description=__doc__.splitlines()[0])
+    from weakseg import __version__
+
+    parser = argparse.ArgumentParser(prog="weakseg", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"weakseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, fn, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(fn=fn)
         return p
 
@@ -210,26 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("superpixels", cmd_superpixels, "compute superpixels of every image")
     _add_config(p), _add_threads(p), _add_shard(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--out", required=True, help="output superpixels store (.zarr)")
 
     p = command("gather", cmd_gather, "merge shard stores (disjoint images) into one finished store")
     p.add_argument("--kind", required=True, help="store kind: superpixels, scores or labels")
-    p.add_argument("--out", required=True)
-    p.add_argument("shard_stores", nargs="+")
+    p.add_argument("--out", required=True, help="output store (.zarr)")
+    p.add_argument("shard_stores", nargs="+", help="the shard stores to merge")
 
     p = command("train-cam", cmd_train_cam, "train the SPN / CAM classifier on image-level labels (resumes)")
-    _add_config(p), _add_threads(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--superpixels", required=True)
+    _add_config(p), _add_threads(p), _add_gpus(p)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--superpixels", required=True, help="superpixels store of the run")
     p.add_argument("--out-dir", required=True, help="writes model.pt, train_log.csv, checkpoints/")
 
     p = command("infer-cam", cmd_infer_cam, "multi-scale CAM and SP-CAM score maps for every image")
-    _add_config(p), _add_threads(p), _add_shard(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--superpixels", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    _add_config(p), _add_threads(p), _add_shard(p), _add_gpus(p)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--superpixels", required=True, help="superpixels store of the run")
+    p.add_argument("--model", required=True, help="cam/model.pt written by train-cam")
+    p.add_argument("--out", required=True, help="output scores store (keys cam, spcam)")
 
     for name, fn, text in (("clean", cmd_clean, "annotation cleaning: labelled classes, >= ratio x class max"),
                            ("crf", cmd_crf, "dense CRF refinement of score maps")):
@@ -240,71 +308,78 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", help="which split's images (default: the train split)")
         p.add_argument("--labels-from", help="CAM scores store whose classifier predicts the labels of images "
                        "outside the train split (segment.val_labels: predicted); else all classes compete")
-        p.add_argument("--data", required=True)
-        p.add_argument("--scores", required=True)
+        p.add_argument("--data", required=True, help="data.zarr of the run")
+        p.add_argument("--scores", required=True, help="scores store to turn into labels")
         p.add_argument("--key", default="spcam", help="score maps to use: spcam, cam or seg")
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=True, help="output labels store (.zarr)")
         if name == "clean":
             p.add_argument("--ratio", type=float, default=None, help="override pseudo.clean_ratio")
 
     p = command("reliable", cmd_reliable, "RRM reliable regions: CRF label where it agrees with a confident CAM label")
     _add_config(p), _add_shard(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--scores", required=True)
-    p.add_argument("--key", default="spcam")
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--scores", required=True, help="scores store of the confident labels")
+    p.add_argument("--key", default="spcam", help="score maps to use: spcam, cam or seg")
     p.add_argument("--crf", required=True, help="labels store of the CRF stage")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output labels store (.zarr), 255 = not reliable")
     p.add_argument("--confidence", type=float, default=None, help="override pseudo.reliable.confidence")
 
     p = command("reliability", cmd_reliability, "divergence (perimeter^2/area) per annotation and top-K selection")
     _add_config(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--labels", required=True)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--labels", required=True, help="labels store whose annotations are scored")
     p.add_argument("--out", required=True, help="CSV of scores and selection")
 
     p = command("train-seg", cmd_train_seg, "train a segmentation net on selected pseudo-labels (resumes)")
-    _add_config(p), _add_threads(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--labels", required=True)
+    _add_config(p), _add_threads(p), _add_gpus(p)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--labels", required=True, help="labels store of the annotations to train on")
     p.add_argument("--selection", required=True, help="reliability CSV with image_selected")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="writes model.pt, train_log.csv, checkpoints/")
 
     p = command("predict-seg", cmd_predict_seg, "segmentation-net class probabilities for a split (scores store)")
-    _add_config(p), _add_shard(p), _add_threads(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--out", required=True)
+    _add_config(p), _add_shard(p), _add_threads(p), _add_gpus(p)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--model", required=True, help="round<r>/model.pt written by train-seg")
+    p.add_argument("--split", required=True, help="which split's images")
+    p.add_argument("--out", required=True, help="output scores store (key seg)")
 
     p = command("evaluate", cmd_evaluate, "metrics of a labels or scores store against ground truth")
     _add_config(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--gt", required=True)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--gt", required=True, help="gt.zarr of the run (images without a mask are skipped)")
     p.add_argument("--pred", required=True, help="labels store or scores store")
-    p.add_argument("--stage", required=True, help="stage name written in the rows (cam, spcam, crf, round1, ...)")
-    p.add_argument("--split", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--stage", required=True, help="stage name written in the rows: " + STAGE_HELP)
+    p.add_argument("--split", required=True, help="which split's images")
+    p.add_argument("--out", required=True, help="output tidy metrics CSV")
     p.add_argument("--selection", help="reliability CSV: also rows <stage>_selected for the selected images")
     p.add_argument("--per-image", help="CSV of per-image mIoU")
     p.add_argument("--key", help="score key of a scores store (default: the only key, or the one named like --stage)")
 
     p = command("oracle", cmd_oracle, "superpixel oracle: mIoU when each superpixel takes its majority GT class")
-    p.add_argument("--data", required=True)
-    p.add_argument("--gt", required=True)
-    p.add_argument("--superpixels", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--gt", required=True, help="gt.zarr of the run")
+    p.add_argument("--superpixels", required=True, help="superpixels store of the run")
+    p.add_argument("--split", required=True, help="which split's images")
+    p.add_argument("--out", required=True, help="output tidy metrics CSV")
 
     p = command("reliability-curve", cmd_reliability_curve, "mIoU of the top-k most reliable annotations vs k")
-    p.add_argument("--gt", required=True)
-    p.add_argument("--labels", required=True)
-    p.add_argument("--reliability", required=True)
+    p.add_argument("--gt", required=True, help="gt.zarr of the run")
+    p.add_argument("--labels", required=True, help="labels store of the ranked annotations")
+    p.add_argument("--reliability", required=True, help="reliability CSV (image_divergence ranks the images)")
     p.add_argument("--points", type=int, required=True, help="points on the curve (evaluate.reliability_curve_points)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output CSV (k, fraction, miou)")
 
     p = command("metrics", cmd_metrics, "combine per-stage metric CSVs into metrics.csv")
-    p.add_argument("--out", required=True)
-    p.add_argument("csvs", nargs="+")
+    p.add_argument("--out", required=True, help="output metrics.csv")
+    p.add_argument("csvs", nargs="+", help="tidy metric CSVs, in pipeline order")
+
+    p = command("resolve-config", cmd_resolve_config,
+                "print or write a run's resolved config: every key, schema defaults filled in")
+    p.add_argument("--config", default="config.yaml",
+                   help="run config: a YAML file (without 'run:' the run is named after the file) or an inline "
+                        "JSON object")
+    p.add_argument("--out", help="write this YAML file (atomically) instead of printing")
 
     p = command("predict", cmd_predict, "segment new images with a trained model (palette PNG per image)")
     p.add_argument("--model", required=True, help="model.pt of a segmentation round")
@@ -317,20 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     p = command("inspect", cmd_inspect, "render per-image panels of every intermediate of a run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run's folder, e.g. results/demo")
     p.add_argument("--ids", nargs="+", help="image ids")
     p.add_argument("--worst", type=int, help="the N images with the lowest per-image mIoU at --stage")
-    p.add_argument("--stage", help="stage for --worst (e.g. spcam, crf, reliable, round1)")
+    p.add_argument("--stage", help="stage for --worst: " + STAGE_HELP)
     p.add_argument("--class", dest="class_name", help="images labelled with this class")
     p.add_argument("--out", help="output folder (default <run dir>/inspect)")
 
-    p = command("report", cmd_report, "write the static HTML report of a run")
-    p.add_argument("run_dir")
+    p = command("report", cmd_report, "write the static HTML report of a run (one self-contained page)")
+    p.add_argument("run_dir", help="the run's folder, e.g. results/demo")
     p.add_argument("--out", help="default <run dir>/report/index.html")
-    p.add_argument("--gallery", type=int, default=None, help="panels in the gallery (default: config inspect.gallery_images)")
+    p.add_argument("--gallery", type=int, default=None,
+                   help="images in the gallery (default: the run's inspect.gallery_images)")
 
     p = command("benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV")
-    p.add_argument("what", choices=["superpixels", "crf", "pipeline", "bytes"])
+    p.add_argument("what", choices=["superpixels", "crf", "pipeline", "bytes"], help="what to measure")
     p.add_argument("--root", default="../shared/data/msrc21", help="dataset folder")
     p.add_argument("--config", default="config/msrc21.yaml", help="run config for the pipeline benchmark")
     p.add_argument("--out", default="bench", help="folder for CSV output")

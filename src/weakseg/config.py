@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -56,8 +58,9 @@ def validate(config: dict | None, source: str = "config") -> dict:
     return value
 
 
-def load(spec: str | Path | dict | None) -> dict:
-    """Load a config from a YAML file, an inline JSON object string, or a dict; validate it."""
+def load(spec: str | Path | dict | None, run_from_file: bool = False) -> dict:
+    """Load a config from a YAML file, an inline JSON object string, or a dict; validate it.
+    ``run_from_file``: a YAML file without ``run`` names the run after the file (see ``resolve``)."""
     if spec is None or isinstance(spec, dict):
         return validate(spec)
     text = str(spec)
@@ -73,7 +76,7 @@ def load(spec: str | Path | dict | None) -> dict:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return validate(data, str(path))
+    return resolve(data, [path] if run_from_file else [], str(path))
 
 
 # segment.* keys that do not change what a round's network learns: raising `rounds` or changing
@@ -96,3 +99,67 @@ def model_section(segment: dict) -> dict:
 
 def run_dir(config: dict) -> Path:
     return Path(config["results"]) / config["run"]
+
+
+def run_name_from(config_file: str | Path) -> str:
+    """The run name a config file gives when it sets no ``run``: its stem, with characters the
+    ``run`` pattern does not allow replaced by '_' (``my trial.yaml`` -> ``my_trial``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(config_file).stem) or "run"
+
+
+def resolve(config: dict | None, config_files=(), source: str = "config") -> dict:
+    """The validated, default-filled config of a workflow run. Without a ``run`` key the run is named
+    after the last of ``config_files`` (so ``--configfile my.yaml`` writes to ``results/my``)."""
+    value = copy.deepcopy(config or {})
+    if isinstance(value, dict) and "run" not in value and config_files:
+        value["run"] = run_name_from(list(config_files)[-1])
+    return validate(value, source)
+
+
+def evaluation_splits(config: dict) -> list[str]:
+    """The splits evaluated against ground-truth masks, decided before the workflow runs.
+
+    ``evaluate.enabled``: false -> none; true -> every split (a split without masks then fails in
+    evaluation); auto -> the synthetic dataset's splits (always masked), or the folder dataset's splits
+    with at least one ``SegmentationClass/<id>.png`` among their (first ``max_images``) ids. Evaluation
+    covers the images that have a mask and reports how many of the split's images those are.
+    """
+    dataset, enabled = config["dataset"], config["evaluate"]["enabled"]
+    splits = [dataset["train_split"]] + ([dataset["val_split"]] if dataset["val_split"] else [])
+    if enabled is False:
+        return []
+    if enabled is True or dataset["kind"] == "synthetic":
+        return splits
+    return [s for s in splits if count_masks(dataset, s) > 0]
+
+
+def count_masks(dataset: dict, split: str) -> int:
+    """How many images of a folder dataset's split have a mask file (0 when the folder or its split
+    list is missing: ingest reports that)."""
+    from weakseg.datasets.folder import DatasetError, read_split
+
+    root = Path(dataset["root"] or "")
+    masks = root / "SegmentationClass"
+    if not dataset["root"] or not masks.is_dir():
+        return 0
+    try:
+        ids = read_split(root, split)
+    except DatasetError:
+        return 0
+    if dataset["max_images"]:
+        ids = ids[: dataset["max_images"]]
+    return sum((masks / f"{image_id}.png").is_file() for image_id in ids)
+
+
+def write_resolved(config: dict, path: str | Path) -> Path:
+    """Write a resolved config as YAML, atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text("# The resolved configuration of this run: every key, defaults filled in.\n"
+                       + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -509,7 +509,8 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
     predict = _store_predictor(pred_path, key, to_labels)
     confs = image_confusions(gt_path, ids, len(names), predict, str(pred_path), f"evaluate {stage}")
     rows, per_image = summarise(stage, split, confs, names)
-    rows += extra_rows
+    # How many of the split's images had a mask (n_images says how many were evaluated).
+    rows += extra_rows + [{"stage": stage, "split": split, "metric": "split_images", "class": "", "value": len(ids)}]
     if selection_csv is not None:
         chosen = _selected_ids(selection_csv, list(confs))
         if chosen:

@@ -13,10 +13,31 @@ R = TypeVar("R")
 log = logging.getLogger("weakseg")
 
 
+class _PlainLines:
+    """A stream for tqdm that turns its carriage-return redraws into whole lines, so that a log file
+    (Snakemake sends a rule's stderr to its log) gets one readable line per update."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+PLAIN_INTERVAL_S = 30.0  # at most one progress line per this many seconds in a log file
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """A progress bar on stderr (Snakemake rules send stderr to their log)."""
-    return tqdm(items, desc=desc, total=total, file=sys.stderr, mininterval=2.0, dynamic_ncols=False,
-                disable=None if sys.stderr.isatty() else False)
+    """A progress bar on stderr; when stderr is not a terminal (a log file), plain lines instead."""
+    if sys.stderr.isatty():
+        return tqdm(items, desc=desc, total=total, file=sys.stderr, mininterval=2.0)
+    return tqdm(items, desc=desc, total=total, file=_PlainLines(sys.stderr), mininterval=PLAIN_INTERVAL_S,
+                ascii=True, ncols=100)
 
 
 def map_images(fn: Callable[[T], R], items: Sequence[T], threads: int, desc: str) -> Iterator[R]:

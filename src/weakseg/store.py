@@ -222,8 +222,13 @@ class RunLayout:
     crf = property(lambda self: self.root / "pseudo" / "crf.zarr")
     reliable = property(lambda self: self.root / "pseudo" / "reliable.zarr")
     reliability = property(lambda self: self.root / "pseudo" / "reliability.csv")
-    # report
+    # report and run records
     report_dir = property(lambda self: self.root / "report")
+    report_page = property(lambda self: self.root / "report" / "index.html")
+    resolved_config = property(lambda self: self.root / "config.resolved.yaml")  # the run's full config
+    logs_dir = property(lambda self: self.root / "logs")
+    benchmarks_dir = property(lambda self: self.root / "benchmarks")  # Snakemake's per-job timings (TSV)
+    reliability_curve = property(lambda self: self.root / "pseudo" / "reliability_curve.csv")
 
     def pseudo(self, name: str) -> Path:
         """The labels store of a pseudo-label variant: cleaned, crf or reliable."""

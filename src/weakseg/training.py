@@ -25,11 +25,29 @@ CHECKPOINT = "checkpoints/last.pt"
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
-    if preference == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+    """The torch device of config key ``device`` (auto: CUDA when usable, else the CPU); logs the choice."""
+    from weakseg.config import ConfigError
+
+    cuda = torch.cuda.is_available()
+    if preference == "cuda" and not cuda:
+        raise ConfigError("device: 'cuda' requested but torch finds no usable CUDA device (use 'auto' or 'cpu')")
+    device = torch.device("cuda" if preference != "cpu" and cuda else "cpu")
+    if device.type == "cuda":
+        log.info("device: %s (%s) -> %s", preference, "CUDA available", torch.cuda.get_device_name(device))
+    else:
+        log.info("device: %s -> cpu%s", preference, "" if preference == "cpu" else " (no usable CUDA device)")
+    return device
+
+
+def check_gpu_request(preference: str, gpus: int) -> None:
+    """A job that asked for GPUs (resources.gpu > 0) must not crawl on the CPU unnoticed: stop at once when
+    torch sees no CUDA device, unless the config chose the CPU (``device: cpu``)."""
+    from weakseg.config import ConfigError
+
+    if gpus > 0 and preference != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"resources.gpu: this job asked for {gpus} GPU(s) but torch finds no usable CUDA device "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); check the node's "
+                          "driver, or set device: cpu to run on the CPU")
 
 
 def seed_everything(seed: int) -> None:
@@ -72,19 +90,22 @@ def train_loop(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[np.random.Generator], dict],
                compute_loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
                iterations: int, checkpoint_every: int, out_dir: Path, seed: int, desc: str,
-               fingerprint: str = "") -> list[dict]:
+               fingerprint: str = "", log_every: int = 25) -> list[dict]:
     """Run ``iterations`` optimisation steps, resuming from ``out_dir/checkpoints/last.pt`` if present.
 
     ``next_batch(rng)`` draws a batch with the loop's numpy Generator (whose state is checkpointed);
-    ``compute_loss(model, batch)`` returns the loss and a dict of floats for the log. Returns log rows;
-    also writes ``out_dir/train_log.csv``. A checkpoint whose ``fingerprint`` (a digest of the
-    training config) differs from this run's is ignored: a changed config starts training afresh.
+    ``compute_loss(model, batch)`` returns the loss and a dict of floats for the log. Every
+    ``log_every`` iterations (and at the last) one log row — the mean loss and parts over those
+    iterations, and the learning rate — goes to the progress bar and to ``out_dir/train_log.csv``.
+    Returns the log rows. A checkpoint whose ``fingerprint`` (a digest of the training config)
+    differs from this run's is ignored: a changed config starts training afresh.
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
+    log_path = out_dir / "train_log.csv"
     seed_everything(seed)
     rng = np.random.default_rng(seed)
-    start, rows = 0, []
+    start, rows, window = 0, [], {}
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
     if state is not None and state.get("fingerprint") != fingerprint:
         log.info("%s: ignoring checkpoint %s made with another config; starting afresh", desc, ckpt_path)
@@ -96,29 +117,42 @@ def train_loop(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         start, rows = int(state["iteration"]), list(state["log"])
+        window = dict(state.get("log_window", {}))
         log.info("%s: resumed from checkpoint %s at iteration %d of %d", desc, ckpt_path, start, iterations)
 
     def save(iteration: int) -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "numpy_rng": rng.bit_generator.state,
                            "torch_rng": torch.get_rng_state(), "iteration": iteration, "log": rows,
-                           "fingerprint": fingerprint}, ckpt_path)
-        _write_log(rows, out_dir / "train_log.csv")
+                           "log_window": window, "fingerprint": fingerprint}, ckpt_path)
 
     model.train()
-    for it in progress(range(start, iterations), desc, total=iterations - start):
+    bar = progress(range(start, iterations), desc, total=iterations - start)
+    for it in bar:
         batch = next_batch(rng)
         loss, parts = compute_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        rows.append({"iteration": it + 1, "loss": float(loss.detach()), **parts,
-                     "lr": optimizer.param_groups[-1]["lr"]})
-        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
-            save(it + 1)
+        # Sums over the iterations since the last log row (kept in the checkpoint: a resumed run logs the same).
+        for key, value in {"loss": float(loss.detach()), **parts}.items():
+            window[key] = window.get(key, 0.0) + float(value)
+        window["n"] = window.get("n", 0) + 1
+        done = it + 1
+        if done % log_every == 0 or done == iterations:
+            n = window.pop("n")
+            row = {"iteration": done, **{k: v / n for k, v in window.items()}, "lr": optimizer.param_groups[-1]["lr"]}
+            rows.append(row)
+            window = {}
+            set_postfix = getattr(bar, "set_postfix", None)
+            if set_postfix is not None:
+                set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+            _write_log(rows, log_path)
+        if done % checkpoint_every == 0 or done == iterations:
+            save(done)
     model.eval()
-    _write_log(rows, out_dir / "train_log.csv")
+    _write_log(rows, log_path)
     return rows
 
 

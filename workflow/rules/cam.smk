@@ -20,7 +20,7 @@ rule train_cam:
     shell:
         # Checkpoints live in cam/checkpoints/ (not an output), so a rerun after a kill resumes.
         "weakseg train-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp}"
-        " --out-dir {params.out_dir} --threads {threads} 2> {log}"
+        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu} 2> {log}"
 
 
 rule infer_cam:
@@ -42,7 +42,8 @@ rule infer_cam:
         **gpu_resources(),
     shell:
         "weakseg infer-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp} --model {input.model}"
-        " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        " --out {output} --threads {threads} --gpus {resources.gpu} --shard {params.shard} --shards " + str(N_SHARDS)
+        + " 2> {log}"
 
 
 rule evaluate_scores:

@@ -5,11 +5,13 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from weakseg.config import SEGMENT_PREDICTION, ConfigError, model_section, validate
+from weakseg.config import SEGMENT_PREDICTION, ConfigError, evaluation_splits, model_section, resolve
 from weakseg.store import RunLayout
 
+_CONFIG_FILES = [str(p) for p in workflow.overwrite_configfiles] or ["config.yaml"]
 try:
-    config = validate(config, "config")
+    # Without a `run` key the run is named after the (last) config file: --configfile my.yaml -> results/my.
+    config = resolve(config, workflow.overwrite_configfiles, ", ".join(_CONFIG_FILES))
 except ConfigError as exc:
     raise WorkflowError(str(exc))
 
@@ -19,6 +21,10 @@ SHARDS = list(range(N_SHARDS))
 ROUNDS = list(range(1, config["segment"]["rounds"] + 1))
 HAS_VAL = config["dataset"]["val_split"] is not None
 TRAIN, VAL = config["dataset"]["train_split"], config["dataset"]["val_split"]
+# Evaluation rules join the DAG only for splits with ground-truth masks (evaluate.enabled).
+EVAL_SPLITS = evaluation_splits(config)
+EVAL_TRAIN = TRAIN in EVAL_SPLITS
+EVAL_VAL = HAS_VAL and VAL in EVAL_SPLITS
 RES = config["resources"]
 
 
@@ -63,12 +69,11 @@ def metrics_csv(stage, split):
     return P(RUN.metrics_dir / f"{stage}_{split}.csv")
 
 
-# Resources: network rules may ask for a GPU; CPU-only stages never do.
+# Resources: network rules may ask for a GPU (gpu 0 asks for none); CPU-only stages never do. Their
+# commands get --gpus {resources.gpu}: a job that asked for a GPU and finds none fails at once.
 def gpu_resources():
-    res = dict(mem_mb=RES["train_mem_mb"], runtime=RES["train_runtime_min"], cpus_per_task=RES["cpu_threads"])
-    if RES["gpu"] > 0:
-        res["gpu"] = RES["gpu"]
-    return res
+    return dict(mem_mb=RES["train_mem_mb"], runtime=RES["train_runtime_min"], cpus_per_task=RES["cpu_threads"],
+                gpu=RES["gpu"])
 
 
 CPU_RESOURCES = dict(mem_mb=RES["cpu_mem_mb"], runtime=RES["cpu_runtime_min"], cpus_per_task=RES["cpu_threads"])

@@ -114,7 +114,7 @@ rule reliability_curve:
         labels=P(RUN.pseudo(SELECTED_VARIANT)),
         reliability=P(RUN.reliability),
     output:
-        P(RUN.root / "pseudo" / "reliability_curve.csv"),
+        P(RUN.reliability_curve),
     params:
         points=config["evaluate"]["reliability_curve_points"],
     log:

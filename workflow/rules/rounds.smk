@@ -38,7 +38,7 @@ rule train_seg:
         **gpu_resources(),
     shell:
         "weakseg train-seg --config {params.cfg:q} --data {input.data} --labels {input.labels}"
-        " --selection {input.selection} --out-dir {params.out_dir} --threads {threads} 2> {log}"
+        " --selection {input.selection} --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu} 2> {log}"
 
 
 rule predict_seg:
@@ -59,7 +59,8 @@ rule predict_seg:
         **gpu_resources(),
     shell:
         "weakseg predict-seg --config {params.cfg:q} --data {input.data} --model {input.model} --split {wildcards.split}"
-        " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        " --out {output} --threads {threads} --gpus {resources.gpu} --shard {params.shard} --shards " + str(N_SHARDS)
+        + " 2> {log}"
 
 
 rule clean_round:

@@ -82,7 +82,8 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
                compute_loss=compute_loss, iterations=cam_cfg["iterations"],
                checkpoint_every=cam_cfg["checkpoint_every"], out_dir=Path(out_dir), seed=cam_cfg["seed"],
-               desc="train-cam", fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]))
+               desc="train-cam", fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]),
+               log_every=cam_cfg["log_every"])
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "cam")
     return model_path

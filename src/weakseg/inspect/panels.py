@@ -1,8 +1,9 @@
 """Per-image inspection panels: every stage's view of one image side by side.
 
-A panel is one row of tiles — image, ground truth, superpixel boundaries, CAM and SP-CAM heat maps
-for each labelled class, cleaned / CRF / reliable pseudo-labels and each round's annotation — above
-a legend strip of the classes shown. Label value 255 (ignore) is drawn as a grey/white diagonal
+A panel is a grid of titled tiles (at most ``PER_ROW`` a row) — image, ground truth, superpixel
+boundaries, CAM and SP-CAM heat maps for each labelled class, cleaned / CRF / reliable pseudo-labels
+and each round's stores, titled with the stage names of ``weakseg.inspect.stages`` — above a legend
+of the classes shown and, when there are heat maps, a colour bar of the score scale. Label value 255 (ignore) is drawn as a grey/white diagonal
 hatch so it can never be mistaken for a class colour.
 
 Pure core: ``colorize_labels``, ``heatmap_overlay``, ``superpixel_overlay``, ``upscale``,
@@ -16,9 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -26,6 +26,7 @@ import pandas as pd
 
 from weakseg import store
 from weakseg.datasets import IGNORE, open_data, read_image
+from weakseg.inspect import stages as st
 from weakseg.palette import class_palette
 from weakseg.parallel import progress
 
@@ -37,6 +38,9 @@ TITLE_HEIGHT = 16  # text strip above each tile
 LEGEND_ROW_HEIGHT = 18  # one wrapped row of legend swatches
 SWATCH = 12  # legend colour square
 MIN_TILE_HEIGHT = 160  # small images are upscaled (integer factor, nearest) to stay readable
+PER_ROW = 5  # tiles per panel row: a panel stays about as wide as it is high
+COLOUR_BAR_WIDTH = 100  # the heat maps' score scale in the legend
+COLOUR_BAR = "colour bar"  # legend entry colour: draw the jet scale (0 left, 1 right) instead of a swatch
 
 PANEL_BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (0, 0, 0)
@@ -53,7 +57,15 @@ class SelectionError(ValueError):
     """An image id, class or stage asked for does not exist; the message lists the valid choices."""
 
 
-Legend = Sequence[tuple[str, tuple[int, int, int] | None]]  # (name, RGB) — None means the ignore hatch
+Legend = Sequence[tuple[str, tuple[int, int, int] | str | None]]  # (name, RGB), None: ignore, COLOUR_BAR
+
+
+class Column(NamedTuple):
+    """One tile of a panel: its title, RGB pixels and what it shows (image, labels, superpixels, heat)."""
+
+    title: str
+    tile: np.ndarray
+    kind: str
 
 
 # ----------------------------------------------------------------------------------------------- core
@@ -84,14 +96,19 @@ def colorize_labels(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def jet(score: np.ndarray) -> np.ndarray:
+    """RGB jet colours of scores in [0, 1] (any shape): blue (0) .. red (1)."""
+    levels = np.clip(np.rint(np.asarray(score, np.float32) * 255), 0, 255).astype(np.uint8)
+    flat = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_JET)[:, 0, ::-1]  # OpenCV gives BGR
+    return flat.reshape(levels.shape + (3,))
+
+
 def heatmap_overlay(image: np.ndarray, score: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
     """Blend a jet colour map of ``score`` (H, W) in [0, 1] over the image."""
     _check_image(image)
     if score.shape != image.shape[:2]:
         raise ValueError(f"score map shape {score.shape} differs from image shape {image.shape[:2]}")
-    levels = np.clip(np.rint(np.asarray(score, np.float32) * 255), 0, 255).astype(np.uint8)
-    jet = cv2.applyColorMap(levels, cv2.COLORMAP_JET)[..., ::-1]  # OpenCV gives BGR
-    return cv2.addWeighted(jet, alpha, image, 1.0 - alpha, 0.0)
+    return cv2.addWeighted(np.ascontiguousarray(jet(score)), alpha, image, 1.0 - alpha, 0.0)
 
 
 def superpixel_boundaries(superpixels: np.ndarray) -> np.ndarray:
@@ -133,12 +150,17 @@ def _put_text(canvas: np.ndarray, text: str, x: int, y_top: int, height: int) ->
     cv2.putText(canvas, text, (x, baseline_y), FONT, FONT_SCALE, TEXT_COLOUR, 1, cv2.LINE_AA)
 
 
-def _legend_layout(legend: Legend, width: int) -> list[list[tuple[int, str, tuple | None]]]:
+def _entry_width(name: str, colour) -> int:
+    mark = COLOUR_BAR_WIDTH if colour == COLOUR_BAR else SWATCH
+    return mark + 3 + cv2.getTextSize(name, FONT, FONT_SCALE, 1)[0][0] + 2 * GAP
+
+
+def _legend_layout(legend: Legend, width: int) -> list[list[tuple[int, str, tuple | str | None]]]:
     """Wrap legend entries into rows that fit ``width``; each entry is (x, name, colour)."""
     rows: list[list] = [[]]
     x = GAP
     for name, colour in legend:
-        entry_w = SWATCH + 3 + cv2.getTextSize(name, FONT, FONT_SCALE, 1)[0][0] + 2 * GAP
+        entry_w = _entry_width(name, colour)
         if rows[-1] and x + entry_w > width - GAP:
             rows.append([])
             x = GAP
@@ -147,45 +169,58 @@ def _legend_layout(legend: Legend, width: int) -> list[list[tuple[int, str, tupl
     return rows if rows[0] else []
 
 
-def panel_shape(image_hw: tuple[int, int], n_tiles: int, n_legend_rows: int) -> tuple[int, int]:
+def grid_shape(n_tiles: int, per_row: int = PER_ROW) -> tuple[int, int]:
+    """(rows, columns) of the tile grid."""
+    cols = max(1, min(n_tiles, per_row))
+    return -(-n_tiles // cols), cols
+
+
+def panel_shape(image_hw: tuple[int, int], n_tiles: int, n_legend_rows: int,
+                per_row: int = PER_ROW) -> tuple[int, int]:
     """(height, width) of a panel of ``n_tiles`` tiles of a (H, W) image."""
     h, w = image_hw
-    height = GAP + TITLE_HEIGHT + h + GAP + (n_legend_rows * LEGEND_ROW_HEIGHT + GAP if n_legend_rows else 0)
-    return height, n_tiles * w + (n_tiles + 1) * GAP
+    rows, cols = grid_shape(n_tiles, per_row)
+    height = GAP + rows * (TITLE_HEIGHT + h + GAP) + (n_legend_rows * LEGEND_ROW_HEIGHT + GAP if n_legend_rows else 0)
+    return height, cols * w + (cols + 1) * GAP
 
 
-def tile_origin(index: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+def tile_origin(index: int, image_hw: tuple[int, int], per_row: int = PER_ROW) -> tuple[int, int]:
     """(y, x) of the top-left pixel of tile ``index`` (0 = the image itself) in a panel."""
-    return GAP + TITLE_HEIGHT, GAP + index * (image_hw[1] + GAP)
+    row, col = divmod(index, per_row)
+    return GAP + row * (TITLE_HEIGHT + image_hw[0] + GAP) + TITLE_HEIGHT, GAP + col * (image_hw[1] + GAP)
 
 
 def render_panel(image: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], legend: Legend = (),
-                 title: str = "image") -> np.ndarray:
-    """One row of titled tiles — ``image`` first, then each (title, RGB (H, W, 3)) column — above a
-    legend strip of (name, RGB or None for ignore) entries, wrapped to the panel width.
-    Returns uint8 RGB of shape ``panel_shape(...) + (3,)``."""
+                 title: str = "image", per_row: int = PER_ROW) -> np.ndarray:
+    """A grid of titled tiles, ``per_row`` a row — ``image`` first, then each (title, RGB (H, W, 3))
+    column — above a legend of (name, RGB, None for the ignore hatch, or COLOUR_BAR) entries, wrapped
+    to the panel width. Returns uint8 RGB of shape ``panel_shape(...) + (3,)``."""
     _check_image(image)
-    tiles = [(title, image), *columns]
+    tiles = [(title, image), *[(c[0], c[1]) for c in columns]]
     for name, tile in tiles[1:]:
         if tile.shape != image.shape or tile.dtype != np.uint8:
             raise ValueError(f"column '{name}': expected uint8 {image.shape}, got {tile.dtype} {tile.shape}")
     hw = image.shape[:2]
-    _, width = panel_shape(hw, len(tiles), 0)
+    _, width = panel_shape(hw, len(tiles), 0, per_row)
     legend_rows = _legend_layout(legend, width)
-    height, width = panel_shape(hw, len(tiles), len(legend_rows))
+    height, width = panel_shape(hw, len(tiles), len(legend_rows), per_row)
     canvas = np.empty((height, width, 3), np.uint8)
     canvas[:] = PANEL_BACKGROUND
     for index, (name, tile) in enumerate(tiles):
-        y, x = tile_origin(index, hw)
+        y, x = tile_origin(index, hw, per_row)
         canvas[y:y + hw[0], x:x + hw[1]] = tile
-        _put_text(canvas, _fit_text(name, hw[1]), x, GAP, TITLE_HEIGHT)
-    y = GAP + TITLE_HEIGHT + hw[0] + GAP
+        _put_text(canvas, _fit_text(name, hw[1]), x, y - TITLE_HEIGHT, TITLE_HEIGHT)
+    y = height - (len(legend_rows) * LEGEND_ROW_HEIGHT + GAP if legend_rows else 0)
     for row in legend_rows:
         sy = y + (LEGEND_ROW_HEIGHT - SWATCH) // 2
         for x, name, colour in row:
-            canvas[sy:sy + SWATCH, x:x + SWATCH] = hatch((SWATCH, SWATCH)) if colour is None else colour
-            cv2.rectangle(canvas, (x, sy), (x + SWATCH - 1, sy + SWATCH - 1), TEXT_COLOUR, 1)
-            _put_text(canvas, name, x + SWATCH + 3, y, LEGEND_ROW_HEIGHT)
+            mark = COLOUR_BAR_WIDTH if colour == COLOUR_BAR else SWATCH
+            if colour == COLOUR_BAR:
+                canvas[sy:sy + SWATCH, x:x + mark] = jet(np.linspace(0, 1, mark))[None]
+            else:
+                canvas[sy:sy + SWATCH, x:x + SWATCH] = hatch((SWATCH, SWATCH)) if colour is None else colour
+            cv2.rectangle(canvas, (x, sy), (x + mark - 1, sy + SWATCH - 1), TEXT_COLOUR, 1)
+            _put_text(canvas, name, x + mark + 3, y, LEGEND_ROW_HEIGHT)
         y += LEGEND_ROW_HEIGHT
     return canvas
 
@@ -218,9 +253,6 @@ def upscale(array: np.ndarray, scale: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- edge
-_ROUND_DIR = re.compile(r"^round(\d+)$")
-
-
 def _open_optional(path: Path, kind: str):
     """Open a finished store, or None (logged) when the stage has not produced it."""
     try:
@@ -230,35 +262,50 @@ def _open_optional(path: Path, kind: str):
         return None
 
 
-def round_numbers(layout: store.RunLayout) -> list[int]:
-    if not layout.root.is_dir():
-        return []
-    found = (_ROUND_DIR.match(p.name) for p in layout.root.iterdir() if p.is_dir())
-    return sorted(int(m.group(1)) for m in found if m)
+def found_stages(layout: store.RunLayout, config: dict) -> list[st.Stage]:
+    """The labels stores in a run folder, named by the stage scheme."""
+    return st.found_label_stages(layout, config["dataset"]["train_split"], config["segment"]["annotation"])
+
+
+def missing_stages(layout: store.RunLayout, config: dict) -> list[st.Stage]:
+    """Labels stores a finished run of ``config`` has that the run folder lacks or has unfinished."""
+    return [s for s in st.expected_label_stages(layout, config) if _open_optional(s.path, "labels") is None]
+
+
+def run_config(layout: store.RunLayout) -> dict | None:
+    """The run's resolved config (config.resolved.yaml), or None for a run folder without one."""
+    import yaml
+
+    from weakseg.config import validate
+
+    if not layout.resolved_config.is_file():
+        return None
+    return validate(yaml.safe_load(layout.resolved_config.read_text()), str(layout.resolved_config))
 
 
 class RunPanels:
     """The stores of one run directory, opened once, and the panel of any of its images."""
 
     def __init__(self, run_dir: str | os.PathLike):
+        from weakseg.config import validate
+
         self.layout = store.RunLayout(run_dir)
         self.info, self.data = open_data(self.layout.data)
+        self.config = run_config(self.layout) or validate({"dataset": {"train_split": next(iter(self.info.splits))}})
         self.palette = np.asarray(class_palette(self.info.n_classes), np.uint8)
         self.gt = _open_optional(self.layout.gt, "gt")
         self.superpixels = _open_optional(self.layout.superpixels, "superpixels")
         self.scores = _open_optional(self.layout.scores, "scores")
-        # (title, store) of every labels column, in pipeline order.
+        # (stage name, store) of every finished labels store, in pipeline order.
         self.label_stores: list[tuple[str, object]] = []
-        for name in ("cleaned", "crf", "reliable"):
-            group = _open_optional(self.layout.pseudo(name), "labels")
+        for stage in found_stages(self.layout, self.config):
+            group = _open_optional(stage.path, "labels")
             if group is not None:
-                self.label_stores.append((name, group))
-        # Every labels store of a round (cleaned_, crf_, reliable_<split>); its scores stores are not label maps.
-        for r in round_numbers(self.layout):
-            for path in sorted(self.layout.round_dir(r).glob("*.zarr")):
-                group = _open_optional(path, "labels")
-                if group is not None:
-                    self.label_stores.append((f"round {r} {path.stem}", group))
+                self.label_stores.append((stage.name, group))
+
+    def missing_stages(self) -> list[st.Stage]:
+        """Labels stores a finished run of this config has and this run folder lacks (or has unfinished)."""
+        return missing_stages(self.layout, self.config)
 
     def check_id(self, image_id: str) -> None:
         if image_id not in self.info.ids:
@@ -273,7 +320,7 @@ class RunPanels:
         return [int(c) for c in self.info.image_labels(image_id) if int(c) in fg]
 
     def columns(self, image_id: str, scale: int | None = None):
-        """Everything shown for one image: (image, [(title, RGB tile)], label maps).
+        """Everything shown for one image: (image, [Column(title, RGB tile, kind)], label maps).
 
         Image and tiles are upscaled by ``scale`` (default ``default_scale``) before drawing, so
         boundaries and hatches are fine lines; the label maps (for the legend) stay at native size.
@@ -286,7 +333,7 @@ class RunPanels:
             raise ValueError(f"scale must be a positive integer, got {scale}")
         big = upscale(image, scale)
         names = self.info.class_names
-        columns: list[tuple[str, np.ndarray]] = []
+        columns: list[Column] = []
         label_maps: list[np.ndarray] = []
 
         def read(group, key: str, title: str) -> np.ndarray:
@@ -297,14 +344,15 @@ class RunPanels:
             return array
 
         def add_labels(title: str, labels: np.ndarray) -> None:
-            columns.append((title, colorize_labels(upscale(labels, scale), self.palette)))
+            columns.append(Column(title, colorize_labels(upscale(labels, scale), self.palette), "labels"))
             label_maps.append(labels)
 
         if self._has(self.gt, store.MASKS, image_id):
             add_labels("ground truth", read(self.gt, store.MASKS, "ground truth"))
         if self._has(self.superpixels, store.SUPERPIXELS, image_id):
             sp = read(self.superpixels, store.SUPERPIXELS, "superpixels")
-            columns.append((f"superpixels ({len(np.unique(sp))})", superpixel_overlay(big, upscale(sp, scale))))
+            columns.append(Column(f"superpixels ({len(np.unique(sp))})", superpixel_overlay(big, upscale(sp, scale)),
+                                  "superpixels"))
         heat: dict[str, tuple[np.ndarray, list[int]]] = {}
         for key, label in ((store.CAM, "CAM"), (store.SPCAM, "SP-CAM")):
             if self._has(self.scores, key, image_id):
@@ -315,7 +363,7 @@ class RunPanels:
             for label, (maps, classes) in heat.items():
                 if c in classes:
                     score = upscale(maps[classes.index(c)], scale)
-                    columns.append((f"{label}: {names[c]}", heatmap_overlay(big, score)))
+                    columns.append(Column(f"{label}: {names[c]}", heatmap_overlay(big, score), "heat"))
         for title, group in self.label_stores:
             if self._has(group, store.LABELS, image_id):
                 add_labels(title, read(group, store.LABELS, title))
@@ -325,6 +373,8 @@ class RunPanels:
         image, columns, label_maps = self.columns(image_id, scale)
         labelled = np.asarray(self.info.image_labels(image_id), np.uint8)  # labelled classes join the legend
         legend = legend_for([*label_maps, labelled], self.info.class_names, self.palette)
+        if any(c.kind == "heat" for c in columns):
+            legend.append(("score 0-1", COLOUR_BAR))
         return render_panel(image, columns, legend, title=image_id)
 
 
@@ -335,27 +385,25 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- which images to show
-def per_image_stages(layout: store.RunLayout) -> list[str]:
-    """Stages with a metrics/<stage>_per_image.csv, in name order."""
+def per_image_files(layout: store.RunLayout, splits) -> dict[tuple[str, str], Path]:
+    """{(stage, split): metrics/<stage>_<split>_per_image.csv} for every per-image CSV of the run."""
     if not layout.metrics_dir.is_dir():
-        return []
-    return sorted(p.name[: -len("_per_image.csv")] for p in layout.metrics_dir.glob("*_per_image.csv"))
+        return {}
+    found = {}
+    for path in sorted(layout.metrics_dir.glob("*_per_image.csv")):
+        key = st.split_stage(path.name[: -len("_per_image.csv")], splits)
+        if key is not None:
+            found[key] = path
+    return found
 
 
-def label_stage_stores(layout: store.RunLayout) -> dict[str, Path]:
-    """Stages whose per-image mIoU can be computed from a labels store: cleaned, crf, reliable and
-    round<r>_<name> for every round store present."""
-    stages = {name: layout.pseudo(name) for name in ("cleaned", "crf", "reliable")}
-    for r in round_numbers(layout):
-        for path in sorted(layout.round_dir(r).glob("*.zarr")):
-            stages[f"round{r}_{path.stem}"] = path
-    # Rounds also hold scores stores (scores_<split>.zarr): only finished labels stores count.
-    return {s: p for s, p in stages.items() if p.exists() and _open_optional(p, "labels") is not None}
+def per_image_stages(layout: store.RunLayout, splits) -> list[str]:
+    """Stage names with per-image scores on any split, in name order."""
+    return sorted({stage for stage, _ in per_image_files(layout, splits)})
 
 
-def read_per_image(layout: store.RunLayout, stage: str) -> pd.Series:
-    """Per-image mIoU (index: image id) of a stage from metrics/<stage>_per_image.csv."""
-    path = layout.metrics_dir / f"{stage}_per_image.csv"
+def read_per_image(path: Path) -> pd.Series:
+    """Per-image mIoU (index: image id) from a metrics/<stage>_<split>_per_image.csv."""
     table = pd.read_csv(path, dtype={"id": str})
     missing = {"id", "miou"} - set(table.columns)
     if missing:
@@ -363,29 +411,36 @@ def read_per_image(layout: store.RunLayout, stage: str) -> pd.Series:
     return table.set_index("id")["miou"].astype(float)
 
 
-def compute_per_image(layout: store.RunLayout, stage: str, info, ids: Sequence[str]) -> pd.Series:
-    """Per-image mIoU of a labels-store stage against gt.zarr (weakseg.evaluate's metric)."""
+def compute_per_image(path: Path, gt_path: Path, stage: str, info, ids: Sequence[str]) -> pd.Series:
+    """Per-image mIoU of a labels store against gt.zarr (weakseg.evaluate's metric), over the ids it
+    holds that have a mask."""
     from weakseg.evaluate import evaluate_labels
 
-    path = label_stage_stores(layout)[stage]
     in_store = set(store.ids_in(store.open_store(path, "labels"), store.LABELS))
-    ids = [i for i in ids if i in in_store]
+    gt_group = _open_optional(gt_path, "gt")
+    masked = set(store.ids_in(gt_group, store.MASKS)) if gt_group is not None else set()
+    ids = [i for i in ids if i in in_store and i in masked]
     if not ids:
         return pd.Series(dtype=float)
-    _, per_image = evaluate_labels(layout.gt, path, store.LABELS, stage, "inspect", ids, info.class_names)
+    _, per_image = evaluate_labels(gt_path, path, store.LABELS, stage, "inspect", ids, info.class_names)
     return per_image.set_index("id")["miou"].astype(float)
 
 
-def stage_miou(layout: store.RunLayout, stage: str, info, ids: Sequence[str]) -> pd.Series:
-    """Per-image mIoU of ``stage``: from its per-image CSV, else computed from its labels store."""
-    if stage in per_image_stages(layout):
-        return read_per_image(layout, stage)
-    computable = label_stage_stores(layout) if layout.gt.exists() else {}
-    if stage in computable:
-        return compute_per_image(layout, stage, info, ids)
-    valid = sorted(set(per_image_stages(layout)) | set(computable))
+def stage_miou(layout: store.RunLayout, stage: str, info, ids: Sequence[str], config: dict | None = None) -> pd.Series:
+    """Per-image mIoU of ``stage`` (on every split that has it): from its per-image CSVs, else computed
+    from its labels stores."""
+    config = config or run_config(layout) or {"dataset": {"train_split": next(iter(info.splits))},
+                                              "segment": {"annotation": "reliable"}}
+    files = {key: p for key, p in per_image_files(layout, info.splits).items() if key[0] == stage}
+    if files:
+        return pd.concat([read_per_image(p) for p in files.values()])
+    stores = [s for s in found_stages(layout, config) if s.name == stage and _open_optional(s.path, "labels")]
+    if stores and layout.gt.exists():
+        return pd.concat([compute_per_image(s.path, layout.gt, stage, info, ids) for s in stores])
+    computable = {s.name for s in found_stages(layout, config)} if layout.gt.exists() else set()
+    valid = sorted(set(per_image_stages(layout, info.splits)) | computable)
     raise SelectionError(f"stage '{stage}' has no per-image scores in {layout.root} "
-                   f"(valid stages: {', '.join(valid) or 'none — run the evaluation first'})")
+                         f"(valid stages: {', '.join(valid) or 'none — the run has no ground-truth masks'})")
 
 
 def select_ids(layout: store.RunLayout, info, ids: Sequence[str] | None = None, worst: int | None = None,
@@ -410,7 +465,8 @@ def select_ids(layout: store.RunLayout, info, ids: Sequence[str] | None = None, 
     if worst is not None:
         if worst < 1:
             raise SelectionError(f"--worst must be at least 1, got {worst}")
-        miou = stage_miou(layout, stage, info, chosen).reindex(chosen).dropna()
+        miou = stage_miou(layout, stage, info, chosen)
+        miou = miou[~miou.index.duplicated()].reindex(chosen).dropna()
         chosen = list(miou.sort_values(kind="stable").index[:worst])
     return chosen
 
@@ -419,6 +475,10 @@ def run_inspect(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ids: Seq
                 worst: int | None = None, stage: str | None = None, class_name: str | None = None) -> list[Path]:
     """Write ``<out_dir>/<id>.png`` panels for the selected images (see ``select_ids``); return the paths."""
     panels = RunPanels(run_dir)
+    missing = panels.missing_stages()
+    if missing:
+        log.warning("inspect: %d expected stage(s) not (yet) computed in %s: %s", len(missing), panels.layout.root,
+                    ", ".join(f"{s.name} ({s.split})" for s in missing))
     chosen = select_ids(panels.layout, panels.info, ids, worst, stage, class_name)
     if not chosen:
         log.warning("inspect: no image matches the selection")

@@ -1,30 +1,36 @@
-"""A static HTML report of one run: metrics table, plots and a gallery of inspection panels.
+"""A static HTML report of one run: run metadata and config, metrics and per-class tables, time per
+stage, plots (training curves included) and a gallery of every stage's view of chosen images.
 
 Everything is read from the run directory (paths from ``store.RunLayout``); a missing input only
-drops its table, plot or gallery. The page is self-contained — inline CSS and a few lines of inline
-JS, PNGs as relative files next to it — so it opens from disk with no server or network. The report
-folder is written under a temporary sibling name and renamed into place when complete.
+drops its table, plot or gallery, and the expected stages that are missing are listed. The page is
+one self-contained HTML file — CSS, a little JS and every image inlined as data URIs — so it opens
+from disk with no server, and ``snakemake --report`` carries it whole. It is rendered from the
+Jinja2 templates in ``templates/`` and written atomically.
 
-Core: ``stage_table``, ``gallery_order`` and the ``plot_*`` functions (tables in, figure or value
-out). Edge: ``write_report``.
+Core: ``stage_table``, ``per_class_table``, ``timing_table``, ``gallery_order`` and the ``plot_*``
+functions (tables in, table or figure out). Edge: ``write_report``.
 """
 from __future__ import annotations
 
-import html
+import base64
+import datetime as _dt
 import logging
 import math
 import os
 import re
-import shutil
+import subprocess
 import uuid
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from weakseg import store
 from weakseg.inspect import panels as pn
+from weakseg.inspect import stages as st
 from weakseg.parallel import progress
 
 log = logging.getLogger("weakseg")
@@ -32,6 +38,7 @@ log = logging.getLogger("weakseg")
 TABLE_METRICS = ("miou", "mean_class_acc", "pixel_acc", "labelled_fraction")
 LOG_X_COLUMN = "iteration"
 LOG_NOT_PLOTTED = ("iteration", "lr")  # train_log.csv columns that are not losses
+JPEG_QUALITY = 90  # photo-like tiles (image, heat maps, superpixels); label maps stay lossless PNG
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -57,13 +64,46 @@ def stage_order(metrics: pd.DataFrame | None) -> list[str]:
     return [] if metrics is None else list(dict.fromkeys(metrics["stage"]))
 
 
-def last_stages(metrics: pd.DataFrame) -> list[tuple[str, str]]:
-    """(stage, split) of the last stage with per-class IoU, for every split."""
+def images_evaluated(metrics: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """{(stage, split): "n of N"}: how many of the split's images had a mask and were evaluated."""
+    whole = metrics[metrics["class"] == ""]
+    n = whole[whole["metric"] == "n_images"].groupby(["stage", "split"], sort=False)["value"].last()
+    total = whole[whole["metric"] == "split_images"].groupby(["stage", "split"], sort=False)["value"].last()
+    return {key: f"{int(v)} of {int(total[key])}" if key in total.index else f"{int(v)}" for key, v in n.items()}
+
+
+def per_class_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per-class IoU: one row per class (dataset order), one column per (stage, split) in metrics order."""
     per_class = metrics[(metrics["metric"] == "iou") & (metrics["class"] != "")]
-    last: dict[str, str] = {}
-    for stage, split in per_class[["stage", "split"]].itertuples(index=False):
-        last[split] = stage
-    return [(stage, split) for split, stage in last.items()]
+    if per_class.empty:
+        return pd.DataFrame()
+    table = per_class.pivot_table(index="class", columns=["stage", "split"], values="value", aggfunc="last",
+                                  sort=False)
+    return table.reindex(index=list(dict.fromkeys(per_class["class"])))
+
+
+def timing_table(benchmarks: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per job (benchmark file name) in the order the jobs finished: seconds, max RSS (MB)."""
+    rows = []
+    for job, table in benchmarks.items():
+        if table.empty or "s" not in table.columns:
+            continue
+        rss = table["max_rss"].iloc[-1] if "max_rss" in table.columns else float("nan")
+        rows.append({"job": job, "seconds": float(table["s"].iloc[-1]),
+                     "max_rss_mb": pd.to_numeric(pd.Series([rss]), errors="coerce").iloc[0]})
+    return pd.DataFrame(rows, columns=["job", "seconds", "max_rss_mb"])
+
+
+def final_stages(metrics: pd.DataFrame | None, per_image: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{split: the last stage, in metrics (pipeline) order, that has per-image scores on that split}."""
+    order = {key: i for i, key in enumerate(dict.fromkeys(zip(metrics["stage"], metrics["split"])))} \
+        if metrics is not None else {}
+    final: dict[str, tuple[int, str]] = {}
+    for stage, split in per_image:
+        rank = order.get((stage, split), -1)
+        if split not in final or rank >= final[split][0]:
+            final[split] = (rank, stage)
+    return {split: stage for split, (_, stage) in final.items()}
 
 
 def _spread(pool: list[str], n: int) -> list[str]:
@@ -139,51 +179,52 @@ def plot_reliability_curve(curve: pd.DataFrame | None):
     return fig
 
 
-def plot_per_class_iou(metrics: pd.DataFrame):
-    stages = last_stages(metrics)
-    if not stages:
-        return None
-    per_class = metrics[(metrics["metric"] == "iou") & (metrics["class"] != "")]
-    classes = list(dict.fromkeys(per_class["class"]))
-    fig, ax = _figure(7.0, max(3.0, 0.22 * len(classes) * max(1, len(stages)) ** 0.5 + 1.2))
-    height = 0.8 / len(stages)
-    y = np.arange(len(classes))
-    for i, (stage, split) in enumerate(stages):
-        rows = per_class[(per_class["stage"] == stage) & (per_class["split"] == split)]
-        values = rows.groupby("class", sort=False)["value"].last().reindex(classes)
-        ax.barh(y + i * height, values.to_numpy(), height=height, label=f"{stage} ({split})")
-    ax.set_yticks(y + height * (len(stages) - 1) / 2, classes, fontsize=7)
-    ax.invert_yaxis()
-    ax.set(xlabel="IoU", xlim=(0, 1), title="per-class IoU of the last stage")
-    ax.legend(fontsize=8)
-    return fig
-
-
 def plot_training_logs(logs: dict[str, pd.DataFrame]):
-    """Loss curves of every training log (CAM network, each round), one panel per log."""
+    """Loss curves of every training log (CAM network, each round), one panel per log; the learning
+    rate on a second axis."""
     logs = {k: v for k, v in logs.items() if not v.empty}
     if not logs:
         return None
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(logs), figsize=(4.6 * len(logs), 3.4), dpi=100, squeeze=False)
     for ax, (name, table) in zip(axes[0], logs.items()):
         x = table[LOG_X_COLUMN] if LOG_X_COLUMN in table.columns else np.arange(1, len(table) + 1)
         for column in table.columns:
             if column not in LOG_NOT_PLOTTED and pd.api.types.is_numeric_dtype(table[column]):
-                ax.plot(x, table[column], label=column, linewidth=1)
-        ax.set(xlabel="iteration", ylabel="loss", title=f"training: {name}")
+                ax.plot(x, table[column], label=column, linewidth=1, marker="." if len(table) < 30 else None)
+        ax.set(xlabel="iteration", ylabel="loss (mean over the logged iterations)", title=f"training: {name}")
+        if "lr" in table.columns:
+            lr_ax = ax.twinx()
+            lr_ax.plot(x, table["lr"], color="grey", linestyle=":", linewidth=1, label="learning rate")
+            lr_ax.set_ylabel("learning rate", color="grey")
+            lr_ax.tick_params(axis="y", labelcolor="grey", labelsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def save_figure(fig, path: Path) -> None:
+def figure_uri(fig) -> str:
+    """A matplotlib figure as a PNG data URI (the figure is closed)."""
+    import io
+
     import matplotlib.pyplot as plt
 
+    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_uri(rgb: np.ndarray, lossless: bool) -> str:
+    """An RGB uint8 image as a PNG (lossless) or JPEG data URI."""
+    ext, params, mime = (".png", [], "image/png") if lossless else \
+        (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY], "image/jpeg")
+    ok, encoded = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
+    if not ok:
+        raise ValueError(f"could not encode a {rgb.shape} image as {ext}")
+    return f"data:{mime};base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
 # ------------------------------------------------------------------------------------- run inputs
@@ -206,7 +247,7 @@ def read_sweeps(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
 
 def read_training_logs(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
     paths = {"CAM": layout.cam_dir / "train_log.csv"}
-    paths.update({f"round {r}": layout.round_dir(r) / "train_log.csv" for r in pn.round_numbers(layout)})
+    paths.update({f"round {r}": layout.round_dir(r) / "train_log.csv" for r in st.round_numbers(layout)})
     return {name: pd.read_csv(p) for name, p in paths.items() if p.exists()}
 
 
@@ -215,59 +256,42 @@ def image_divergence(layout: store.RunLayout) -> pd.Series | None:
     return None if table is None else table.groupby("id", sort=False)["image_divergence"].first()
 
 
+def read_benchmarks(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
+    """Snakemake's per-job benchmark TSVs, {job: table}, in the order the jobs finished."""
+    if not layout.benchmarks_dir.is_dir():
+        return {}
+    paths = sorted(layout.benchmarks_dir.glob("*.tsv"), key=lambda p: p.stat().st_mtime)
+    return {p.stem: pd.read_csv(p, sep="\t") for p in paths}
+
+
+def git_commit(path: Path) -> str | None:
+    """The git commit (and '+changes' when the work tree differs) of the checkout holding ``path``."""
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def mask_counts(layout: store.RunLayout, info) -> dict[str, tuple[int, int]]:
+    """{split: (images with a ground-truth mask, images)}."""
+    gt = pn._open_optional(layout.gt, "gt")
+    masked = set(store.ids_in(gt, store.MASKS)) if gt is not None else set()
+    return {split: (sum(i in masked for i in ids), len(ids)) for split, ids in info.splits.items()}
+
+
 # -------------------------------------------------------------------------------------------- html
-CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#eee}td.name{text-align:left}
-figure{display:inline-block;margin:0.5em}figure img{max-width:100%}
-#gallery figure{display:block;border-top:1px solid #ddd;padding-top:0.4em}
-#gallery figcaption{font-size:0.85em;margin-bottom:0.3em}
-.controls{margin:0.5em 0}#broken{color:#b00}
-"""
-
-# Sorting and filtering of gallery items by their data-* attributes (also from the URL fragment),
-# and a count of images that failed to load (body data-broken; shown when > 0).
-SCRIPT = """
-const gallery = document.getElementById('gallery');
-function num(el, key){const v = parseFloat(el.getAttribute(key)); return isNaN(v) ? null : v;}
-function update(){
-  if(!gallery) return;
-  const [key, dir] = document.getElementById('sort').value.split('|');
-  const cls = document.getElementById('filter').value;
-  const items = Array.from(gallery.children);
-  items.sort((a, b) => {
-    if(key === 'id') return a.dataset.id.localeCompare(b.dataset.id);
-    const x = num(a, key), y = num(b, key);
-    if(x === null || y === null) return (x === null) - (y === null);
-    return dir === 'desc' ? y - x : x - y;});
-  for(const it of items){
-    it.hidden = cls !== '' && !it.dataset.classes.split(';').includes(cls);
-    gallery.appendChild(it);}
-}
-window.addEventListener('load', () => {
-  const broken = Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length;
-  document.body.dataset.broken = String(broken);
-  if(broken) document.getElementById('broken').textContent = broken + ' image(s) failed to load';
-  document.body.dataset.loaded = '1';
-});
-// The URL fragment (#sort=KEY|asc&class=NAME) picks the sorting and filter, so a view can be linked.
-const params = new URLSearchParams(location.hash.slice(1));
-for(const [id, key] of [['sort', 'sort'], ['filter', 'class']]){
-  const el = document.getElementById(id);
-  if(!el) continue;
-  if(params.has(key) && Array.from(el.options).some(o => o.value === params.get(key))) el.value = params.get(key);
-  el.addEventListener('change', () => {
-    update();
-    const s = document.getElementById('sort').value, c = document.getElementById('filter').value;
-    history.replaceState(null, '', '#' + new URLSearchParams(c ? {sort: s, class: c} : {sort: s}));});
-}
-update();
-"""
+def _fmt(value, digits: int = 4) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _fmt(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+def _attr_value(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
 
 
 def _iou_attr(stage: str) -> str:
@@ -275,155 +299,158 @@ def _iou_attr(stage: str) -> str:
     return "data-iou-" + re.sub(r"[^a-z0-9_-]", "_", stage.lower())
 
 
-def _attr_value(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def table_html(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("stage", *table.columns, "split"))
-    rows = []
-    for (stage, split), values in table.iterrows():
-        cells = "".join(f"<td>{_fmt(v)}</td>" for v in values)
-        rows.append(f'<tr><td class="name">{html.escape(stage)}</td>{cells}'
-                    f'<td class="name">{html.escape(split)}</td></tr>')
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+def render_page(context: dict) -> str:
+    """The report page from the templates in weakseg/inspect/templates (Jinja2, autoescaped)."""
+    import jinja2
+
+    folder = resources.files("weakseg.inspect").joinpath("templates")
+    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+                             loader=jinja2.FunctionLoader(lambda name: folder.joinpath(name).read_text()))
+    return env.get_template("report.html.j2").render(css=folder.joinpath("report.css").read_text(),
+                                                    script=folder.joinpath("report.js").read_text(), **context)
 
 
-def gallery_html(items: list[dict], iou_stages: list[str], classes: list[str]) -> str:
-    """Gallery markup; each item dict has id, src, classes, iou {stage: value}, divergence."""
-    sort_options = [("id|asc", "image id")]
-    for stage in iou_stages:
+# -------------------------------------------------------------------------------------------- edge
+def write_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None,
+                 gallery_images: int | None = None) -> Path:
+    """Write the self-contained report page ``out_html`` (default ``<run>/report/index.html``)
+    atomically. ``gallery_images`` defaults to the run's ``inspect.gallery_images``. Returns the path."""
+    layout = store.RunLayout(run_dir)
+    if not layout.root.is_dir():
+        raise FileNotFoundError(f"{layout.root}: run directory not found")
+    config = pn.run_config(layout)
+    if gallery_images is None:
+        from weakseg.config import validate
+
+        gallery_images = (config or validate({}))["inspect"]["gallery_images"]
+    if gallery_images < 1:
+        raise ValueError(f"gallery_images must be at least 1, got {gallery_images}")
+    out_html = Path(out_html) if out_html is not None else layout.report_page
+    page = render_page(report_context(layout, config, gallery_images))
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_html.with_name(f"{out_html.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out_html)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("report: wrote %s (%.1f MB)", out_html, out_html.stat().st_size / 1e6)
+    return out_html
+
+
+def report_context(layout: store.RunLayout, config: dict | None, gallery_images: int) -> dict:
+    """Everything the template shows, read from the run folder."""
+    from weakseg import __version__
+
+    metrics = read_metrics(layout.metrics)
+    meta = [("run", layout.root.name), ("run folder", str(layout.root.resolve())), ("weakseg version", __version__),
+            ("report written", _dt.datetime.now().astimezone().isoformat(timespec="seconds"))]
+    commit = git_commit(Path(__file__).parent)
+    if commit:
+        meta.append(("git commit", commit))
+    context = {"title": f"weakseg report: {layout.root.name}", "meta": meta, "missing": [], "metrics": None,
+               "per_class": None, "timings": None, "plots": [], "gallery": None,
+               "evaluation": "No data store yet: the run has not ingested its dataset.",
+               "config_text": layout.resolved_config.read_text() if layout.resolved_config.is_file() else None}
+    if config is not None:
+        dataset = config["dataset"]
+        meta.append(("dataset", dataset["kind"] + (f" {dataset['root']}" if dataset["root"] else "")))
+    run = pn.RunPanels(layout.root) if layout.data.exists() else None
+    if run is not None:
+        context["missing"] = run.missing_stages() if config is not None else []
+        counts = mask_counts(layout, run.info)
+        meta.append(("images", ", ".join(f"{split} {n}" for split, (_, n) in counts.items())))
+        if not any(m for m, _ in counts.values()):
+            context["evaluation"] = ("No ground-truth masks: nothing is evaluated. The report shows every stage's "
+                                     "pictures and the training curves, without scores.")
+        else:
+            context["evaluation"] = "Ground-truth masks (evaluation only): " + ", ".join(
+                f"{split} {m} of {n} images" for split, (m, n) in counts.items()) + ". Scores cover those images."
+    if metrics is not None:
+        table = stage_table(metrics)
+        evaluated = images_evaluated(metrics)
+        context["metrics"] = {"columns": list(table.columns), "rows": [
+            {"stage": stage, "split": split, "values": [_fmt(v) for v in values],
+             "images": evaluated.get((stage, split), "")} for (stage, split), values in table.iterrows()]}
+        per_class = per_class_table(metrics)
+        if not per_class.empty:
+            context["per_class"] = {"columns": list(per_class.columns),
+                                    "rows": [(name, [_fmt(v, 3) for v in values]) for name, values in per_class.iterrows()]}
+    timings = timing_table(read_benchmarks(layout))
+    if not timings.empty:
+        context["timings"] = {"rows": [{"job": r.job, "seconds": f"{r.seconds:.1f}", "hms": _hms(r.seconds),
+                                        "rss": _fmt(r.max_rss_mb, 0)} for r in timings.itertuples()],
+                              "total": f"{timings['seconds'].sum():.1f}", "total_hms": _hms(timings["seconds"].sum())}
+    table = stage_table(metrics) if metrics is not None else None
+    curve = _read_csv(layout.reliability_curve, ("k", "fraction", "miou"))
+    figures = [
+        ("stage_miou", "mIoU per stage", plot_stage_miou(table) if table is not None and not table.empty else None),
+        ("threshold_sweep", "Background-threshold sweep", plot_sweeps(read_sweeps(layout))),
+        ("reliability_curve", "Reliability curve", plot_reliability_curve(curve)),
+        ("training", "Training loss and learning rate", plot_training_logs(read_training_logs(layout))),
+    ]
+    context["plots"] = [{"name": name, "title": title, "src": figure_uri(fig)} for name, title, fig in figures
+                        if fig is not None]
+    if run is not None:
+        context["gallery"] = gallery_context(run, metrics, gallery_images)
+    return context
+
+
+def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: int) -> dict:
+    """The gallery: ``n_images`` images spread over the final stage's per-image ranking, each with every
+    stage's tile (native resolution, enlarged in the browser), its legend and sort attributes."""
+    info = run.info
+    files = pn.per_image_files(run.layout, info.splits)
+    final = final_stages(metrics, list(files))
+    # Per-image mIoU of every (stage, split); an image belongs to one split, so a stage name keys its score.
+    order = {s: i for i, s in enumerate(stage_order(metrics))}
+    stages = sorted({stage for stage, _ in files}, key=lambda s: (order.get(s, len(order)), s))
+    miou: dict[str, pd.Series] = {}
+    for (stage, _), path in files.items():
+        miou[stage] = pd.concat([miou[stage], pn.read_per_image(path)]) if stage in miou else pn.read_per_image(path)
+    final_miou = pd.concat([pn.read_per_image(files[(stage, split)]) for split, stage in final.items()]) \
+        if final else None
+    divergence = image_divergence(run.layout)
+    chosen = gallery_order(final_miou, list(info.ids), n_images)
+    split_of = {i: split for split, ids in info.splits.items() for i in ids}
+    items, tile_width = [], 160
+    for image_id in progress(chosen, "report gallery"):
+        image, columns, label_maps = run.columns(image_id, scale=1)
+        tile_width = max(tile_width, min(320, 2 * image.shape[1]))
+        labelled = np.asarray(info.image_labels(image_id), np.uint8)
+        legend = pn.legend_for([*label_maps, labelled], info.class_names, run.palette)
+        div = divergence.get(image_id) if divergence is not None else None
+        div = None if div is None or pd.isna(div) else float(div)
+        scores = {s: float(m[image_id]) for s, m in miou.items() if image_id in m.index and not pd.isna(m[image_id])}
+        final_stage = final.get(split_of.get(image_id, ""))
+        items.append({
+            "id": image_id, "split": split_of.get(image_id, ""),
+            "classes": [info.class_names[c] for c in info.image_labels(image_id)],
+            "final_iou": _attr_value(scores.get(final_stage)), "divergence_attr": _attr_value(div),
+            "iou_attrs": [(_iou_attr(s), _attr_value(scores.get(s))) for s in stages],
+            "scores": [f"mIoU {s} {_fmt(v)}" for s, v in scores.items()] + ([f"divergence {_fmt(div)}"] if div else []),
+            "tiles": [{"title": image_id, "kind": "image", "src": image_uri(image, lossless=False)}] + [
+                {"title": c.title, "kind": c.kind, "src": image_uri(c.tile, lossless=c.kind == "labels")}
+                for c in columns],
+            "legend": [(name, None if colour is None else "rgb({},{},{})".format(*colour)) for name, colour in legend],
+            "has_heat": any(c.kind == "heat" for c in columns)})
+    sort_options = []
+    if final:
+        names = ", ".join(f"{stage} ({split})" for split, stage in final.items())
+        sort_options.append(("data-iou|asc", f"mIoU at the final stage ({names}), worst first"))
+        sort_options.append(("data-iou|desc", "mIoU at the final stage, best first"))
+    sort_options.append(("id|asc", "image id"))
+    for stage in stages:
         sort_options += [(f"{_iou_attr(stage)}|asc", f"mIoU {stage}, worst first"),
                          (f"{_iou_attr(stage)}|desc", f"mIoU {stage}, best first")]
     sort_options += [("data-divergence|desc", "divergence, highest first"),
                      ("data-divergence|asc", "divergence, lowest first")]
-    if iou_stages:  # default: the gallery stage (data-iou), worst first
-        sort_options.insert(0, ("data-iou|asc", f"mIoU {iou_stages[-1]} (gallery stage), worst first"))
-    options = "".join(f'<option value="{html.escape(v)}">{html.escape(t)}</option>' for v, t in sort_options)
-    filters = '<option value="">all classes</option>' + "".join(
-        f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in classes)
-    figures = []
-    for item in items:
-        iou_attrs = "".join(f' {_iou_attr(s)}="{_attr_value(item["iou"].get(s))}"' for s in iou_stages)
-        default_iou = item["iou"].get(iou_stages[-1]) if iou_stages else None
-        caption = "; ".join([html.escape(item["id"]), "classes: " + html.escape(", ".join(item["classes"]))]
-                            + [f"mIoU {html.escape(s)} {_fmt(item['iou'].get(s))}" for s in iou_stages
-                               if item["iou"].get(s) is not None]
-                            + ([f"divergence {_fmt(item['divergence'])}"] if item["divergence"] is not None else []))
-        figures.append(
-            f'<figure class="item" data-id="{html.escape(item["id"])}" data-iou="{_attr_value(default_iou)}"'
-            f' data-divergence="{_attr_value(item["divergence"])}"{iou_attrs}'
-            f' data-classes="{html.escape(";".join(item["classes"]))}">'
-            f'<figcaption>{caption}</figcaption><a href="{html.escape(item["src"])}" title="full size">'
-            f'<img src="{html.escape(item["src"])}" alt="panel of {html.escape(item["id"])}"></a></figure>')
-    return (f'<div class="controls">sort: <select id="sort">{options}</select> '
-            f'class: <select id="filter">{filters}</select></div>'
-            f'<div id="gallery">{"".join(figures)}</div>')
-
-
-def page_html(title: str, sections: list[tuple[str, str]]) -> str:
-    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="generator" content="weakseg report"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head>\n<body><h1>{html.escape(title)}</h1><p id=\"broken\"></p>\n{body}"
-            f"<script>{SCRIPT}</script></body></html>\n")
-
-
-# -------------------------------------------------------------------------------------------- edge
-def _safe_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", image_id)
-
-
-def _check_replaceable(folder: Path, page_name: str) -> None:
-    """Refuse to replace a folder that holds anything but a previous report (it would be deleted)."""
-    if folder.exists():
-        foreign = [p.name for p in folder.iterdir()
-                   if not (p.is_file() and (p.name == page_name or p.suffix == ".png"))]
-        if foreign:
-            raise FileExistsError(f"{folder}: holds files that are not part of a report ({', '.join(foreign[:5])}); "
-                                  f"choose another --out folder")
-
-
-def _gallery(layout: store.RunLayout, metrics: pd.DataFrame | None, folder: Path, n_images: int) -> str | None:
-    if not layout.data.exists():
-        return None
-    run = pn.RunPanels(layout.root)
-    info = run.info
-    # Per-image mIoU of every stage with a per-image CSV, in pipeline (metrics.csv) order.
-    order = {s: i for i, s in enumerate(stage_order(metrics))}
-    stages = sorted(pn.per_image_stages(layout), key=lambda s: (order.get(s, len(order)), s))
-    mious = {s: pn.read_per_image(layout, s) for s in stages}
-    divergence = image_divergence(layout)
-    chosen = gallery_order(mious[stages[-1]] if stages else None, list(info.ids), n_images)
-    items = []
-    for k, image_id in enumerate(progress(chosen, "report panels")):
-        src = f"panel_{k:03d}_{_safe_name(image_id)}.png"  # the index keeps names unique
-        pn.save_png(folder / src, run.panel(image_id))
-        div = divergence.get(image_id) if divergence is not None else None
-        items.append({"id": image_id, "src": src,
-                      "classes": [info.class_names[c] for c in info.image_labels(image_id)],
-                      "iou": {s: float(m[image_id]) for s, m in mious.items() if image_id in m.index},
-                      "divergence": None if div is None or pd.isna(div) else float(div)})
-    return gallery_html(items, stages, list(info.class_names))
-
-
-def write_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None,
-                 gallery_images: int | None = None) -> Path:
-    """Write the report page ``out_html`` (default ``<run>/report/index.html``) and its PNGs into the
-    page's folder, which is replaced as a whole. ``gallery_images`` defaults to the config schema's
-    ``inspect.gallery_images``. Returns the page path."""
-    layout = store.RunLayout(run_dir)
-    if not layout.root.is_dir():
-        raise FileNotFoundError(f"{layout.root}: run directory not found")
-    if gallery_images is None:
-        from weakseg.config import schema
-
-        gallery_images = schema()["properties"]["inspect"]["properties"]["gallery_images"]["default"]
-    if gallery_images < 1:
-        raise ValueError(f"gallery_images must be at least 1, got {gallery_images}")
-    out_html = Path(out_html) if out_html is not None else layout.report_dir / "index.html"
-    folder = out_html.parent
-    _check_replaceable(folder, out_html.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        sections = _sections(layout, tmp, gallery_images)
-        (tmp / out_html.name).write_text(page_html(f"weakseg report: {layout.root.name}", sections),
-                                         encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    store.replace_path(tmp, folder)
-    log.info("report: wrote %s", out_html)
-    return out_html
-
-
-def _sections(layout: store.RunLayout, folder: Path, gallery_images: int) -> list[tuple[str, str]]:
-    metrics = read_metrics(layout.metrics)
-    sections: list[tuple[str, str]] = []
-    table = stage_table(metrics) if metrics is not None else None
-    if table is not None and not table.empty:
-        sections.append(("Metrics per stage", table_html(table)))
-    curve = _read_csv(layout / "pseudo" / "reliability_curve.csv", ("k", "fraction", "miou"))
-    figures = [
-        ("mIoU per stage", "stage_miou.png", plot_stage_miou(table) if table is not None and not table.empty else None),
-        ("Background-threshold sweep", "threshold_sweep.png", plot_sweeps(read_sweeps(layout))),
-        ("Reliability curve", "reliability_curve.png", plot_reliability_curve(curve)),
-        ("Per-class IoU", "per_class_iou.png", plot_per_class_iou(metrics) if metrics is not None else None),
-        ("Training loss", "training_loss.png", plot_training_logs(read_training_logs(layout))),
-    ]
-    plots = []
-    for title, name, fig in figures:
-        if fig is not None:
-            save_figure(fig, folder / name)
-            plots.append(f'<figure><img src="{name}" alt="{html.escape(title)}">'
-                         f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    if plots:
-        sections.append(("Plots", "\n".join(plots)))
-    gallery = _gallery(layout, metrics, folder, gallery_images)
-    if gallery is not None:
-        sections.append(("Gallery", gallery))
-    if not sections:
-        sections.append(("Nothing yet", "<p>No stage of this run has produced output yet.</p>"))
-    return sections
+    note = (f"{len(items)} of {len(info.ids)} images, spread from worst to best at the final stage."
+            if final else f"{len(items)} of {len(info.ids)} images.")
+    return {"items": items, "sort_options": sort_options, "classes": list(info.class_names), "note": note,
+            "tile_width": tile_width}

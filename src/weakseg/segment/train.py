@@ -120,7 +120,8 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
                compute_loss=compute_loss, iterations=seg["iterations"], checkpoint_every=seg["checkpoint_every"],
                out_dir=Path(out_dir), seed=seg["seed"], desc="train-seg",
                fingerprint=config_fingerprint(training_section(seg), config["dataset"], ids,
-                                             labels_digest.hexdigest()))
+                                             labels_digest.hexdigest()),
+               log_every=seg["log_every"])
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
     return model_path

@@ -1,0 +1,93 @@
+"""One naming scheme for the stages of a run, shared by metrics rows, ``inspect``, the report and CLI help.
+
+A stage is named as its metrics row: (stage, split). Labels stores map to names like this:
+
+    pseudo/cleaned.zarr, crf.zarr, reliable.zarr        cleaned, crf, reliable            (train)
+    cam/<key>_gated_<val>.zarr                          cam_gated, spcam_gated            (val)
+    round<r>/<segment.annotation>_<train>.zarr          round<r>: the round's annotation  (train)
+    round<r>/cleaned_<train>.zarr, crf_, reliable_      round<r>_cleaned, _crf, _reliable (train; the
+                                                        one that is the annotation is round<r>)
+    round<r>/cleaned_<val>.zarr, crf_<val>.zarr         round<r>_gated, round<r>_crf      (val)
+
+Metrics add rows without a labels store: superpixel_oracle, cam and spcam (scores, train), round<r> on
+val (the network's argmax), and <stage>_selected (the images the reliability selection keeps).
+This module is light (no numpy, no stores) so that ``--help`` can quote it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGE_HELP = ("superpixel_oracle, cam, spcam, cleaned, crf, reliable, round<r> (train); cam_gated, spcam_gated, "
+              "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable "
+              "(train, a round's steps before its annotation)")
+PSEUDO_VARIANTS = ("cleaned", "crf", "reliable")
+CAM_KEYS = ("cam", "spcam")
+_ROUND_STORE = re.compile(r"^(cleaned|crf|reliable)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's labels store: its name, the split whose images it holds, and where it lives."""
+
+    name: str
+    split: str
+    path: Path
+
+
+def round_stage_name(r: int, variant: str, split: str, train_split: str, annotation: str) -> str:
+    """The name of the labels store ``round<r>/<variant>_<split>.zarr``."""
+    if split == train_split:
+        return f"round{r}" if variant == annotation else f"round{r}_{variant}"
+    return f"round{r}_gated" if variant == "cleaned" else f"round{r}_{variant}"
+
+
+def expected_label_stages(layout, config: dict) -> list[Stage]:
+    """Every labels store a finished run of ``config`` has, in pipeline order."""
+    train, val = config["dataset"]["train_split"], config["dataset"]["val_split"]
+    seg = config["segment"]
+    stages = [Stage(v, train, layout.pseudo(v)) for v in PSEUDO_VARIANTS]
+    if val:
+        stages += [Stage(f"{key}_gated", val, layout.cam_dir / f"{key}_gated_{val}.zarr") for key in CAM_KEYS]
+    for r in range(1, seg["rounds"] + 1):
+        # The workflow makes a round's train annotation and what it needs: reliable regions need the CRF.
+        variants = ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)
+        stages += [Stage(round_stage_name(r, v, train, train, seg["annotation"]), train,
+                         layout.round_labels(r, f"{v}_{train}")) for v in variants]
+        if val:
+            variants = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
+            stages += [Stage(round_stage_name(r, v, val, train, seg["annotation"]), val,
+                             layout.round_labels(r, f"{v}_{val}")) for v in variants]
+    return stages
+
+
+def found_label_stages(layout, train_split: str, annotation: str) -> list[Stage]:
+    """The labels stores present in a run folder (finished or not), named by the scheme above."""
+    stages = [Stage(v, train_split, layout.pseudo(v)) for v in PSEUDO_VARIANTS if layout.pseudo(v).exists()]
+    if layout.cam_dir.is_dir():
+        for path in sorted(layout.cam_dir.glob("*_gated_*.zarr")):
+            key, _, split = path.stem.partition("_gated_")
+            stages.append(Stage(f"{key}_gated", split, path))
+    for r in round_numbers(layout):
+        for path in sorted(layout.round_dir(r).glob("*.zarr")):
+            found = _ROUND_STORE.match(path.stem)
+            if found:  # scores_<split>.zarr are not labels stores
+                variant, split = found.groups()
+                stages.append(Stage(round_stage_name(r, variant, split, train_split, annotation), split, path))
+    return stages
+
+
+def round_numbers(layout) -> list[int]:
+    if not layout.root.is_dir():
+        return []
+    found = (re.match(r"^round(\d+)$", p.name) for p in layout.root.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def split_stage(file_stem: str, splits) -> tuple[str, str] | None:
+    """(stage, split) of a metrics file stem ``<stage>_<split>``, for one of the dataset's ``splits``."""
+    for split in sorted(splits, key=len, reverse=True):
+        if file_stem.endswith(f"_{split}") and len(file_stem) > len(split) + 1:
+            return file_stem[: -len(split) - 1], split
+    return None
