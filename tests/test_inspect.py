@@ -17,6 +17,8 @@ from weakseg.inspect import panels as pn
 from weakseg.inspect import report as rp
 from weakseg.palette import class_palette
 
+import browser
+
 CLASSES = ["background", "cat", "dog"]
 H, W = 20, 24
 # image id -> (split, labelled classes)
@@ -82,10 +84,10 @@ def run_dir(tmp_path: Path) -> Path:
         with store.writing(layout.pseudo(name), "labels", _prov(name)) as g:
             for image_id in splits["train"]:
                 store.put(g, store.LABELS, image_id, _pseudo(image_id))
-    with store.writing(layout.round_labels(1, "crf"), "labels", _prov("round1")) as g:
+    with store.writing(layout.round_labels(1, "crf_train"), "labels", _prov("round1")) as g:
         for image_id in splits["train"]:
             store.put(g, store.LABELS, image_id, np.where(_mask(image_id) == 255, 0, _mask(image_id)).astype(np.uint8))
-    with store.writing(layout.round_labels(1, "val"), "labels", _prov("round1")) as g:
+    with store.writing(layout.round_labels(1, "crf_val"), "labels", _prov("round1")) as g:
         store.put(g, store.LABELS, "c", np.zeros((H, W), np.uint8))
     with store.writing(layout.round_scores(1, "val"), "scores", _prov("round1")) as g:  # not a labels store
         store.put_scores(g, "seg", "c", np.full((3, H, W), 1 / 3, np.float32), [0, 1, 2])
@@ -97,9 +99,9 @@ def run_dir(tmp_path: Path) -> Path:
     pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"]).to_csv(layout.metrics, index=False)
     layout.metrics_dir.mkdir()
     pd.DataFrame({"id": ["a", "b"], "miou": [0.9, 0.3], "pixel_acc": [0.95, 0.5]}).to_csv(
-        layout.metrics_dir / "crf_per_image.csv", index=False)
+        layout.metrics_dir / "crf_train_per_image.csv", index=False)
     pd.DataFrame({"threshold": [0.1, 0.2, 0.3], "miou": [0.3, 0.5, 0.4], "mean_class_acc": [0.4, 0.6, 0.5]}).to_csv(
-        layout.metrics_dir / "cam_sweep.csv", index=False)
+        layout.metrics_dir / "cam_train_sweep.csv", index=False)
     pd.DataFrame({"id": ["a", "b"], "class": [1, 2], "class_name": ["cat", "dog"], "area": [80, 80],
                   "perimeter": [36, 36], "divergence": [0.2, 0.7], "rank": [1, 2], "selected": [1, 0],
                   "image_selected": [1, 0], "image_divergence": [0.2, 0.7]}).to_csv(layout.reliability, index=False)
@@ -188,24 +190,33 @@ def test_run_inspect_writes_panels_with_palette_colours(run_dir, tmp_path):
     assert paths == [tmp_path / "out" / "a.png", tmp_path / "out" / "c.png"]
     run = pn.RunPanels(run_dir)
     scale = pn.default_scale((H, W))
-    titles, _ = zip(*run.columns("a")[1])
+    titles = tuple(c.title for c in run.columns("a")[1])
     assert titles == ("ground truth", "superpixels (16)", "CAM: cat", "SP-CAM: cat", "cleaned", "crf", "reliable",
-                      "round 1 crf")
+                      "round1_crf")
+    assert [c.kind for c in run.columns("a")[1]][:3] == ["labels", "superpixels", "heat"]
     panel = _read_png(paths[0])
-    # image + 8 columns; the legend (background, cat, ignore) fits one row
+    # image + 8 columns in two rows of PER_ROW; the legend (background, cat, ignore, colour bar) fits one row
+    assert pn.grid_shape(len(titles) + 1) == (2, pn.PER_ROW)
     assert panel.shape[:2] == pn.panel_shape((H * scale, W * scale), len(titles) + 1, 1)
+    # the heat maps' colour bar: blue at its left end, red at its right end
+    bar_y = panel.shape[0] - pn.GAP - pn.LEGEND_ROW_HEIGHT // 2
+    row = panel[bar_y].astype(int)
+    blue = [x for x in range(len(row)) if row[x, 2] > 100 and row[x, 0] < 60 and row[x, 1] < 60]
+    assert blue, "no colour bar in the legend"
+    end = row[blue[0]:blue[0] + pn.COLOUR_BAR_WIDTH]
+    assert any(r > 100 and g < 60 and b < 60 for r, g, b in end[-10:])  # ... running to red
 
     def pixel(column: str, y: int, x: int) -> tuple:
         ty, tx = pn.tile_origin(titles.index(column) + 1, (H * scale, W * scale))
         return tuple(panel[ty + y * scale + scale // 2, tx + x * scale + scale // 2])
 
     cat, background = tuple(PALETTE[1]), tuple(PALETTE[0])
-    for column in ("ground truth", "cleaned", "crf", "reliable", "round 1 crf"):
+    for column in ("ground truth", "cleaned", "crf", "reliable", "round1_crf"):
         assert pixel(column, 10, 5) == cat, column
     assert pixel("cleaned", 2, 2) == background
     assert pixel("cleaned", 18, 20) in {tuple(c) for c in pn.HATCH_COLOURS}  # ignore
-    val_titles = [t for t, _ in run.columns("c")[1]]
-    assert "CAM: dog" in val_titles and "round 1 val" in val_titles and "cleaned" not in val_titles
+    val_titles = [c.title for c in run.columns("c")[1]]
+    assert "CAM: dog" in val_titles and "round1_crf" in val_titles and "cleaned" not in val_titles
     c_panel = _read_png(paths[1])
     ty, tx = pn.tile_origin(val_titles.index("ground truth") + 1, (H * scale, W * scale))
     assert tuple(c_panel[ty + 10 * scale, tx + 18 * scale]) == tuple(PALETTE[2])
@@ -226,7 +237,8 @@ def test_selection_by_worst_and_class_and_clear_errors(run_dir, tmp_path):
     with pytest.raises(pn.SelectionError, match=r"valid stages: .*crf.*reliable") as error:
         pn.run_inspect(run_dir, tmp_path / "x", worst=2, stage="nope")
     assert "round1_crf" in str(error.value) and "scores_val" not in str(error.value)
-    assert [p.stem for p in pn.run_inspect(run_dir, tmp_path / "r", worst=1, stage="round1_val")] == ["c"]
+    # round1_crf: the round's CRF labels of train images (a, b exact) and of val images (c all background)
+    assert [p.stem for p in pn.run_inspect(run_dir, tmp_path / "r", worst=1, stage="round1_crf")] == ["c"]
     with pytest.raises(pn.SelectionError, match="go together"):
         pn.run_inspect(run_dir, tmp_path / "x", worst=2)
 
@@ -273,46 +285,112 @@ def test_panel_of_a_real_msrc_image_is_fast():
 class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.srcs, self.items, self.external = [], [], []
+        self.srcs, self.items, self.external, self.ids = [], [], [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
-        if tag == "img":
+        if tag == "img" and "src" in a:
             self.srcs.append(a["src"])
-        if tag == "figure" and "item" in a.get("class", ""):
+        if tag == "div" and a.get("class") == "item":
             self.items.append(a)
+        if "id" in a:
+            self.ids.append(a["id"])
         for key in ("src", "href"):
-            if a.get(key) and re.match(r"^[a-z]+:", a[key]):
+            if a.get(key) and not a[key].startswith("data:") and not a[key].startswith("#"):
                 self.external.append(a[key])
 
 
-def test_report_is_self_contained_and_sortable(run_dir):
+def _decode(uri: str) -> np.ndarray:
+    import base64
+
+    data = np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    assert image is not None, uri[:40]
+    return image[..., ::-1]
+
+
+def test_report_is_one_self_contained_page(run_dir):
     out = rp.write_report(run_dir, None, gallery_images=2)
     assert out == run_dir / "report" / "index.html"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["index.html"]
+    text = out.read_text()
     page = _Page()
-    page.feed(out.read_text())
-    assert not page.external
-    assert page.srcs and all((out.parent / s).is_file() for s in page.srcs)
-    assert {"stage_miou.png", "threshold_sweep.png", "reliability_curve.png", "per_class_iou.png",
-            "training_loss.png"} <= set(page.srcs)
-    # 2 of 3 images, spread over the crf ranking (worst b, best a), each with its sort/filter data
+    page.feed(text)
+    assert not page.external  # everything inline: opens from disk and inside `snakemake --report`
+    assert page.srcs and all(s.startswith("data:image/") for s in page.srcs)
+    assert {"metrics", "per-class", "plot-stage_miou", "plot-threshold_sweep", "plot-reliability_curve",
+            "plot-training", "gallery", "missing", "evaluation"} <= set(page.ids)
+    # 2 of 3 images, spread over the final stage's ranking (crf on train: worst b, best a), with sort/filter data
     items = {i["data-id"]: i for i in page.items}
     assert set(items) == {"a", "b"}
     assert float(items["b"]["data-iou"]) == pytest.approx(0.3)
     assert float(items["b"]["data-divergence"]) == pytest.approx(0.7)
-    assert items["b"]["data-classes"] == "background;dog"
-    text = out.read_text()
-    assert "<td class=\"name\">round1</td>" in text and "0.6000" in text
-    assert not list(run_dir.glob("report.tmp-*"))
+    assert items["b"]["data-classes"] == "background;dog" and items["b"]["data-split"] == "train"
+    assert '<td class="name">round1</td>' in text and "0.6000" in text
+    # the per-class table has a column per (stage, split) and a row per class
+    assert re.search(r"<th>round1<br><small>val</small></th>", text)
+    assert all(f'<td class="name">{name}</td>' for name in CLASSES)
+    # every tile of an image at native size: the image, then label maps in palette colours
+    first_tile = next(s for s in page.srcs if s.startswith("data:image/jpeg"))
+    assert _decode(first_tile).shape[:2] == (H, W)
+    labels = [s for s in page.srcs if s.startswith("data:image/png")]
+    assert any(tuple(_decode(s)[10, 5]) == tuple(PALETTE[2]) for s in labels)  # b's dog box
+    assert "heat maps: score 0" in text and 'class="colourbar"' in text
+    assert "expected stage(s) not (yet) computed" in text and "<code>round1_gated</code> (val)" in text
+    assert not list(run_dir.glob("report/*.tmp-*"))
 
-    rp.write_report(run_dir, None, gallery_images=1)  # replaces the previous report
+    rp.write_report(run_dir, None, gallery_images=1)  # replaces the previous page
     page = _Page()
     page.feed(out.read_text())
     assert [i["data-id"] for i in page.items] == ["b"]  # the worst
-    assert len(list(out.parent.glob("panel_*.png"))) == 1  # old files went with the old folder
-    (out.parent / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="notes.txt"):
-        rp.write_report(run_dir, None)
+
+
+def test_report_shows_run_metadata_timings_and_mask_counts(run_dir):
+    from weakseg import __version__
+    from weakseg.config import load, write_resolved
+
+    layout = store.RunLayout(run_dir)
+    write_resolved(load({"run": "run", "segment": {"rounds": 1, "eval_crf": False}}), layout.resolved_config)
+    layout.benchmarks_dir.mkdir()
+    for job, seconds in (("train_cam", 75.5), ("crf", 3.25)):
+        (layout.benchmarks_dir / f"{job}.tsv").write_text(
+            "s\th:m:s\tmax_rss\tmax_vms\n" f"{seconds}\t0:01:15\t512.5\t900\n")
+    text = rp.write_report(run_dir, None, gallery_images=1).read_text()
+    assert f"<dd>{__version__}</dd>" in text and "report written" in text
+    assert "Resolved config (config.resolved.yaml)" in text and "eval_crf: false" in text
+    assert re.search(r'<td class="name">train_cam</td><td>75.5</td><td>0:01:16</td><td>512</td>', text)
+    assert "<th>78.8</th>" in text  # total seconds
+    assert "train 2 of 2 images, val 1 of 1 images" in text
+    # with one round and no val CRF, only the val stages the fixture lacks are missing
+    assert "<code>round1_crf</code> (val)" not in text and "<code>cam_gated</code> (val)" in text
+
+
+def test_report_without_masks_has_pictures_and_curves_but_no_scores(run_dir):
+    for path in ("gt.zarr", "metrics", "metrics.csv", "pseudo/reliability_curve.csv"):
+        target = run_dir / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    text = rp.write_report(run_dir, None, gallery_images=3).read_text()
+    page = _Page()
+    page.feed(text)
+    assert "No ground-truth masks" in text
+    assert "metrics" not in page.ids and "per-class" not in page.ids and "plot-stage_miou" not in page.ids
+    assert "plot-training" in page.ids and len(page.items) == 3
+    assert all(i["data-iou"] == "" for i in page.items)
+
+
+def test_images_evaluated_say_n_of_split():
+    rows = [("crf", "train", "n_images", "", 3.0), ("crf", "train", "split_images", "", 5.0),
+            ("cam", "train", "n_images", "", 4.0), ("crf", "train", "miou", "", 0.5)]
+    metrics = pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"])
+    assert rp.images_evaluated(metrics) == {("crf", "train"): "3 of 5", ("cam", "train"): "4"}
+
+
+def test_final_stage_is_the_last_with_per_image_scores_in_pipeline_order():
+    rows = [(s, sp, "miou", "", 0.5) for s, sp in (("cam", "train"), ("crf", "train"), ("round1", "train"),
+                                                    ("round1", "val"), ("round1_crf", "val"))]
+    metrics = pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"])
+    per_image = [("round1_crf", "val"), ("crf", "train"), ("round1", "train"), ("round1", "val")]
+    assert rp.final_stages(metrics, per_image) == {"val": "round1_crf", "train": "round1"}
 
 
 def test_gallery_order_spreads_over_the_ranking_and_fills_with_unscored():
@@ -338,33 +416,24 @@ def test_report_of_an_empty_run_dir(tmp_path):
     assert "No stage of this run" in out.read_text()
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package 'chromium')")
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="headless Chromium not installed (Debian package 'chromium')")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     out = rp.write_report(run_dir, None, gallery_images=3)
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000"]
-    dom = subprocess.run([*flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    profile = tmp_path / "profile"
+    dom = browser.dump_dom(out.as_uri(), profile)
     assert 'data-loaded="1"' in dom, dom[-2000:]
-    assert 'data-broken="0"' in dom
-    assert len(re.findall(r'<figure class="item"', dom)) == 3
+    assert 'data-broken="0"' in dom  # every inlined image decoded
+    assert 'id="metrics"' in dom and len(re.findall(r'<div class="item"', dom)) == 3
 
     def gallery(fragment: str) -> list[tuple[str, bool]]:
         """(id, hidden) of the gallery items, in page order, after the page's script ran."""
-        dom = subprocess.run([*flags, "--dump-dom", out.as_uri() + fragment], capture_output=True, text=True,
-                             timeout=120).stdout
-        return [(m.group(1), "hidden" in m.group(0)) for m in re.finditer(r'<figure class="item"[^>]*'
+        dom = browser.dump_dom(out.as_uri() + fragment, profile)
+        return [(m.group(1), "hidden" in m.group(0)) for m in re.finditer(r'<div class="item"[^>]*'
                                                                           r'data-id="([^"]+)"[^>]*>', dom)]
 
-    assert gallery("") == [("b", False), ("a", False), ("c", False)]  # crf mIoU worst first, unscored last
+    assert gallery("") == [("b", False), ("a", False), ("c", False)]  # final-stage mIoU worst first, unscored last
     assert gallery("#sort=id|asc&class=dog") == [("a", True), ("b", False), ("c", False)]
     assert gallery("#sort=data-divergence|desc") == [("b", False), ("a", False), ("c", False)]
     assert gallery("#sort=data-iou-crf|desc") == [("a", False), ("b", False), ("c", False)]
-    shot = tmp_path / "shot.png"
-    subprocess.run([*flags, "--window-size=1200,900", f"--screenshot={shot}", out.as_uri()], capture_output=True,
-                   timeout=120)
-    image = _read_png(shot)
+    image = _read_png(browser.screenshot(out.as_uri(), profile, tmp_path / "shot.png"))
     assert image.shape[:2] == (900, 1200) and image.std() > 5  # something was drawn

@@ -362,7 +362,7 @@ def report_context(layout: store.RunLayout, config: dict | None, gallery_images:
         meta.append(("dataset", dataset["kind"] + (f" {dataset['root']}" if dataset["root"] else "")))
     run = pn.RunPanels(layout.root) if layout.data.exists() else None
     if run is not None:
-        context["missing"] = run.missing_stages() if config is not None else []
+        context["missing"] = run.missing_stages()
         counts = mask_counts(layout, run.info)
         meta.append(("images", ", ".join(f"{split} {n}" for split, (_, n) in counts.items())))
         if not any(m for m, _ in counts.values()):
