@@ -15,6 +15,8 @@ from weakseg.config import load
 from weakseg.training import (CHECKPOINT, load_model_file, make_optimizer, poly_schedule, save_model, train_loop)
 
 ITERATIONS, CHECKPOINT_EVERY = 6, 3
+LOG_EVERY = 2  # not a divisor of CHECKPOINT_EVERY: a log window spans a checkpoint
+LOGGED = [2, 4, 6]
 
 
 class SimulatedKill(Exception):
@@ -52,14 +54,15 @@ def mse_loss(model, batch):
     return loss, {"mse": loss.item()}
 
 
-def train(out_dir: Path, model: nn.Module | None = None, next_batch=draw_batch, fingerprint: str = "cfg-a"):
+def train(out_dir: Path, model: nn.Module | None = None, next_batch=draw_batch, fingerprint: str = "cfg-a",
+          log_every: int = LOG_EVERY):
     """One call of train_loop with fresh optimiser and scheduler, as a restarted job would make them."""
     model = model if model is not None else tiny_model()
     optimizer = make_optimizer("adam", [{"params": model.parameters()}], 0.01, 1e-4)
     rows = train_loop(model=model, optimizer=optimizer, scheduler=poly_schedule(optimizer, ITERATIONS),
                       next_batch=next_batch, compute_loss=mse_loss, iterations=ITERATIONS,
                       checkpoint_every=CHECKPOINT_EVERY, out_dir=out_dir, seed=7, desc="test-train",
-                      fingerprint=fingerprint)
+                      fingerprint=fingerprint, log_every=log_every)
     return model, rows
 
 
@@ -91,10 +94,10 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, uninterrupted, kill
         model, rows = train(tmp_path, model=restarted)
     assert "resumed from checkpoint" in caplog.text and f"iteration {CHECKPOINT_EVERY} of {ITERATIONS}" in caplog.text
     assert_same_state(model.state_dict(), reference_state)
-    assert rows == reference_rows  # same losses and learning rates, iterations 1..6 once each
-    assert [r["iteration"] for r in rows] == list(range(1, ITERATIONS + 1))
+    assert rows == reference_rows  # same mean losses and learning rates, one row every LOG_EVERY iterations
+    assert [r["iteration"] for r in rows] == LOGGED
     with (tmp_path / "train_log.csv").open() as fh:
-        assert [int(r["iteration"]) for r in csv.DictReader(fh)] == list(range(1, ITERATIONS + 1))
+        assert [int(r["iteration"]) for r in csv.DictReader(fh)] == LOGGED
 
 
 def test_uninterrupted_run_changes_weights_and_decays_lr(uninterrupted):
@@ -125,7 +128,53 @@ def test_finished_run_resumes_at_the_end_without_training(tmp_path, uninterrupte
         model, rows = train(tmp_path, next_batch=killed_at(1))  # would die if it drew any batch
     assert f"iteration {ITERATIONS} of {ITERATIONS}" in caplog.text
     assert_same_state(model.state_dict(), reference_state)
-    assert len(rows) == ITERATIONS
+    assert len(rows) == len(LOGGED)
+
+
+def test_log_rows_are_means_over_log_every_iterations(tmp_path, uninterrupted):
+    _, rows = uninterrupted
+    _, every = train(tmp_path, log_every=1)
+    assert [r["iteration"] for r in every] == list(range(1, ITERATIONS + 1))
+    for row in rows:
+        window = every[row["iteration"] - LOG_EVERY:row["iteration"]]
+        assert row["loss"] == pytest.approx(np.mean([r["loss"] for r in window]))
+        assert row["mse"] == pytest.approx(np.mean([r["mse"] for r in window]))
+        assert row["lr"] == every[row["iteration"] - 1]["lr"]  # the rate at the logged iteration
+
+
+def test_progress_in_a_log_file_is_plain_lines_with_loss_and_lr(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\n"
+            "sys.path.insert(0, %r)\n"
+            "import test_training as t\n"
+            "from pathlib import Path\n"
+            "t.train(Path(%r), log_every=3)\n") % (str(Path(__file__).parent), str(tmp_path / "run"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr  # stderr is a pipe, not a terminal: no carriage-return redraws
+    lines = [line for line in result.stderr.splitlines() if line.startswith("test-train:")]
+    assert lines and lines[-1].startswith("test-train: 100%") and "loss=" in lines[-1] and "lr=" in lines[-1]
+
+
+def test_a_job_that_asked_for_a_gpu_and_has_none_stops_at_once(monkeypatch, caplog):
+    from weakseg.config import ConfigError
+    from weakseg.training import check_gpu_request, select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"resources\.gpu: this job asked for 1 GPU\(s\) but torch finds no usable "
+                                          r"CUDA device .*set device: cpu"):
+        check_gpu_request("auto", 1)
+    with pytest.raises(ConfigError, match="resources.gpu"):
+        check_gpu_request("cuda", 2)
+    check_gpu_request("cpu", 1)  # the config chose the CPU
+    check_gpu_request("auto", 0)  # no GPU asked for
+    with caplog.at_level(logging.INFO, logger="weakseg"):
+        assert select_device("auto").type == "cpu"
+    assert "device: auto -> cpu (no usable CUDA device)" in caplog.text
+    with pytest.raises(ConfigError, match="device: 'cuda' requested"):
+        select_device("cuda")
 
 
 def test_model_file_round_trip_and_stage_check(tmp_path):

@@ -77,6 +77,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 def _write_log(rows: list[dict], path: Path) -> None:
     if not rows:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
