@@ -165,3 +165,68 @@ def test_predict_reports_an_unreadable_image_and_a_bad_tau_in_one_line(tmp_path,
         cli.main(["predict", "--model", str(tmp_path / "model.pt"), str(tmp_path / "broken.jpg"),
                   "--out", str(tmp_path / "out"), "--prior-adjustment", "-1"])
     assert exit_info.value.code == 2 and "--prior-adjustment: expected a number >= 0" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from weakseg import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"weakseg {__version__}"
+
+
+def test_top_level_help_speaks_to_users(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "image-level labels" in out and "snakemake --cores 2 --configfile my.yaml" in out
+    assert "weakseg COMMAND --help" in out
+
+
+# `predict` belongs to another change (its --overlay and exit codes); its options are checked there.
+@pytest.mark.parametrize("command", [c for c in _commands() if c != "predict"])
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"weakseg {command} {'/'.join(action.option_strings) or action.dest}: no help text"
+    text = sub.format_help()
+    for action in sub._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert f"default: {action.default}" in " ".join(text.split()), (command, action.dest)
+
+
+def test_stage_help_names_real_stages(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "round<r>_gated" in out and "spcam" in out and "round1 " not in out
+
+
+def test_resolve_config_prints_every_key_and_names_the_run_after_the_file(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "field.yaml"
+    path.write_text("cam: {iterations: 7}\n")
+    assert cli.main(["resolve-config", "--config", str(path)]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["run"] == "field" and resolved["cam"]["iterations"] == 7
+    assert resolved["segment"]["log_every"] >= 1 and "workers" not in resolved["cam"]
+    assert cli.main(["resolve-config", "--config", str(path), "--out", str(tmp_path / "r.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "r.yaml").read_text().split("\n", 1)[1]) == resolved
+
+
+def test_a_gpu_job_without_a_gpu_fails_at_once_in_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["train-cam", "--config", "{}", "--gpus", "1", "--data", str(tmp_path / "d.zarr"),
+            "--superpixels", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "cam")]
+    assert cli.main(argv) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "resources.gpu: this job asked for 1 GPU(s)" in lines[0]
+    # device: cpu says the CPU is fine: the command goes on (and stops at the missing store instead)
+    assert cli.main([*argv[:2], '{"device": "cpu"}', *argv[3:]]) == 2
+    assert "d.zarr: store not found" in _error_lines(capsys)[0]

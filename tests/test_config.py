@@ -132,3 +132,52 @@ def test_shipped_configs_are_valid():
     assert shipped, "no config files found in the repository"
     for path in shipped:
         config.load(path)  # raises ConfigError naming the file and key if one drifted from the schema
+
+
+def test_a_run_is_named_after_its_config_file_unless_it_says_run(tmp_path):
+    assert config.resolve({}, [tmp_path / "my.yaml"])["run"] == "my"
+    assert config.resolve({}, ["a.yaml", tmp_path / "my trial.v2.yaml"])["run"] == "my_trial.v2"  # the last file
+    assert config.resolve({"run": "mine"}, [tmp_path / "my.yaml"])["run"] == "mine"  # run: wins
+    assert config.resolve({}, [])["run"] == config.load(None)["run"]  # no file: the schema default
+    path = tmp_path / "field-test.yaml"
+    path.write_text("cam: {iterations: 3}\n")
+    assert config.load(path, run_from_file=True)["run"] == "field-test"
+    assert config.load(path)["run"] == config.load(None)["run"]  # a stage command's config: run unused
+
+
+def test_resolved_config_is_written_atomically_and_loads_back(tmp_path):
+    cfg = config.load({"run": "r", "cam": {"lr": 0.5}})
+    out = config.write_resolved(cfg, tmp_path / "results" / "r" / "config.resolved.yaml")
+    assert out.read_text().startswith("# The resolved configuration")
+    assert config.load(out) == cfg
+    assert sorted(p.name for p in out.parent.iterdir()) == ["config.resolved.yaml"]
+
+
+def _folder(tmp_path, train_masks: int, val_masks: int) -> dict:
+    root = tmp_path / "photos"
+    (root / "SegmentationClass").mkdir(parents=True)
+    (root / "train.txt").write_text("t1\nt2\nt3\n")
+    (root / "val.txt").write_text("v1\nv2\n")
+    for image_id in ["t1", "t2", "t3"][:train_masks] + ["v1", "v2"][:val_masks]:
+        (root / "SegmentationClass" / f"{image_id}.png").write_bytes(b"")
+    return config.load({"dataset": {"kind": "folder", "root": str(root)}})
+
+
+def test_evaluation_splits_follow_the_masks_that_exist(tmp_path):
+    cfg = _folder(tmp_path, train_masks=1, val_masks=0)
+    assert config.evaluation_splits(cfg) == ["train"]  # some train masks, no val masks
+    assert config.count_masks(cfg["dataset"], "train") == 1
+    cfg["dataset"]["max_images"] = 1
+    assert config.evaluation_splits(cfg) == ["train"]
+    cfg["dataset"]["max_images"] = None
+    cfg["evaluate"]["enabled"] = True
+    assert config.evaluation_splits(cfg) == ["train", "val"]
+    cfg["evaluate"]["enabled"] = False
+    assert config.evaluation_splits(cfg) == []
+    cfg = _folder(tmp_path / "none", train_masks=0, val_masks=0)
+    assert config.evaluation_splits(cfg) == []
+    cfg["dataset"]["val_split"] = None
+    assert config.evaluation_splits(cfg) == []
+    assert config.evaluation_splits(config.load(None)) == ["train", "val"]  # synthetic: always masked
+    with pytest.raises(ConfigError, match="evaluate.enabled"):
+        config.load({"evaluate": {"enabled": "sometimes"}})
