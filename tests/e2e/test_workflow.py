@@ -212,3 +212,126 @@ def test_killed_cam_training_resumes_to_the_uninterrupted_model(workdir):
     assert "resumed" not in (workdir / "results" / "tiny4" / "logs" / "train_cam.log").read_text()
     assert_same_weights(model_weights(workdir / "results" / "tiny3" / "cam" / "model.pt"),
                         model_weights(workdir / "results" / "tiny4" / "cam" / "model.pt"), "resumed vs uninterrupted")
+
+
+# ------------------------------------------------------------------------------------- the user's path
+def labels_only_folder(root: Path) -> Path:
+    """A VOC-style folder with images, split lists, classes.txt and labels.csv, and no masks."""
+    import shutil
+
+    from PIL import Image
+
+    from weakseg.datasets.synthetic import write_folder
+
+    tiny = yaml.safe_load(TINY.read_text())["dataset"]
+    folder = write_folder(tiny["synthetic"], True, root)
+    names = (folder / "classes.txt").read_text().split()
+    rows = ["id,labels"]
+    for mask in sorted((folder / "SegmentationClass").glob("*.png")):
+        present = np.unique(np.asarray(Image.open(mask)))
+        rows.append(mask.stem + "," + ";".join(names[c] for c in present if 0 < c < len(names)))
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    shutil.rmtree(folder / "SegmentationClass")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def labels_only_run(workdir):
+    """tiny.yaml's sizes on a labels-only folder, as a user's `field.yaml` (no run:, no results:)."""
+    folder = labels_only_folder(workdir / "photos")
+    user = {k: v for k, v in yaml.safe_load(TINY.read_text()).items() if k not in ("run", "results", "dataset")}
+    user["dataset"] = {"kind": "folder", "root": "photos", "labels_file": "photos/labels.csv", "has_background": True}
+    configfile = workdir / "field.yaml"
+    configfile.write_text(yaml.safe_dump(user))
+    assert not (folder / "SegmentationClass").exists()
+    return workdir / "results" / "field", snakemake(workdir, configfile=configfile), user
+
+
+def test_labels_only_dataset_runs_to_the_end_without_evaluation(labels_only_run, workdir):
+    run, result, user = labels_only_run
+    output = check_ok(result)
+    jobs = job_blocks(output)
+    evaluation = {r for r in jobs if r.startswith("evaluate") or r in ("superpixel_oracle", "reliability_curve",
+                                                                       "metrics")}
+    assert not evaluation, f"evaluation jobs without masks: {sorted(evaluation)}"
+    assert {"train_cam", "crf", "reliable", "train_seg", "predict_seg", "reliable_round", "report"} <= set(jobs)
+    assert not (run / "metrics.csv").exists() and not (run / "gt.zarr" / "masks").exists()
+    for store_path in ("pseudo/reliable.zarr", "round1/reliable_train.zarr", "round1/crf_val.zarr"):
+        assert (run / store_path).is_dir(), store_path
+    # the run is named after the config file; config.yaml (the demo) was not merged under it
+    resolved = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    assert resolved["run"] == "field" and resolved["dataset"]["root"] == "photos"
+    assert resolved["cam"]["iterations"] == user["cam"]["iterations"]
+    assert resolved["segment"]["rounds"] == user["segment"]["rounds"]
+    assert not (workdir / "results" / "demo").exists()
+    report = (run / "report" / "index.html").read_text()
+    assert "No ground-truth masks" in report and 'id="metrics"' not in report and 'id="plot-training"' in report
+    assert 'class="item"' in report
+    assert f"weakseg: the report of run 'field' is {Path('results/field/report/index.html')}" in output
+    # training logged loss and learning rate; the log file has plain lines, no carriage-return redraws
+    with (run / "cam" / "train_log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {"iteration", "loss", "lr"} <= set(rows[0])
+    log = (run / "logs" / "train_cam.log").read_text()
+    assert "\r" not in log and "device: auto -> cpu" in log and "loss=" in log
+
+
+def test_snakemake_report_carries_every_image(tiny_run, workdir, tmp_path):
+    import base64
+    import html
+
+    import browser
+
+    run, result = tiny_run
+    check_ok(result)
+    report = workdir / "r.html"
+    check_ok(snakemake(workdir, "--report", str(report)))
+    text = report.read_text()
+    # Snakemake embeds each result as a data URI: our report page must be one, with its images inside it.
+    pages = [base64.b64decode(m.group(1)).decode() for m in
+             re.finditer(r"data:text/html;charset=utf8;base64,([A-Za-z0-9+/=]+)", text)]
+    pages += [base64.b64decode(m.group(1)).decode() for m in
+              re.finditer(r"data:text/html;base64,([A-Za-z0-9+/=]+)", text)]
+    ours = [p for p in pages if 'name="generator" content="weakseg report"' in p]
+    assert ours, "the weakseg report page is not in the Snakemake report"
+    page = ours[0]
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert sources and all(html.unescape(s).startswith("data:image/") for s in sources)
+    assert 'id="metrics"' in page
+    if browser.CHROMIUM is None:
+        pytest.skip("headless Chromium not installed (Debian package 'chromium')")
+    extracted = tmp_path / "embedded.html"
+    extracted.write_text(page)
+    dom = browser.dump_dom(extracted.as_uri(), tmp_path / "profile")
+    assert 'data-loaded="1"' in dom and 'data-broken="0"' in dom and 'id="metrics"' in dom
+    dom = browser.dump_dom(report.as_uri(), tmp_path / "profile")
+    assert "metrics.csv" in dom or "index.html" in dom, dom[-2000:]  # Snakemake's own page rendered its results
+    own = browser.dump_dom((run / "report" / "index.html").as_uri(), tmp_path / "profile")
+    assert 'data-loaded="1"' in own and 'data-broken="0"' in own and 'id="metrics"' in own
+
+
+def readme_commands() -> list[str]:
+    """Every `weakseg ...` line of the README's bash blocks, comments stripped."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()
+            if line.startswith("weakseg ")]
+
+
+def test_readme_examples_run_on_a_run(tiny_run, workdir):
+    """Each README example, on the tiny run (results/demo -> results/tiny; it has one round)."""
+    run, result = tiny_run
+    check_ok(result)
+    readme = (REPO / "README.md").read_text()
+    my_yaml = re.search(r"a minimal `my.yaml` is\n\n```yaml\n(.*?)```", readme, flags=re.S).group(1)
+    (workdir / "my.yaml").write_text(my_yaml)
+    commands = readme_commands()
+    assert any(c.startswith("weakseg inspect") for c in commands) and any("predict" in c for c in commands)
+    for command in commands:
+        if command.startswith("weakseg benchmark"):
+            continue  # needs the real MSRC-21 photos (docs/results.md); benchmark tests cover it
+        line = command.replace("results/demo", "results/tiny").replace("round2", "round1")
+        done = subprocess.run(line, shell=True, cwd=workdir, env=snakemake_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        assert done.returncode == 0, f"README example failed: {command}\n{done.stderr[-3000:]}"
+    assert len(list((workdir / "predictions").glob("*.png"))) == len(list((run / "synthetic" / "JPEGImages").iterdir()))
