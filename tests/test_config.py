@@ -181,3 +181,20 @@ def test_evaluation_splits_follow_the_masks_that_exist(tmp_path):
     assert config.evaluation_splits(config.load(None)) == ["train", "val"]  # synthetic: always masked
     with pytest.raises(ConfigError, match="evaluate.enabled"):
         config.load({"evaluate": {"enabled": "sometimes"}})
+
+
+def _leaves_and_sections(node: dict, path: str = ""):
+    for key, sub in node.get("properties", {}).items():
+        full = f"{path}.{key}" if path else key
+        yield full, sub
+        if sub.get("type") == "object":
+            yield from _leaves_and_sections(sub, full)
+
+
+def test_every_schema_key_has_a_description():
+    keys = list(_leaves_and_sections(config.schema()))
+    assert len(keys) > 90
+    undocumented = [k for k, sub in keys if not str(sub.get("description", "")).strip()]
+    assert not undocumented, f"schema keys without a description: {', '.join(undocumented)}"
+    # every key the code reads is in the schema; cam.workers was read nowhere and is gone
+    assert "cam.workers" not in dict(keys) and "cam.log_every" in dict(keys) and "evaluate.enabled" in dict(keys)
