@@ -437,3 +437,10 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert gallery("#sort=data-iou-crf|desc") == [("a", False), ("b", False), ("c", False)]
     image = _read_png(browser.screenshot(out.as_uri(), profile, tmp_path / "shot.png"))
     assert image.shape[:2] == (900, 1200) and image.std() > 5  # something was drawn
+
+
+def test_a_resolved_config_of_another_version_does_not_stop_inspection(run_dir, tmp_path, caplog):
+    (run_dir / "config.resolved.yaml").write_text("cam: {workers: 2}\n")  # a key this version does not know
+    with caplog.at_level("WARNING", logger="weakseg"):
+        assert [p.stem for p in pn.run_inspect(run_dir, tmp_path / "out", ids=["a"])] == ["a"]
+    assert "cam.workers: unknown key" in caplog.text

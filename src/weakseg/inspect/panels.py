@@ -276,11 +276,15 @@ def run_config(layout: store.RunLayout) -> dict | None:
     """The run's resolved config (config.resolved.yaml), or None for a run folder without one."""
     import yaml
 
-    from weakseg.config import validate
+    from weakseg.config import ConfigError, validate
 
     if not layout.resolved_config.is_file():
         return None
-    return validate(yaml.safe_load(layout.resolved_config.read_text()), str(layout.resolved_config))
+    try:
+        return validate(yaml.safe_load(layout.resolved_config.read_text()), str(layout.resolved_config))
+    except (ConfigError, yaml.YAMLError) as exc:  # written by another weakseg version: look without it
+        log.warning("%s; stage names and expected stages follow the defaults", exc)
+        return None
 
 
 class RunPanels:
