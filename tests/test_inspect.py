@@ -444,3 +444,19 @@ def test_a_resolved_config_of_another_version_does_not_stop_inspection(run_dir, 
     with caplog.at_level("WARNING", logger="weakseg"):
         assert [p.stem for p in pn.run_inspect(run_dir, tmp_path / "out", ids=["a"])] == ["a"]
     assert "cam.workers: unknown key" in caplog.text
+
+
+def test_stage_gains_say_what_each_stage_added():
+    rows = [("cam", "train", 0.40, 1.0), ("spcam", "train", 0.45, 1.0), ("cleaned", "train", 0.50, 0.8),
+            ("crf", "train", 0.48, 1.0), ("reliable", "train", 0.55, 0.9), ("round1", "train", 0.50, 0.9),
+            ("spcam_gated", "val", 0.40, 1.0), ("round1", "val", 0.52, 1.0), ("crf_selected", "train", 0.6, 1.0)]
+    metrics = pd.DataFrame([{"stage": s, "split": sp, "metric": m, "class": "", "value": v}
+                            for s, sp, miou, lab in rows for m, v in (("miou", miou), ("labelled_fraction", lab))])
+    lines = rp.stage_gains(rp.stage_table(metrics))
+    assert lines[0] == "cam (train): mIoU 40.0"
+    assert lines[1] == "spcam (train): mIoU 45.0, +5.0 against cam"
+    assert lines[2] == "cleaned (train): mIoU 50.0 on 80% of pixels, +5.0 against spcam"
+    assert lines[3] == "crf (train): mIoU 48.0, -2.0 against cleaned"
+    assert "round1 (train): mIoU 50.0 on 90% of pixels, -5.0 against reliable" in lines
+    assert "round1 (val): mIoU 52.0, +12.0 against spcam_gated" in lines
+    assert not any(line.startswith("crf_selected") for line in lines)

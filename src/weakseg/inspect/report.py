@@ -72,6 +72,38 @@ def images_evaluated(metrics: pd.DataFrame) -> dict[tuple[str, str], str]:
     return {key: f"{int(v)} of {int(total[key])}" if key in total.index else f"{int(v)}" for key, v in n.items()}
 
 
+# What each stage is compared with, to say in one line what it added (train: the pseudo-label chain;
+# val: the CAM network used as a segmenter is the baseline every round must beat).
+STAGE_BASELINES = {"spcam": "cam", "cleaned": "spcam", "crf": "cleaned", "reliable": "crf"}
+VAL_BASELINE = "spcam_gated"
+
+
+def stage_gains(table: pd.DataFrame, train_split: str = "train") -> list[str]:
+    """One line per evaluated stage: its mIoU, the labelled fraction when it leaves pixels unlabelled,
+    and the change against the stage it builds on (``STAGE_BASELINES``; rounds: the annotation they
+    trained on on train, the SPN as a segmenter on val)."""
+    if "miou" not in table.columns:
+        return []
+    miou = {key: value for key, value in table["miou"].items()}
+    labelled = table["labelled_fraction"].to_dict() if "labelled_fraction" in table.columns else {}
+    lines = []
+    for stage, split in table.index:
+        if stage.endswith("_selected") or pd.isna(miou[(stage, split)]):
+            continue
+        base = STAGE_BASELINES.get(stage)
+        if stage.startswith("round") and stage[5:].isdigit():
+            r = int(stage[5:])
+            base = (f"round{r - 1}" if r > 1 else "reliable") if split == train_split else VAL_BASELINE
+        text = f"{stage} ({split}): mIoU {100 * miou[(stage, split)]:.1f}"
+        fraction = labelled.get((stage, split))
+        if fraction is not None and not pd.isna(fraction) and fraction < 0.995:
+            text += f" on {100 * fraction:.0f}% of pixels"
+        if base is not None and (base, split) in miou and not pd.isna(miou[(base, split)]):
+            text += f", {100 * (miou[(stage, split)] - miou[(base, split)]):+.1f} against {base}"
+        lines.append(text)
+    return lines
+
+
 def per_class_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per-class IoU: one row per class (dataset order), one column per (stage, split) in metrics order."""
     per_class = metrics[(metrics["metric"] == "iou") & (metrics["class"] != "")]
@@ -354,6 +386,7 @@ def report_context(layout: store.RunLayout, config: dict | None, gallery_images:
     if commit:
         meta.append(("git commit", commit))
     context = {"title": f"weakseg report: {layout.root.name}", "meta": meta, "missing": [], "metrics": None,
+               "gains": [],
                "per_class": None, "timings": None, "plots": [], "gallery": None,
                "evaluation": "No data store yet: the run has not ingested its dataset.",
                "config_text": layout.resolved_config.read_text() if layout.resolved_config.is_file() else None}
@@ -377,6 +410,7 @@ def report_context(layout: store.RunLayout, config: dict | None, gallery_images:
         context["metrics"] = {"columns": list(table.columns), "rows": [
             {"stage": stage, "split": split, "values": [_fmt(v) for v in values],
              "images": evaluated.get((stage, split), "")} for (stage, split), values in table.iterrows()]}
+        context["gains"] = stage_gains(table, config["dataset"]["train_split"] if config else "train")
         per_class = per_class_table(metrics)
         if not per_class.empty:
             context["per_class"] = {"columns": list(per_class.columns),
