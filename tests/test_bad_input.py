@@ -552,3 +552,140 @@ def test_predict_overlay_blends_label_colours_over_the_image(corpus, tmp_path):
     assert legend.shape[0] == len(present) * LEGEND_ROW  # the classes found, not all classes
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [LEGEND_FILE] + [f"{p.stem}{s}" for p in photos for s in (".png", "_overlay.png")])
+
+
+# ------------------------------------------------------------------ the run lock and temporaries
+
+def test_run_lock_refuses_others_lets_the_holders_jobs_write_and_is_released_by_its_holder_only(tmp_path,
+                                                                                               monkeypatch):
+    run = tmp_path / "results" / "demo"
+    held = store.acquire_run_lock(run, command="snakemake --cores 2")
+    lock = json.loads((run / store.RUN_LOCK).read_text())
+    assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname() and lock["token"] == held["token"]
+    with pytest.raises(store.RunLockedError, match=f"pid {os.getpid()} on {socket.gethostname()} since"):
+        store.acquire_run_lock(run)
+    out = run / "pseudo" / "crf.zarr"
+    assert store.run_dir_of(out) == run.absolute()
+    with pytest.raises(store.RunLockedError):  # a command run by hand
+        with store.run_writer([out]):
+            pass
+    monkeypatch.setenv(store.RUN_LOCK_TOKEN, held["token"])  # a job the holder started
+    with store.run_writer([out]):
+        assert json.loads((run / store.RUN_LOCK).read_text())["token"] == held["token"]
+    assert (run / store.RUN_LOCK).exists()  # the job did not release its holder's lock
+    store.release_run_lock(run, "another token")
+    assert (run / store.RUN_LOCK).exists()
+    store.release_run_lock(run, held["token"])
+    assert not (run / store.RUN_LOCK).exists()
+    monkeypatch.delenv(store.RUN_LOCK_TOKEN)
+    (run / store.DATA_STORE).mkdir()  # a run folder, known by its data store once the lock is gone
+    with store.run_writer([out]):  # by hand, unlocked: holds the lock while it writes
+        assert json.loads((run / store.RUN_LOCK).read_text())["pid"] == os.getpid()
+    assert not (run / store.RUN_LOCK).exists()
+    assert store.run_dir_of(tmp_path / "elsewhere" / "x.zarr") is None  # not in a run: no lock
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    """A lock whose pid now belongs to another process (it started later) is taken over."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / store.RUN_LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "process_start": "1", "token": "t", "started": "long ago"}))
+    assert store.acquire_run_lock(run)["pid"] == os.getpid()
+    (run / store.RUN_LOCK).write_text(json.dumps({"pid": dead_pid(), "host": "another-host", "token": "t"}))
+    with pytest.raises(store.RunLockedError, match="on another-host"):  # cannot see that host's processes
+        store.acquire_run_lock(run)
+
+
+def test_sweep_removes_temporaries_of_killed_writers_only(tmp_path):
+    run = tmp_path / "run"
+    (run / "pseudo" / "shards").mkdir(parents=True)
+    final = run / "pseudo" / "shards" / "crf-0.zarr"
+    host = socket.gethostname()
+    killed = final.with_name(f"crf-0.zarr.tmp-00000001-{dead_pid()}-{host}")
+    live = final.with_name(f"crf-0.zarr.tmp-00000002-1-{host}")  # pid 1 runs
+    other_host = final.with_name(f"crf-0.zarr.tmp-00000003-{dead_pid()}-another-host")
+    other_shard = final.with_name(f"crf-1.zarr.tmp-00000004-{dead_pid()}-{host}")
+    for path in (killed, live, other_host, other_shard):
+        path.mkdir()
+    assert store.sweep_orphans(final) == [killed]  # no run lock: only what is surely dead
+    held = store.acquire_run_lock(run)
+    newer = final.with_name(f"crf-0.zarr.tmp-00000005-1-{host}")
+    newer.mkdir()
+    os.utime(newer, (held["started_unix"] + 5, held["started_unix"] + 5))
+    for path in (live, other_host):  # older than the run that holds the lock: an earlier run's
+        os.utime(path, (held["started_unix"] - 5, held["started_unix"] - 5))
+    assert sorted(store.sweep_orphans(final)) == sorted([live, other_host])
+    assert newer.exists() and other_shard.exists()  # a writer of this run; another store's
+    store.release_run_lock(run, held["token"])
+
+
+def test_writing_a_store_sweeps_and_a_failed_writer_leaves_nothing(tmp_path):
+    final = tmp_path / "labels.zarr"
+    orphan = tmp_path / f"labels.zarr.tmp-0000000a-{dead_pid()}-{socket.gethostname()}"
+    orphan.mkdir()
+    with pytest.raises(RuntimeError):
+        with store.writing(final, "labels", store.provenance("test")):
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with store.writing(final, "labels", store.provenance("test")) as group:
+        store.put(group, store.LABELS, "x", np.zeros((2, 2), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.zarr"]
+
+
+# ------------------------------------------------------------------ exit status and -v
+
+def test_verbose_shows_the_traceback_of_a_data_error_and_bugs_keep_theirs(tmp_path, capsys, monkeypatch):
+    argv = ["superpixels", "--config", "{}", "--data", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "s.zarr")]
+    assert cli.main(argv) == 3
+    assert "Traceback" not in capsys.readouterr().err
+    assert cli.main(["-v", *argv]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "StoreError" in err and "weakseg superpixels: error: " in err
+
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(cli, "cmd_superpixels", bug)
+    with pytest.raises(ZeroDivisionError):  # uncaught: Python prints the traceback and exits with 1
+        cli.main(argv)
+
+
+# ------------------------------------------------------------------ the lock through Snakemake
+
+@pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp")
+def test_workflow_refuses_a_run_held_from_elsewhere_and_takes_over_a_stale_lock(tmp_path):
+    """Two workflows on one results/<run> from different working directories: the second is refused
+    naming the first; once the first is gone (killed), its lock is taken over, the jobs write under the
+    workflow's lock and the lock is gone when the workflow ends."""
+    from e2e.test_workflow import SNAKEMAKE, TINY, check_ok, snakemake
+
+    if not SNAKEMAKE.exists():
+        pytest.skip(f"snakemake not installed next to {sys.executable}")
+    import yaml
+
+    results = tmp_path / "results"  # absolute, so both working directories write the same run
+    config = {**yaml.safe_load(TINY.read_text()), "results": str(results)}
+    configfile = tmp_path / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    run = results / "tiny"
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from weakseg import store; "
+         "store.acquire_run_lock(sys.argv[1], command='snakemake --cores 2 (the first workflow)'); "
+         "print('held', flush=True); time.sleep(600)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        (tmp_path / "a").mkdir()
+        refused = snakemake(tmp_path / "a", str(run / "data.zarr"), configfile=configfile)
+        output = refused.stdout + refused.stderr
+        assert refused.returncode != 0
+        assert f"being written by pid {first.pid} on {socket.gethostname()}" in output, output[-3000:]
+        assert not (run / "data.zarr").exists()
+    finally:
+        first.kill()
+        first.wait()
+    (tmp_path / "b").mkdir()
+    output = check_ok(snakemake(tmp_path / "b", str(run / "data.zarr"), configfile=configfile))
+    assert f"taking over the run lock of pid {first.pid}" in output
+    assert store.open_store(run / "data.zarr", "data")  # ingest wrote into the locked run: it had the token
+    assert not (run / store.RUN_LOCK).exists()
+    assert not [p for p in run.rglob("*") if store.TMP_MARK in p.name]
