@@ -191,7 +191,7 @@ def _unloadable(path: Path, exc: Exception) -> str:
     except OSError:
         head = b""
     if isinstance(exc, EOFError) or head.startswith(b"PK"):  # torch files are zip archives
-        return f"truncated or damaged model file ({first_line(exc)})"
+        return f"truncated or damaged model file ({first_line(exc).split('. ')[0]})"
     if isinstance(exc, pickle.UnpicklingError) and head.startswith(b"\x80"):
         return "holds a pickle of more than tensors, refused without running it"
     return f"not a PyTorch model file (it begins with {head!r})"
