@@ -585,13 +585,22 @@ def test_run_lock_refuses_others_lets_the_holders_jobs_write_and_is_released_by_
     assert store.run_dir_of(tmp_path / "elsewhere" / "x.zarr") is None  # not in a run: no lock
 
 
-def test_lock_of_a_reused_pid_is_stale(tmp_path):
-    """A lock whose pid now belongs to another process (it started later) is taken over."""
+def test_lock_of_a_reused_pid_or_a_zombie_is_stale(tmp_path):
+    """A lock whose pid now belongs to another process (it started later), or to a process that
+    has ended but is not yet reaped, is taken over."""
     run = tmp_path / "run"
     run.mkdir()
     (run / store.RUN_LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                   "process_start": "1", "token": "t", "started": "long ago"}))
     assert store.acquire_run_lock(run)["pid"] == os.getpid()
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (run / store.RUN_LOCK).write_text(json.dumps({"pid": zombie.pid, "host": socket.gethostname(), "token": "z"}))
+    assert store.acquire_run_lock(run)["pid"] == os.getpid()
+    zombie.wait()
     (run / store.RUN_LOCK).write_text(json.dumps({"pid": dead_pid(), "host": "another-host", "token": "t"}))
     with pytest.raises(store.RunLockedError, match="on another-host"):  # cannot see that host's processes
         store.acquire_run_lock(run)

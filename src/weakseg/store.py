@@ -281,23 +281,30 @@ def run_dir_of(path: str | os.PathLike) -> Path | None:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] != "Z"
 
 
 def _process_start(pid: int) -> str | None:
     """The start time of a process (clock ticks after boot; tells a live holder from a reused
     pid), or None where /proc does not say."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None  # field 22
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), or None where there is no /proc."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; fields after the command name start at 3
 
 
 def _holder_alive(record: dict) -> bool:
