@@ -341,10 +341,13 @@ _FORCING_FLAGS = ("--forcerun", "-R", "--forceall", "-F", "--force", "-f")
 def _forced_rerun_hint(command: str) -> str:
     """What a killed forced Snakemake run leaves: the old outputs of the jobs it was rerunning are
     gone (Snakemake deletes them before a job starts), and a plain run may not notice."""
-    flags = [f for f in command.split() if f.split("=")[0] in _FORCING_FLAGS]
+    words = command.split()
+    flags = [" ".join([word, *(words[i + 1:i + 2] if "=" not in word and i + 1 < len(words)
+                                and not words[i + 1].startswith("-") else [])])
+             for i, word in enumerate(words) if word.split("=")[0] in _FORCING_FLAGS]
     if "snakemake" not in command or not flags:
         return ""
-    return (f". It was forcing reruns ({' '.join(flags)}); Snakemake deletes a job's outputs before rerunning it, "
+    return (f". It was forcing reruns ({', '.join(flags)}); Snakemake deletes a job's outputs before rerunning it, "
             "and a plain run may then say 'Nothing to be done': repeat that command to recreate them")
 
 
