@@ -123,3 +123,14 @@ def test_uncertain_band_around_the_threshold():
 def test_predicted_labels_threshold_and_background():
     np.testing.assert_array_equal(lr.predicted_labels([0.2, 0.7, 0.4], [1, 2, 3], 0.5, True), [0, 2])
     np.testing.assert_array_equal(lr.predicted_labels([0.2, 0.3], [1, 2], 0.5, False), [2])  # at least the best
+
+
+def test_triangle_threshold_sits_past_a_dominant_low_mode():
+    # A large background mode at 0.1 decaying to 0.3, a small flat object tail 0.3..1.
+    hist = np.zeros(lr.LEVELS)
+    levels = np.arange(lr.LEVELS) / (lr.LEVELS - 1)
+    hist += 1000 * np.exp(-((levels - 0.1) / 0.05) ** 2)
+    hist[levels > 0.3] += 5
+    t = lr.triangle_threshold(hist)
+    assert 0.15 < t < 0.35, t
+    assert lr.calibrate_threshold(hist, "triangle", 0.5) == t

@@ -33,7 +33,7 @@ log = logging.getLogger("weakseg")
 
 BACKGROUND = 0  # class index of the background when a dataset has one
 LEVELS = 256  # scores are stored as uint8 levels (store.SCORE_SCALE); histograms use the same bins
-CALIBRATION_METHODS = ("otsu", "fixed")
+CALIBRATION_METHODS = ("otsu", "triangle", "fixed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,13 +238,34 @@ def otsu_threshold(histogram: np.ndarray) -> float:
     return float((values[best[0] + 1] + values[best[-1] + 1]) / 2)
 
 
+def triangle_threshold(histogram: np.ndarray) -> float:
+    """Zack's triangle threshold of a (LEVELS,) histogram: the level farthest below the line from the
+    histogram's peak to its far (high-score) end. Suited to a dominant low-score mode (background) with
+    a long tail of object scores, where Otsu's two-class split can land inside the dominant mode."""
+    hist = np.asarray(histogram, np.float64)
+    if hist.ndim != 1 or hist.size < 2 or hist.sum() <= 0:
+        raise ValueError("triangle_threshold: expected a non-empty 1-d histogram")
+    values = np.arange(hist.size) / (hist.size - 1)
+    peak = int(np.argmax(hist))
+    last = int(np.flatnonzero(hist)[-1])
+    if last <= peak + 1:
+        return float(values[min(peak + 1, hist.size - 1)])
+    levels = np.arange(peak, last + 1)
+    # Distance (up to a constant factor) of each histogram point below the peak-to-end line.
+    line = hist[peak] + (hist[last] - hist[peak]) * (levels - peak) / (last - peak)
+    k = levels[int(np.argmax(line - hist[levels]))]
+    return float(values[min(k + 1, hist.size - 1)])
+
+
 def calibrate_threshold(histogram: np.ndarray, method: str, fixed: float) -> float:
     """The background threshold of a run from the histogram of its training pixels' best labelled
-    scores: ``otsu`` (data-driven) or ``fixed`` (the configured constant)."""
+    scores: ``otsu`` or ``triangle`` (data-driven), or ``fixed`` (the configured constant)."""
     if method == "fixed":
         return float(fixed)
     if method == "otsu":
         return otsu_threshold(histogram)
+    if method == "triangle":
+        return triangle_threshold(histogram)
     raise ValueError(f"pseudo.background.method: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
 
 
