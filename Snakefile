@@ -27,6 +27,30 @@ rule all:
         P(RUN.report_page),
 
 
+# One writer per run: this workflow holds results/<run>/.weakseg.lock while it runs; the weakseg
+# commands of its jobs (here or on cluster nodes, which get this environment) carry its token.
+# Another workflow or a weakseg command run by hand on the same run is refused.
+onstart:
+    import os
+    from weakseg.store import RUN_LOCK_TOKEN, RunLockedError, acquire_run_lock
+
+    try:
+        os.environ[RUN_LOCK_TOKEN] = acquire_run_lock(RUN.root)["token"]
+    except RunLockedError as exc:
+        raise WorkflowError(str(exc))
+
+
 onsuccess:
+    import os
+    from weakseg.store import RUN_LOCK_TOKEN, release_run_lock
+
+    release_run_lock(RUN.root, os.environ.get(RUN_LOCK_TOKEN, ""))
     if RUN.report_page.exists():
         print(f"weakseg: the report of run '{config['run']}' is {RUN.report_page}")
+
+
+onerror:
+    import os
+    from weakseg.store import RUN_LOCK_TOKEN, release_run_lock
+
+    release_run_lock(RUN.root, os.environ.get(RUN_LOCK_TOKEN, ""))

@@ -253,8 +253,8 @@ def test_predict_files_clear_errors(tmp_path):
     save_checkpoint(tmp_path / "model.pt")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a JPEG")
-    with pytest.raises(ValueError, match="broken.jpg: cannot read this file as an image"):
-        predict_files(tmp_path / "model.pt", [bad], tmp_path / "out", probabilities=False)
+    with pytest.raises(ValueError, match="broken.jpg: unreadable image"):
+        predict_files(tmp_path / "model.pt", [bad], tmp_path / "out", probabilities=False, strict=True)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         predict_files(tmp_path / "model.pt", [tmp_path / "missing.png"], tmp_path / "out", probabilities=False)
     with pytest.raises(ValueError, match="trained on classes"):

@@ -3,14 +3,22 @@
 Snakemake rules call these commands with ``--config '<json>'`` (the config sections the stage
 uses); people call them by hand with ``--config config.yaml``. Stage modules are imported lazily so
 that ``--help`` stays fast.
+
+Exit status: 0 done, 2 usage error, 3 bad input or data (one line ``weakseg <command>: error: ...``
+naming the file or key; ``-v`` adds the traceback), 1 a bug (traceback). A command that writes into
+a run directory holds that run's lock while it runs (see ``weakseg.store.run_writer``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
+from weakseg.errors import EXIT_USER_ERROR, UserError
 from weakseg.inspect.stages import STAGE_HELP
 
 log = logging.getLogger("weakseg")
@@ -174,12 +182,9 @@ def cmd_metrics(a):
 def cmd_predict(a):
     from weakseg.segment.predict import predict_files
 
-    try:
-        written = predict_files(a.model, a.inputs, a.out, a.probabilities, device=a.device,
-                                prior_adjustment=a.prior_adjustment)
-    except ValueError as exc:  # an unreadable image, a model file of another kind: the user's input
-        print(f"weakseg predict: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    written = predict_files(a.model, a.inputs, a.out, a.probabilities, device=a.device,
+                            prior_adjustment=a.prior_adjustment, overwrite=a.overwrite, strict=a.strict,
+                            overlay=a.overlay)
     print(f"wrote {len(written)} label maps to {a.out}")
 
 
@@ -399,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the training labels' class prior out, p(c|x) / prior(c)^TAU "
                         "(default: the segment.prior_adjustment the model was trained with)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <id>_overlay.png (the image under its label colours) and legend.png "
+                        "(colour and name of each class found)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: skip it with one line, go on, exit 3)")
 
     p = command("inspect", cmd_inspect, "render per-image panels of every intermediate of a run")
     p.add_argument("run_dir", help="the run's folder, e.g. results/demo")
@@ -423,21 +434,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose outputs are not the pipeline's: predict writes where its user says, inspect its own
+# viewer folder, and benchmark starts a workflow that takes the run lock itself.
+_OUTSIDE_RUN_LOCK = ("predict", "inspect", "benchmark")
+
+
+def _outputs(args) -> list:
+    """The paths a command writes (for the run lock)."""
+    if args.command in _OUTSIDE_RUN_LOCK:
+        return []
+    if args.command == "report":
+        return [args.out or Path(args.run_dir) / "report" / "index.html"]
+    names = ("out", "out_dir", "per_image") + (("data", "gt") if args.command == "ingest" else ())
+    return [value for value in (getattr(args, name, None) for name in names) if value]
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (UserError, FileNotFoundError, FileExistsError)):
+        return True
+    # inspect's SelectionError predates UserError; look it up only when inspect is loaded.
+    panels = sys.modules.get("weakseg.inspect.panels")
+    return panels is not None and isinstance(exc, panels.SelectionError)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (Slurm, Snakemake stopping jobs) unwinds like Ctrl-C: temporaries removed, lock released."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from weakseg.config import ConfigError
-    from weakseg.datasets.folder import DatasetError
-    from weakseg.inspect.panels import SelectionError
-    from weakseg.store import StoreError
+    from weakseg import store
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
-        args.fn(args)
-    except (ConfigError, DatasetError, StoreError, SelectionError, FileNotFoundError, FileExistsError) as exc:
-        # Expected user-facing problems: one clear line, no traceback.
-        print(f"weakseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        with store.run_writer(_outputs(args), command=" ".join(["weakseg", *(argv or sys.argv[1:])])):
+            args.fn(args)
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise  # a bug: keep the traceback (exit status 1)
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"weakseg {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

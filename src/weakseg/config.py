@@ -15,8 +15,10 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from weakseg.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key has a wrong value; the message names the key."""
 
 

@@ -14,20 +14,37 @@ images differ in size; one chunk per array keeps a store to a few files per imag
 
 Group attrs always hold ``kind`` (what the store is) and ``provenance`` (stage, config section,
 package version, time). A store is written under a temporary sibling name and renamed into place
-only when complete, so a killed job never leaves a store that looks finished.
+only when complete, so a killed job never leaves a store that looks finished; the next writer of
+that store removes the temporaries of killed writers.
+
+One writer per run: ``results/<run>/.weakseg.lock`` names the process that writes the run (the
+workflow, or a command run by hand). The processes a holder starts find its token in the
+environment (``WEAKSEG_RUN_LOCK``) and write under its lock; anyone else is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
+import glob
+import json
+import logging
 import os
+import re
 import shutil
+import socket
+import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
+
+from weakseg.errors import UserError
+
+log = logging.getLogger("weakseg")
 
 # Keys of the per-image arrays, one per store kind. A stage store may hold several keys (scores).
 IMAGES, MASKS, SUPERPIXELS, LABELS = "images", "masks", "maps", "labels"
@@ -35,9 +52,18 @@ CAM, SPCAM = "cam", "spcam"
 SEG = "seg"  # segmentation-net class probabilities (round scores)
 SCORE_SCALE = 255.0  # scores in [0, 1] are stored as uint8 value / 255
 
+DATA_STORE = "data.zarr"  # the first store of every run: its folder is the run directory
+RUN_LOCK = ".weakseg.lock"  # in the run directory: who writes this run
+RUN_LOCK_TOKEN = "WEAKSEG_RUN_LOCK"  # environment variable: the token of the lock held by a parent process
+TMP_MARK = ".tmp-"  # <final name>.tmp-<writer>: where a writer builds a store or file
 
-class StoreError(RuntimeError):
+
+class StoreError(UserError, RuntimeError):
     """A store is missing, unfinished, of the wrong kind, or lacks an image."""
+
+
+class RunLockedError(StoreError):
+    """Another live process writes into the run directory; the message names it."""
 
 
 def provenance(stage: str, config: dict | None = None, **extra) -> dict:
@@ -60,7 +86,8 @@ def writing(path: str | os.PathLike, kind: str, prov: dict, attrs: dict | None =
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    sweep_orphans(final)
+    tmp = temporary_path(final)
     group = zarr.open_group(str(tmp), mode="w")
     group.attrs.update({"kind": kind, "provenance": prov, "complete": False, **(attrs or {})})
     try:
@@ -76,7 +103,7 @@ def replace_path(tmp: Path, final: Path) -> None:
     """Move a finished temporary folder into place, replacing ``final``; the old one is renamed
     aside first so that a crash in between never leaves neither."""
     if final.exists():
-        old = final.with_name(f"{final.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+        old = temporary_path(final, "old-")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
@@ -179,13 +206,225 @@ def write_table(table, path: str | os.PathLike) -> Path:
     """Write a pandas table as CSV atomically (temporary sibling, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    sweep_orphans(path)
+    tmp = temporary_path(path)
     try:
         table.to_csv(tmp, index=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# ------------------------------------------------------------------ temporaries of killed writers
+
+_WRITER_TAG = re.compile(r"^(?:old-)?[0-9a-f]{8}-(\d+)-(.+)$")  # the part after TMP_MARK
+
+
+def temporary_path(final: str | os.PathLike, role: str = "") -> Path:
+    """A sibling of ``final`` to build it in, named after its writer (pid, host) so that the
+    temporaries of killed writers can be told from those of live ones."""
+    final = Path(final)
+    return final.with_name(f"{final.name}{TMP_MARK}{role}{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}")
+
+
+def sweep_orphans(final: str | os.PathLike) -> list[Path]:
+    """Remove the ``<final>.tmp-*`` siblings of killed writers; returns what was removed.
+
+    A temporary is orphaned when its writer, on this host, is gone, or when it is older than the
+    lock of the run being written (an earlier run's). The run lock makes this safe: nobody else
+    writes the same store meanwhile (shards write stores of their own names).
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    run_dir = run_dir_of(final)
+    lock = _read_lock(run_dir / RUN_LOCK) if run_dir is not None else None
+    run_started = lock.get("started_unix") if isinstance(lock, dict) else None
+    removed = []
+    for sibling in final.parent.glob(glob.escape(final.name) + TMP_MARK + "*"):
+        if _orphaned(sibling, sibling.name[len(final.name) + len(TMP_MARK):], run_started):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    if removed:
+        log.info("%s: removed %d temporaries of killed writers (%s)", final, len(removed),
+                 ", ".join(p.name for p in removed[:3]))
+    return removed
+
+
+def _orphaned(sibling: Path, tag: str, run_started: float | None) -> bool:
+    writer = _WRITER_TAG.match(tag)
+    if writer and writer.group(2) == socket.gethostname() and int(writer.group(1)) != os.getpid():
+        if not _process_exists(int(writer.group(1))):
+            return True
+    if run_started is None:
+        return False
+    try:
+        return sibling.lstat().st_mtime < run_started
+    except FileNotFoundError:
+        return False
+
+
+# ------------------------------------------------------------------ one writer per run
+
+def run_dir_of(path: str | os.PathLike) -> Path | None:
+    """The run directory an output path lies in: the nearest folder above it that holds a run lock
+    or a data store (or will: ``path`` is that data store). None outside any run."""
+    path = Path(path).absolute()
+    for folder in path.parents:
+        if (folder / RUN_LOCK).exists() or (folder / DATA_STORE).exists() or path == folder / DATA_STORE:
+            return folder
+    return None
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] != "Z"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks after boot; tells a live holder from a reused
+    pid), or None where /proc does not say."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None  # field 22
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), or None where there is no /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(record: dict) -> bool:
+    """Whether the process that holds a lock still runs; a holder on another host counts as alive
+    (this host cannot see its processes)."""
+    if record.get("host") != socket.gethostname():
+        return True
+    pid = int(record.get("pid", -1))
+    if pid <= 0 or not _process_exists(pid):
+        return False
+    started = record.get("process_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock record at ``path``; None if there is none, {} if it is unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def describe_holder(record: dict) -> str:
+    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} since {record.get('started', '?')} "
+            f"({record.get('command', '?')})")
+
+
+_FORCING_FLAGS = ("--forcerun", "-R", "--forceall", "-F", "--force", "-f")
+
+
+def _forced_rerun_hint(command: str) -> str:
+    """What a killed forced Snakemake run leaves: the old outputs of the jobs it was rerunning are
+    gone (Snakemake deletes them before a job starts), and a plain run may not notice."""
+    words = command.split()
+    flags = [" ".join([word, *(words[i + 1:i + 2] if "=" not in word and i + 1 < len(words)
+                                and not words[i + 1].startswith("-") else [])])
+             for i, word in enumerate(words) if word.split("=")[0] in _FORCING_FLAGS]
+    if "snakemake" not in command or not flags:
+        return ""
+    return (f". It was forcing reruns ({', '.join(flags)}); Snakemake deletes a job's outputs before rerunning it, "
+            "and a plain run may then say 'Nothing to be done': repeat that command to recreate them")
+
+
+@contextlib.contextmanager
+def _lock_mutex(run_dir: Path) -> Iterator[None]:
+    """Serialise changes of a run's lock file between processes: flock on the run folder (a no-op
+    on file systems without flock; the lock file itself is then the only guard)."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def acquire_run_lock(run_dir: str | os.PathLike, command: str | None = None) -> dict:
+    """Make this process the one writer of ``run_dir``; returns the lock record. Pass its
+    ``token`` in ``RUN_LOCK_TOKEN`` to the processes that write for this one.
+
+    A lock held by a live process raises ``RunLockedError`` naming it (pid, host, start time,
+    command). A lock whose process is gone (on this host) is taken over with a warning.
+    """
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_LOCK
+    now = time.time()
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": _dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
+              "started_unix": now, "process_start": _process_start(os.getpid()), "token": uuid.uuid4().hex,
+              "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    with _lock_mutex(run_dir):
+        held = _read_lock(path)
+        if held == {}:
+            raise RunLockedError(f"{path}: unreadable run lock; if no process writes {run_dir}, delete this file")
+        if held is not None:
+            if _holder_alive(held):
+                raise RunLockedError(f"{run_dir}: this run is being written by {describe_holder(held)}; wait for it "
+                                     f"or stop it (if that process is gone, delete {path})")
+            log.warning("%s: taking over the run lock of %s, which is gone (killed?)%s", run_dir,
+                        describe_holder(held), _forced_rerun_hint(str(held.get("command", ""))))
+        tmp = temporary_path(path)
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    return record
+
+
+def release_run_lock(run_dir: str | os.PathLike, token: str) -> None:
+    """Remove the run's lock if it is the one with ``token`` (never another writer's)."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        return
+    with _lock_mutex(run_dir):
+        held = _read_lock(run_dir / RUN_LOCK)
+        if held and held.get("token") == token:
+            (run_dir / RUN_LOCK).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_writer(outputs: Iterable[str | os.PathLike], command: str | None = None) -> Iterator[None]:
+    """Hold the lock of every run directory that ``outputs`` lie in while the block runs.
+
+    A process started by the lock's holder (its token in ``RUN_LOCK_TOKEN``: a workflow's jobs)
+    writes under that lock and takes none itself.
+    """
+    token = os.environ.get(RUN_LOCK_TOKEN)
+    taken = []
+    try:
+        for run_dir in sorted({d for d in map(run_dir_of, outputs) if d is not None}):
+            held = _read_lock(run_dir / RUN_LOCK)
+            if token and (held is None or held.get("token") == token):
+                continue  # a job of the holder (whose lock may have been deleted): never lock out its siblings
+            taken.append((run_dir, acquire_run_lock(run_dir, command)["token"]))
+        yield
+    finally:
+        for run_dir, own in taken:
+            release_run_lock(run_dir, own)
 
 
 def store_bytes(path: str | os.PathLike) -> int:
@@ -208,7 +447,7 @@ class RunLayout:
 
     # foundation
     synthetic = property(lambda self: self.root / "synthetic")  # generated dataset folder
-    data = property(lambda self: self.root / "data.zarr")
+    data = property(lambda self: self.root / DATA_STORE)
     gt = property(lambda self: self.root / "gt.zarr")
     superpixels = property(lambda self: self.root / "superpixels.zarr")
     metrics_dir = property(lambda self: self.root / "metrics")
