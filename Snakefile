@@ -25,6 +25,9 @@ rule all:
         P(RUN.resolved_config),
         [P(RUN.metrics)] if EVAL_SPLITS else [],
         P(RUN.report_page),
+        # Every stage's store, so that a store deleted by a killed --forcerun is made again by a plain run.
+        [P(path) for path in (RUN.superpixels, RUN.scores)],
+        [P(stage.path) for stage in expected_label_stages(RUN, config)],
 
 
 # One writer per run: this workflow holds results/<run>/.weakseg.lock while it runs; the weakseg

@@ -125,6 +125,15 @@ def test_tiny_workflow_runs_every_stage(tiny_run, workdir):
     dry = check_ok(snakemake(workdir, "-n"))
     assert "Nothing to be done" in dry, dry[-3000:]
 
+    # A stage store deleted (as a killed --forcerun leaves it) is made again by a plain run.
+    moved = run / "pseudo" / "crf.zarr.moved-by-test"
+    (run / "pseudo" / "crf.zarr").rename(moved)
+    try:
+        dry = check_ok(snakemake(workdir, "-n"))
+        assert "Nothing to be done" not in dry and re.search(r"^(?:local)?rule crf:", dry, flags=re.M), dry[-3000:]
+    finally:
+        moved.rename(run / "pseudo" / "crf.zarr")
+
 
 @pytest.mark.slow
 def test_two_shards_give_the_same_stores(tiny_run, workdir):

@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from weakseg.config import SEGMENT_PREDICTION, ConfigError, evaluation_splits, model_section, resolve
+from weakseg.inspect.stages import expected_label_stages
 from weakseg.store import RunLayout
 
 _CONFIG_FILES = [str(p) for p in workflow.overwrite_configfiles] or ["config.yaml"]
