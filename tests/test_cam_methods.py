@@ -152,7 +152,7 @@ def test_map_quality_averages_activation_rates_over_the_classes_present():
 
 
 def test_method_row_has_every_column():
-    timing = {"iterations": 10, "train_s": 5.0, "infer_ms_per_image": 20.0, "infer_images": 4}
+    timing = {"iterations": 10, "train_s": 5.0, "infer_ms_per_image": 20.0, "infer_images": 4, "infer_scales": "1.0"}
     metrics = {stage: tidy(stage, 0.1 * i, 0.5, [0.1, 0.2, 0.3], [0.9, 0.8, 0.7])
                for i, stage in enumerate(("cam", "spcam", "crf"), 1)}
     row = method_row("seam", timing, metrics)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,7 @@ def bench_crf(config_path: str, out_dir: Path) -> None:
     _print_table("dense CRF", pd.DataFrame(rows), out_dir / f"{cfg['run']}_crf.csv")
 
 
-METHOD_COLUMNS = ["method", "iterations", "train_s", "infer_ms_per_image", "infer_images",
+METHOD_COLUMNS = ["method", "iterations", "train_s", "infer_ms_per_image", "infer_images", "infer_scales",
                   "cam_miou", "cam_mean_class_acc", "cam_over_activation", "cam_under_activation",
                   "spcam_miou", "spcam_mean_class_acc", "spcam_over_activation", "spcam_under_activation",
                   "crf_miou", "crf_mean_class_acc"]
@@ -178,7 +179,7 @@ def map_quality(tidy: pd.DataFrame, stage: str) -> dict:
 
 def method_row(method: str, timing: dict, metrics: dict[str, pd.DataFrame]) -> dict:
     """One row of the methods table: ``timing`` (iterations, train_s, infer_ms_per_image,
-    infer_images) and the tidy metrics of stages cam, spcam and crf."""
+    infer_images, infer_scales) and the tidy metrics of stages cam, spcam and crf."""
     row = {"method": method, **timing}
     for stage in ("cam", "spcam"):
         row.update({f"{stage}_{k}": v for k, v in map_quality(metrics[stage], stage).items()})
@@ -223,8 +224,6 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
 
     A method whose model and scores exist with a timing of the same training config is not rerun.
     """
-    import shutil
-
     from weakseg.cam.infer import run_infer_cam
     from weakseg.cam.models import resolve_cam_config
     from weakseg.cam.train import run_train_cam
@@ -237,8 +236,9 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
     _link_inputs(shared, layout)
     fingerprint = config_fingerprint(cfg["cam"], cfg["dataset"], cfg["superpixels"], split)
     timing_csv = layout.cam_dir / "benchmark_timing.csv"
-    timing = pd.read_csv(timing_csv).iloc[0].to_dict() if timing_csv.is_file() else {}
-    if timing.get("fingerprint") != fingerprint or not layout.scores.exists():
+    timing = pd.read_csv(timing_csv, dtype={"infer_scales": str}).iloc[0].to_dict() if timing_csv.is_file() else {}
+    if timing.get("fingerprint") != fingerprint or not set(METHOD_COLUMNS[1:6]) <= set(timing) \
+            or not layout.scores.exists():
         shutil.rmtree(layout.cam_dir, ignore_errors=True)  # a resumed checkpoint would shorten the timing
         started = time.perf_counter()
         run_train_cam(cfg, layout.data, layout.superpixels, layout.cam_dir, threads=threads)
@@ -248,7 +248,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
                                  threads=threads, split=split)
         infer_s = time.perf_counter() - started
         timing = {"fingerprint": fingerprint, "iterations": cfg["cam"]["iterations"], "train_s": train_s,
-                  "infer_ms_per_image": 1000 * infer_s / n_images, "infer_images": n_images}
+                  "infer_ms_per_image": 1000 * infer_s / n_images, "infer_images": n_images,
+                  "infer_scales": " ".join(str(v) for v in cfg["cam"]["infer_scales"])}
         store.write_table(pd.DataFrame([timing]), timing_csv)
     metrics = {}
     for key in (store.CAM, store.SPCAM):
@@ -259,7 +260,7 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
     metrics["crf"] = run_evaluate(cfg, layout.data, layout.gt, layout.crf, "crf", split,
                                   layout.metrics_dir / f"crf_{split}.csv",
                                   per_image_csv=layout.metrics_dir / f"crf_{split}_per_image.csv")
-    return method_row(method, {k: timing[k] for k in METHOD_COLUMNS[1:5]}, metrics)
+    return method_row(method, {k: timing[k] for k in METHOD_COLUMNS[1:6]}, metrics)
 
 
 def bench_methods(config_path: str, out_dir: Path, threads: int, methods, split: str | None = None,
@@ -281,9 +282,15 @@ def bench_methods(config_path: str, out_dir: Path, threads: int, methods, split:
         print(f"== {method}: {cfg['cam']['iterations']} iterations, inference on {split}", flush=True)
         rows.append(bench_method(cfg, shared, method, split, threads))
     table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
-    _print_table(f"{cfg['run']}: CAM generators, {cfg['cam']['iterations']} iterations of batch "
-                 f"{cfg['cam']['batch_size']}, maps on the {split} split (scales {cfg['cam']['infer_scales']})",
-                 table, out_dir / f"methods_{cfg['run']}.csv")
+    csv_path = out_dir / f"methods_{cfg['run']}.csv"
+    if csv_path.is_file():  # keep the rows of earlier invocations (other methods or budgets)
+        earlier = pd.read_csv(csv_path, dtype={"infer_scales": str})
+        if list(earlier.columns) == METHOD_COLUMNS:
+            key = ["method", "iterations", "infer_scales"]
+            replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
+            table = pd.concat([earlier[~replaced], table], ignore_index=True)
+    _print_table(f"{cfg['run']}: CAM generators, batch {cfg['cam']['batch_size']}, maps on the {split} split",
+                 table, csv_path)
     return table
 
 
@@ -304,4 +311,4 @@ def run_benchmark(what: str, root: str, out: str, config_path: str, threads: int
         cfg = load(config_path)
         _print_table(f"{cfg['run']}: bytes per image", bytes_per_image(run_dir(cfg)), out_dir / f"{cfg['run']}_bytes.csv")
     elif what == "methods":
-        bench_methods(config_path, out_dir, max(threads, 2), methods, split, iterations, infer_scales)
+        bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
