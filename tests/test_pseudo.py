@@ -9,61 +9,62 @@ import pytest
 
 from weakseg import config, store
 from weakseg.datasets import IGNORE
+from weakseg.labels import confident_labels, fraction_of_peak, store_threshold
 from weakseg.pseudo.clean import clean_annotation, run_clean
 from weakseg.pseudo.crf import crf_labels, crf_probabilities, dense_crf, run_crf
 from weakseg.pseudo.reliability import (CSV_COLUMNS, class_divergences, run_reliability, select_top_k,
                                         selected_ids)
-from weakseg.pseudo.reliable import confident_labels, reliable_regions, run_reliable
+from weakseg.pseudo.reliable import reliable_regions, run_reliable
 
 CFG = config.load({})
 
 
 # ---------------------------------------------------------------- cleaning
 
-def test_clean_thresholds_relative_to_each_class_peak_with_background():
+def test_fraction_of_peak_thresholds_relative_to_each_class_peak_with_background():
     # Class 2 (peak 0.8, threshold 0.4) and class 4 (peak 0.2, threshold 0.1); class 5 is not an
     # image label and must vanish although it has the highest scores everywhere.
     s2 = [0.8, 0.5, 0.4, 0.39, 0.1, 0.0]
     s4 = [0.0, 0.2, 0.0, 0.0, 0.15, 0.05]
     s5 = [1.0] * 6
     scores = np.array([[s2], [s4], [s5]], np.float32)  # (3, 1, 6)
-    labels = clean_annotation(scores, np.array([2, 4, 5]), np.array([0, 2, 4]), 0.5, has_background=True)
+    labels = fraction_of_peak(scores, np.array([2, 4, 5]), np.array([0, 2, 4]), 0.5, has_background=True)
     # px1: both kept, 0.5 > 0.2 -> 2; px2: exactly at threshold -> kept; px3: just below -> background;
     # px4: class 2 below its threshold, class 4 above its own (though lower in value) -> 4; px5: none.
     assert labels.dtype == np.uint8 and labels.shape == (1, 6)
     assert labels[0].tolist() == [2, 2, 2, 0, 4, 0]
 
 
-def test_clean_without_background_unclaimed_is_ignore():
+def test_fraction_of_peak_without_background_unclaimed_is_ignore():
     scores = np.array([[[0.9, 0.2, 0.0]], [[0.1, 0.3, 0.0]]], np.float32)
-    labels = clean_annotation(scores, np.array([0, 7]), np.array([0, 7]), 0.5, has_background=False)
+    labels = fraction_of_peak(scores, np.array([0, 7]), np.array([0, 7]), 0.5, has_background=False)
     # Class 0 is a real class here (MSRC): px1 class 0 0.2 < 0.45, class 7 0.3 >= 0.15 -> 7; px2: nothing.
     assert labels[0].tolist() == [0, 7, IGNORE]
 
 
-def test_clean_ratio_zero_is_argmax_over_labelled_classes():
+def test_fraction_of_peak_ratio_zero_is_argmax_over_labelled_classes():
     rng = np.random.default_rng(1)
     scores = rng.uniform(0.01, 1.0, size=(4, 9, 11)).astype(np.float32)
     classes = np.array([1, 3, 6, 8])
     image_labels = np.array([0, 3, 8])  # 1 and 6 have scores but are not in the image
-    labels = clean_annotation(scores, classes, image_labels, 0.0, has_background=True)
+    labels = fraction_of_peak(scores, classes, image_labels, 0.0, has_background=True)
     expected = np.array([3, 8])[scores[[1, 3]].argmax(axis=0)]
     np.testing.assert_array_equal(labels, expected)
     # With a higher ratio some pixels must fall back to background, never to an unlabelled class.
-    strict = clean_annotation(scores, classes, image_labels, 0.9, has_background=True)
+    strict = fraction_of_peak(scores, classes, image_labels, 0.9, has_background=True)
     assert 0 < np.count_nonzero(strict == 0) < strict.size
     assert set(np.unique(strict)) <= {0, 3, 8}
 
 
-def test_clean_all_zero_maps_do_not_crash():
+def test_fraction_of_peak_all_zero_maps_do_not_crash():
     zeros = np.zeros((2, 5, 4), np.float32)
     for ratio in (0.0, 0.5):
-        assert (clean_annotation(zeros, np.array([1, 2]), np.array([0, 1, 2]), ratio, True) == 0).all()
-        assert (clean_annotation(zeros, np.array([1, 2]), np.array([1, 2]), ratio, False) == IGNORE).all()
+        assert (fraction_of_peak(zeros, np.array([1, 2]), np.array([0, 1, 2]), ratio, True) == 0).all()
+        assert (fraction_of_peak(zeros, np.array([1, 2]), np.array([1, 2]), ratio, False) == IGNORE).all()
     # A class whose map is all zero claims nothing, even at ratio 0; the other class is unaffected.
     scores = zeros.copy()
     scores[1, :2] = 0.6
-    labels = clean_annotation(scores, np.array([1, 2]), np.array([0, 1, 2]), 0.0, True)
+    labels = fraction_of_peak(scores, np.array([1, 2]), np.array([0, 1, 2]), 0.0, True)
     assert (labels[:2] == 2).all() and (labels[2:] == 0).all()
 
 
@@ -76,9 +77,22 @@ def test_clean_segmentation_probabilities_background_competes():
 
 def test_clean_rejects_bad_shapes_and_ratio():
     with pytest.raises(ValueError, match="shape"):
-        clean_annotation(np.zeros((2, 3, 3)), np.array([1]), np.array([1]), 0.5, True)
+        clean_annotation(np.zeros((2, 3, 3)), np.array([1]), np.array([1]), 0.5, False)
     with pytest.raises(ValueError, match="ratio"):
-        clean_annotation(np.zeros((1, 3, 3)), np.array([1]), np.array([1]), 1.5, True)
+        clean_annotation(np.zeros((1, 3, 3)), np.array([1]), np.array([1]), 1.5, False)
+
+
+def test_clean_with_implicit_background_ignores_the_uncertain_band():
+    # Background threshold 0.4, margin 0.5: <= 0.2 confident background, >= 0.7 confident object.
+    s3 = [0.95, 0.75, 0.7, 0.5, 0.39, 0.2, 0.1]
+    s5 = [0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.9]  # px1: 5 beats 3; px6: 5 is labelled too
+    labels = clean_annotation(np.array([[s3], [s5]], np.float32), np.array([3, 5]), np.array([0, 3, 5]), 0.9,
+                              True, threshold=0.4, margin=0.5)
+    assert labels[0].tolist() == [3, 5, 3, IGNORE, IGNORE, 0, 5]
+    # margin 0: every pixel is decided, exactly as the dense rule does at that threshold.
+    dense = clean_annotation(np.array([[s3], [s5]], np.float32), np.array([3, 5]), np.array([0, 3, 5]), 0.9,
+                             True, threshold=0.4, margin=0.0)
+    assert dense[0].tolist() == [3, 5, 3, 3, 0, 0, 5]
 
 
 # ---------------------------------------------------------------- divergence and top-k
@@ -162,12 +176,12 @@ def test_crf_follows_colour_edge_better_than_score_argmax():
     image, truth, right = _two_colour_halves()
     crf_params = CFG["pseudo"]["crf"]
     # No background class: two real classes 0 and 1.
-    probs, classes = crf_probabilities(np.stack([1 - right, right]), np.array([0, 1]), np.array([0, 1]), False, 4.0)
+    probs, classes = crf_probabilities(np.stack([1 - right, right]), np.array([0, 1]), np.array([0, 1]), False, None)
     argmax_acc = (classes[probs.argmax(0)] == truth).mean()
     crf_acc = (crf_labels(image, probs, classes, crf_params) == truth).mean()
     assert argmax_acc < 0.9 and crf_acc > 0.98, (argmax_acc, crf_acc)
     # Background dataset, CAM scores for foreground class 3 only: background is derived.
-    probs, classes = crf_probabilities(right[None], np.array([3]), np.array([0, 3]), True, 4.0)
+    probs, classes = crf_probabilities(right[None], np.array([3]), np.array([0, 3]), True, 0.5)
     assert classes.tolist() == [0, 3]
     target = np.where(truth == 1, 3, 0)
     argmax_acc = (classes[probs.argmax(0)] == target).mean()
@@ -177,17 +191,17 @@ def test_crf_follows_colour_edge_better_than_score_argmax():
 
 def test_crf_probabilities_background_restriction_and_normalisation():
     scores = np.array([[[0.8, 0.0]], [[0.4, 0.0]], [[0.9, 0.9]]], np.float32)
-    probs, classes = crf_probabilities(scores, np.array([1, 2, 5]), np.array([0, 1, 2]), True, 2.0)
+    probs, classes = crf_probabilities(scores, np.array([1, 2, 5]), np.array([0, 1, 2]), True, 0.5)
     assert classes.tolist() == [0, 1, 2]  # class 5 is not labelled
-    raw = np.array([[0.2 ** 2, 1.0], [0.8, 0.0], [0.4, 0.0]])  # bg = (1 - max)^alpha
+    raw = np.array([[0.2, 1.0], [0.8, 0.0], [0.4, 0.0]])  # bg = (1 - max)^a, a = 1 at threshold 0.5
     np.testing.assert_allclose(probs[:, 0], raw / raw.sum(0), rtol=1e-5)
     # No background class: normalised over labelled classes, uniform where all are zero.
-    probs, classes = crf_probabilities(scores, np.array([1, 2, 5]), np.array([1, 2]), False, 2.0)
+    probs, classes = crf_probabilities(scores, np.array([1, 2, 5]), np.array([1, 2]), False, None)
     assert classes.tolist() == [1, 2]
     np.testing.assert_allclose(probs[:, 0, 0], [2 / 3, 1 / 3], rtol=1e-5)
     np.testing.assert_allclose(probs[:, 0, 1], [0.5, 0.5])
     # Segmentation probabilities with a background channel are kept as they are (renormalised).
-    probs, classes = crf_probabilities(scores, np.array([0, 1, 2]), np.array([0, 1, 2]), True, 2.0)
+    probs, classes = crf_probabilities(scores, np.array([0, 1, 2]), np.array([0, 1, 2]), True, None)
     assert classes.tolist() == [0, 1, 2]
     np.testing.assert_allclose(probs.sum(0), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probs[:, 0, 1], [0, 0, 1], atol=1e-6)
@@ -207,21 +221,21 @@ def test_dense_crf_checks_inputs():
 # ---------------------------------------------------------------- reliable regions
 
 def test_reliable_regions_hand_made():
-    # One row, one labelled fg class 4 (class 6 is not labelled), background dataset.
+    # One row, one labelled fg class 4 (class 6 is not labelled), background dataset; background
+    # threshold 0.2 with margin 0.5: <= 0.1 confident background, >= 0.6 confident object.
     s4 = [0.9, 0.9, 0.5, 0.2, 0.04, 0.04, 0.3]
     s6 = [0.1, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0]
     scores = np.array([[s4], [s6]], np.float32)
-    confident = confident_labels(scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.05)
-    # >= 0.3 -> 4 (also at exactly 0.3); <= 0.05 -> background; 0.2 is neither.
-    assert confident[0].tolist() == [4, 4, 4, IGNORE, 0, 0, 4]
+    confident = confident_labels(scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.2, 0.5)
+    assert confident[0].tolist() == [4, 4, IGNORE, IGNORE, 0, 0, IGNORE]
     crf = np.array([[4, 4, 0, 4, 0, 4, 4]], np.uint8)
-    reliable = reliable_regions(crf, scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.05)
-    assert reliable[0].tolist() == [4, 4, IGNORE, IGNORE, 0, IGNORE, 4]
-    # Without a background class nothing is confident background.
-    no_bg = reliable_regions(crf, scores, np.array([4, 6]), np.array([4]), False, 0.3, 0.05)
+    reliable = reliable_regions(crf, scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.2, 0.5)
+    assert reliable[0].tolist() == [4, 4, IGNORE, IGNORE, 0, IGNORE, IGNORE]
+    # Without a background class the confidence decides (>= 0.3, inclusive) and nothing is background.
+    no_bg = reliable_regions(crf, scores, np.array([4, 6]), np.array([4]), False, 0.3)
     assert no_bg[0].tolist() == [4, 4, IGNORE, IGNORE, IGNORE, IGNORE, 4]
-    with pytest.raises(ValueError, match="background_confidence"):
-        confident_labels(scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.3)
+    with pytest.raises(ValueError, match="margin"):
+        confident_labels(scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.2, 1.0)
 
 
 # ---------------------------------------------------------------- store round trip
@@ -297,9 +311,13 @@ def test_store_round_trip(stores):
     cleaned, group = _labels(tmp / "cleaned.zarr")
     assert sorted(cleaned) == train  # the val image is not labelled
     assert group.attrs["provenance"]["stage"] == "clean"
+    # The background threshold is calibrated on the train scores, and recorded with the store.
+    threshold = store_threshold(CFG, scores_path, "spcam", data_path)
+    assert 0.05 < threshold < 0.9 and group.attrs["provenance"]["background_threshold"] == threshold
     for image_id in train:
         scores, classes = store.get_scores(scores_group, "spcam", image_id)
-        expected = clean_annotation(scores, classes, np.array([0, *classes]), CFG["pseudo"]["clean_ratio"], True)
+        expected = clean_annotation(scores, classes, np.array([0, *classes]), CFG["pseudo"]["clean_ratio"], True,
+                                    threshold, CFG["pseudo"]["background"]["margin"])
         np.testing.assert_array_equal(cleaned[image_id], expected)
     assert (cleaned["t3"] == 0).all() and (cleaned["t0"][6:12, 6:12] == 1).all()
 

@@ -94,6 +94,13 @@ def cmd_clean(a):
               split=a.split, labels_from=a.labels_from)
 
 
+def cmd_decide(a):
+    from weakseg.pseudo.clean import run_decide
+
+    run_decide(_config(a), a.data, a.scores, a.key, a.out, shard=a.shard, n_shards=a.shards, split=a.split,
+               labels_from=a.labels_from)
+
+
 def cmd_reliability(a):
     from weakseg.pseudo.reliability import run_reliability
 
@@ -232,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
 
-    for name, fn, text in (("clean", cmd_clean, "annotation cleaning: labelled classes, >= ratio x class max"),
+    for name, fn, text in (("clean", cmd_clean, "annotation cleaning: keep what the scores say with confidence"),
+                           ("decide", cmd_decide, "dense labels: argmax over the image's (or predicted) classes, "
+                                                  "background by the calibrated threshold"),
                            ("crf", cmd_crf, "dense CRF refinement of score maps")):
         p = command(name, fn, text)
         _add_config(p), _add_shard(p)

@@ -29,6 +29,8 @@ import pandas as pd
 from weakseg import config as config_mod
 from weakseg import store
 from weakseg.datasets import IGNORE, open_data
+from weakseg.labels import (BACKGROUND, argmax_scores, check_scores, decide, restrict_to_labels, store_threshold,
+                            top_class)
 from weakseg.parallel import progress
 
 log = logging.getLogger("weakseg")
@@ -38,7 +40,6 @@ SWEEP_COLUMNS = ["threshold", "miou", "mean_class_acc"]
 CURVE_COLUMNS = ["k", "fraction", "miou"]
 PER_IMAGE_COLUMNS = ["id", "miou", "pixel_acc", "labelled_fraction"]
 CAM_KEYS = (store.CAM, store.SPCAM)  # score keys evaluated as pseudo-label sources
-BACKGROUND = 0  # class index of the background when a dataset has one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,56 +203,8 @@ def tidy_rows(stage: str, split: str, result: dict, class_names) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure core: turning score maps into label maps
+# Pure core: background sweep (transparency only: it reads ground truth)
 # ----------------------------------------------------------------------------------------------
-
-def _check_scores(scores: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scores, classes = np.asarray(scores), np.asarray(classes, np.int64)
-    if scores.ndim != 3 or classes.shape != (scores.shape[0],):
-        raise ValueError(f"expected scores (K, H, W) and classes (K,), got {scores.shape} and {classes.shape}")
-    return scores, classes
-
-
-def _top_class(scores: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel: the class with the highest score (first on ties) and that score. Needs K >= 1."""
-    best = scores.argmax(axis=0)
-    return classes[best], np.take_along_axis(scores, best[None], axis=0)[0]
-
-
-def restrict_to_labels(scores: np.ndarray, classes: np.ndarray, image_labels) -> tuple[np.ndarray, np.ndarray]:
-    """Keep only the score channels of classes among the image-level labels."""
-    scores, classes = _check_scores(scores, classes)
-    keep = np.isin(classes, np.asarray(image_labels, np.int64))
-    return scores[keep], classes[keep]
-
-
-def argmax_scores(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Dense prediction: every pixel takes the class of its highest score (segmentation output)."""
-    scores, classes = _check_scores(scores, classes)
-    if len(classes) == 0:
-        raise ValueError("no score channels to take the argmax over")
-    return _top_class(scores, classes)[0].astype(np.uint8)
-
-
-def argmax_over_labels(scores: np.ndarray, classes: np.ndarray, image_labels, ignore: int = IGNORE) -> np.ndarray:
-    """The pseudo-label rule without a background class: argmax over the image's labelled classes.
-
-    An image none of whose labels has a score channel stays unlabelled (all ``ignore``).
-    """
-    scores, classes = restrict_to_labels(scores, classes, image_labels)
-    if len(classes) == 0:
-        return np.full(scores.shape[1:], ignore, np.uint8)
-    return _top_class(scores, classes)[0].astype(np.uint8)
-
-
-def threshold_background(scores: np.ndarray, classes: np.ndarray, threshold: float) -> np.ndarray:
-    """The rule with a background class: classes[argmax] where the max score >= threshold, else 0."""
-    scores, classes = _check_scores(scores, classes)
-    if len(classes) == 0:  # an image labelled background only
-        return np.full(scores.shape[1:], BACKGROUND, np.uint8)
-    label, top = _top_class(scores, classes)
-    return np.where(top >= threshold, label, BACKGROUND).astype(np.uint8)
-
 
 def background_sweep(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, int]], thresholds) -> pd.DataFrame:
     """mIoU and mean class accuracy of ``threshold_background`` at each threshold, in one pass.
@@ -266,11 +219,8 @@ def background_sweep(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, i
     for score_map, classes, gt, n_classes in items:
         if confs is None:
             confs = [Confusion(n_classes) for _ in thresholds]
-        score_map, classes = _check_scores(score_map, classes)
-        if len(classes) == 0:  # an image labelled background only
-            label, top = np.full(gt.shape, BACKGROUND, np.uint8), np.zeros(gt.shape, np.float32)
-        else:
-            label, top = _top_class(score_map, classes)  # computed once, thresholded many times
+        score_map, classes = check_scores(score_map, classes)
+        label, top = top_class(score_map, classes)  # computed once, thresholded many times
         for t, conf in zip(thresholds, confs):
             conf.add(gt, np.where(top >= t, label, BACKGROUND).astype(np.uint8))
     if confs is None:
@@ -466,9 +416,10 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
 
     * labels store: its label maps as they are.
     * scores store, key 'cam' / 'spcam' (pseudo-label sources, given the image-level labels from
-      data.zarr): without a background class the argmax over the image's labels; with one, the
-      background threshold of best mIoU over ``evaluate.background_thresholds`` (the whole sweep
-      goes to ``<out stem>_sweep.csv``; the chosen threshold is the row 'background_threshold').
+      data.zarr): ``weakseg.labels.decide``, i.e. the argmax over the image's labels and, with a
+      background class, background by the run's calibrated threshold (row 'background_threshold').
+      For transparency the ground-truth sweep over ``evaluate.background_thresholds`` goes to
+      ``<out stem>_sweep.csv`` with rows 'background_threshold_swept' and 'miou_at_swept_threshold'.
     * scores store, any other key ('seg': segmentation net, all classes): plain argmax.
     ``key`` picks the score key; by default the store's only key, or the one named like ``stage``.
     With ``selection_csv`` (columns id, image_selected) rows for stage ``<stage>_selected`` cover
@@ -490,20 +441,14 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
         if key not in CAM_KEYS:
             def to_labels(score_map, classes, image_id):
                 return argmax_scores(score_map, classes)
-        elif not info.has_background:
-            def to_labels(score_map, classes, image_id):
-                return argmax_over_labels(score_map, classes, info.image_labels(image_id))
         else:
-            sweep = _background_sweep_of_store(cfg, info, gt_path, pred_group, key, ids)
-            write_csv(sweep, Path(out_csv).with_name(f"{Path(out_csv).stem}_sweep.csv"))
-            threshold = best_threshold(sweep)
-            log.info("%s %s: best background threshold %.3f", stage, split, threshold)
-            extra_rows.append({"stage": stage, "split": split, "metric": "background_threshold", "class": "",
-                               "value": threshold})
+            # The pipeline's own rule: the image's labels compete, background by the calibrated threshold.
+            threshold = store_threshold(cfg, pred_path, key, data_path)
 
             def to_labels(score_map, classes, image_id):
-                return threshold_background(*restrict_to_labels(score_map, classes, info.image_labels(image_id)),
-                                            threshold)
+                return decide(score_map, classes, info.image_labels(image_id), info.has_background, threshold)
+            if info.has_background:
+                extra_rows += _swept_rows(cfg, info, gt_path, pred_group, key, ids, stage, split, out_csv, threshold)
     # any other kind: _store_predictor raises a clear error
 
     predict = _store_predictor(pred_path, key, to_labels)
@@ -523,7 +468,10 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
     return table
 
 
-def _background_sweep_of_store(cfg: dict, info, gt_path, pred_group, key: str, ids: list[str]) -> pd.DataFrame:
+def _swept_rows(cfg: dict, info, gt_path, pred_group, key: str, ids: list[str], stage: str, split: str, out_csv,
+                threshold: float) -> list[dict]:
+    """The calibrated threshold, and — for transparency only, since it reads ground truth — the sweep over
+    ``evaluate.background_thresholds`` (written to ``<out stem>_sweep.csv``) with its best threshold and mIoU."""
     thresholds = cfg["evaluate"]["background_thresholds"]
     if not thresholds:
         raise ValueError("evaluate.background_thresholds: empty; give at least one threshold")
@@ -535,7 +483,15 @@ def _background_sweep_of_store(cfg: dict, info, gt_path, pred_group, key: str, i
             scores, classes = restrict_to_labels(scores, classes, info.image_labels(image_id))
             yield scores, classes, store.get(gt_group, store.MASKS, image_id), info.n_classes
 
-    return background_sweep(items(), thresholds)
+    sweep = background_sweep(items(), thresholds)
+    write_csv(sweep, Path(out_csv).with_name(f"{Path(out_csv).stem}_sweep.csv"))
+    best = best_threshold(sweep)
+    log.info("%s %s: calibrated background threshold %.3f; swept optimum (uses GT) %.3f", stage, split, threshold, best)
+    row = {"stage": stage, "split": split, "class": ""}
+    return [{**row, "metric": "background_threshold", "value": threshold},
+            {**row, "metric": "background_threshold_swept", "value": best},
+            {**row, "metric": "miou_at_swept_threshold",
+             "value": float(sweep.loc[sweep["threshold"] == best, "miou"].iloc[0])}]
 
 
 def run_oracle(data_path, gt_path, superpixels_path, split: str, out_csv) -> pd.DataFrame:

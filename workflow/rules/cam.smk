@@ -88,8 +88,8 @@ rule gate_scores_val:
     resources:
         **CPU_RESOURCES,
     shell:
-        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {wildcards.key}"
-        " --ratio 0 --split " + str(VAL) + " --labels-from {input.scores} --out {output} 2> {log}"
+        "weakseg decide --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {wildcards.key}"
+        " --split " + str(VAL) + " --labels-from {input.scores} --out {output} 2> {log}"
 
 
 rule evaluate_gated_val:

@@ -78,9 +78,9 @@ rule clean_round:
     resources:
         **CPU_RESOURCES,
     shell:
-        # ratio 0: keep the image's classes only, then argmax (cleaning with the image labels; on val
-        # the labels the CAM classifier predicts, see segment.val_labels).
-        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg --ratio 0"
+        # The image's classes only, then argmax (on val the classes the CAM classifier predicts, see
+        # segment.val_labels).
+        "weakseg decide --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
         " --split {wildcards.split} --labels-from {input.labels_from} --out {output} 2> {log}"
 
 

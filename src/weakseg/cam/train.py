@@ -54,8 +54,11 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     info, data = open_data(data_path)
     sp_store = store.open_store(superpixels_path, "superpixels")
     fg = info.fg_classes
-    ids = [i for i in info.split(config["dataset"]["train_split"]) if info.label_vector(i)[fg].any()]
-    if not ids:
+    # With a background class an image without foreground labels is a negative for every class; without
+    # one it carries no label to learn from.
+    ids = [i for i in info.split(config["dataset"]["train_split"])
+           if info.has_background or info.label_vector(i)[fg].any()]
+    if not any(info.label_vector(i)[fg].any() for i in ids):
         raise ValueError(f"{data_path}: no training image has a foreground label")
     targets = {i: torch.from_numpy(info.label_vector(i)[fg].astype(np.float32)) for i in ids}
     device = select_device(config["device"])

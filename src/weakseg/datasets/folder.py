@@ -25,6 +25,7 @@ from PIL import Image
 
 from weakseg import store
 from weakseg.datasets import IGNORE
+from weakseg.datasets.mapping import ClassMappingError, build_mapping
 from weakseg.parallel import progress
 
 log = logging.getLogger("weakseg")
@@ -125,7 +126,12 @@ def ingest(root: str | os.PathLike, dataset_cfg: dict, data_path, gt_path, prov:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found (config key dataset.root)")
-    names = read_classes(root)
+    source_names = read_classes(root)
+    try:
+        mapping = build_mapping(source_names, dataset_cfg["has_background"], dataset_cfg["class_mapping"])
+    except ClassMappingError as exc:
+        raise DatasetError(str(exc)) from exc
+    names = list(mapping.class_names)
     n_classes = len(names)
     split_names = [dataset_cfg["train_split"]] + ([dataset_cfg["val_split"]] if dataset_cfg["val_split"] else [])
     splits = {}
@@ -133,27 +139,30 @@ def ingest(root: str | os.PathLike, dataset_cfg: dict, data_path, gt_path, prov:
         ids = read_split(root, split)
         splits[split] = ids[: dataset_cfg["max_images"]] if dataset_cfg["max_images"] else ids
     all_ids = list(dict.fromkeys(i for ids in splits.values() for i in ids))
-    file_labels = (read_labels_file(Path(dataset_cfg["labels_file"]), names)
+    # The labels file names the classes of classes.txt; they go through the same mapping as the masks.
+    file_labels = (read_labels_file(Path(dataset_cfg["labels_file"]), source_names)
                    if dataset_cfg["labels_file"] else None)
-    has_bg = dataset_cfg["has_background"]
+    has_bg = mapping.has_background
     labels = np.zeros((len(all_ids), n_classes), np.uint8)
     n_masks = 0
     attrs = {"class_names": names, "has_background": has_bg, "ids": all_ids, "splits": splits,
-             "source": str(root)}
+             "source": str(root), "source_class_names": list(source_names)}
     with store.writing(data_path, "data", prov, attrs) as data, \
             store.writing(gt_path, "gt", prov, {"class_names": names, "has_background": has_bg}) as gt:
         for row, image_id in enumerate(progress(all_ids, "ingest")):
             image = read_image_file(image_path(root, image_id))
             store.put(data, store.IMAGES, image_id, image)
             mask_file = root / "SegmentationClass" / f"{image_id}.png"
-            mask = read_mask_file(mask_file, image.shape[:2], n_classes) if mask_file.is_file() else None
+            mask = read_mask_file(mask_file, image.shape[:2], len(source_names)) if mask_file.is_file() else None
+            if mask is not None:
+                mask = mapping.map_mask(mask)
             if mask is not None:
                 store.put(gt, store.MASKS, image_id, mask)
                 n_masks += 1
             if file_labels is not None:
                 if image_id not in file_labels:
                     raise DatasetError(f"{dataset_cfg['labels_file']}: no labels for image '{image_id}'")
-                present = file_labels[image_id]
+                present = mapping.map_labels(file_labels[image_id])
             elif mask is not None:
                 present = labels_from_mask(mask, n_classes)
             else:

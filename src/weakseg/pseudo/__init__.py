@@ -17,29 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from weakseg import labels as label_rules
 from weakseg import store
 from weakseg.datasets import DatasetInfo, open_data
 from weakseg.parallel import map_images
 
 log = logging.getLogger("weakseg")
-
-
-def implicit_background(classes: np.ndarray, has_background: bool) -> bool:
-    """True when the dataset has a background class but the scores carry no channel for it
-    (CAM / SP-CAM scores cover foreground classes only); stages then derive background from low scores.
-    Segmentation-net probabilities include class 0 as a channel, and it competes like any class."""
-    return bool(has_background) and 0 not in set(np.asarray(classes).tolist())
-
-
-def labelled_channels(classes: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
-    """Indices into ``classes`` (the score channels) of the classes the image is labelled with."""
-    return np.flatnonzero(np.isin(np.asarray(classes), np.asarray(image_labels)))
-
-
-def check_scores(scores: np.ndarray, classes: np.ndarray) -> None:
-    """Scores must be (K, H, W) with one class index per channel."""
-    if scores.ndim != 3 or scores.shape[0] != len(classes):
-        raise ValueError(f"scores: expected shape (K, H, W) with K = {len(classes)} classes, got {scores.shape}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +32,7 @@ class ImageJob:
     image_id: str
     image_labels: np.ndarray  # class indices, background included when the dataset has one
     has_background: bool
+    background_threshold: float | None  # the calibrated rule's threshold (implicit background only)
     scores_path: str
     key: str
     params: dict = field(default_factory=dict)  # the stage's parameters from config['pseudo']
@@ -91,16 +75,6 @@ def split_ids(config: dict, info: DatasetInfo, group, key: str, shard: int = 0, 
     return store.shard_ids(ids, shard, n_shards)
 
 
-def predicted_labels(label_probabilities, classes, threshold: float, has_background: bool) -> np.ndarray:
-    """Classes a classifier predicts present: probability >= threshold, at least its most likely class;
-    background (0) always when the dataset has one."""
-    probs, classes = np.asarray(label_probabilities, np.float64), np.asarray(classes, np.int64)
-    keep = set(classes[probs >= threshold].tolist()) | ({int(classes[probs.argmax()])} if probs.size else set())
-    if has_background:
-        keep.add(0)
-    return np.array(sorted(keep), np.int64)
-
-
 def known_labels(config: dict, info: DatasetInfo, image_id: str, split: str | None, labels_from=None) -> np.ndarray:
     """Image labels a stage may use. On the train split: the real ones. On any other split (val, test)
     labels are unknown at test time: every class, or — with segment.val_labels 'predicted' and a CAM
@@ -110,7 +84,7 @@ def known_labels(config: dict, info: DatasetInfo, image_id: str, split: str | No
     if labels_from is None or config["segment"]["val_labels"] == "all":
         return np.arange(info.n_classes)
     attrs = store.get_attrs(labels_from, store.CAM, image_id)
-    return predicted_labels(attrs["label_probabilities"], attrs["classes"], config["segment"]["label_threshold"],
+    return label_rules.predicted_labels(attrs["label_probabilities"], attrs["classes"], config["segment"]["label_threshold"],
                             info.has_background)
 
 
@@ -126,7 +100,12 @@ def make_jobs(config: dict, data_path, scores_path, key: str, params: dict, shar
         log.warning("%s: no train image has a '%s' array (shard %d/%d); writing an empty store",
                     scores_path, key, shard, n_shards)
     predicted = store.open_store(labels_from, "scores") if labels_from is not None else None
-    jobs = [ImageJob(i, known_labels(config, info, i, split, predicted), info.has_background, os.fspath(scores_path), key, params,
+    threshold = None
+    if ids and label_rules.implicit_background(store.get_attrs(scores_group, key, ids[0])["classes"],
+                                               info.has_background):
+        threshold = label_rules.store_threshold(config, scores_path, key, data_path)
+    jobs = [ImageJob(i, known_labels(config, info, i, split, predicted), info.has_background, threshold,
+                     os.fspath(scores_path), key, params,
                      os.fspath(data_path) if with_image else None,
                      os.fspath(labels_path) if labels_path is not None else None) for i in ids]
     return info, jobs

@@ -12,8 +12,8 @@ from collections import Counter
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from weakseg.pseudo import (ImageJob, check_scores, implicit_background, job_image, job_scores, labelled_channels,
-                            make_jobs, write_labels)
+from weakseg import labels as label_rules
+from weakseg.pseudo import ImageJob, job_image, job_scores, make_jobs, write_labels
 
 log = logging.getLogger("weakseg")
 
@@ -22,33 +22,23 @@ CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "b
 
 
 def crf_probabilities(scores: np.ndarray, classes: np.ndarray, image_labels: np.ndarray, has_background: bool,
-                      background_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+                      background_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (K', H, W) float32 summing to 1 per pixel, and their class indices (K',).
 
-    Only channels of classes in ``image_labels`` are kept (for images without known labels pass all
-    classes). With a background class that the scores lack (CAM scores), background =
-    (1 - max_k s_k)^alpha is prepended as class 0 — a large alpha makes background win only where
-    every class is clearly absent. Otherwise (no background class, or class 0 already a channel as
-    in segmentation probabilities) the kept channels are used as they are. Each pixel is then
-    normalised over the channels; a pixel where all are 0 gets a uniform distribution.
+    The channels are those of ``weakseg.labels.with_background``: the image's labelled classes (for
+    images without known labels pass all classes), with the calibrated background score prepended as
+    class 0 when the scores carry no background channel, so that the unary's argmax is the threshold
+    rule's label. Each pixel is then normalised over the channels; a pixel where all are 0 gets a
+    uniform distribution.
     """
-    scores = np.asarray(scores, dtype=np.float32)
-    classes = np.asarray(classes)
-    check_scores(scores, classes)
-    channels = labelled_channels(classes, image_labels)
-    kept = np.clip(scores[channels], 0.0, 1.0)
-    kept_classes = classes[channels].astype(np.int64)
-    if implicit_background(classes, has_background):
-        peak = kept.max(axis=0) if channels.size else np.zeros(scores.shape[1:], np.float32)
-        background = (1.0 - peak) ** background_alpha
-        kept = np.concatenate([background[None], kept])
-        kept_classes = np.concatenate([[0], kept_classes])
-    elif channels.size == 0:
-        raise ValueError(f"crf: none of the score classes {classes.tolist()} is among the image labels "
+    kept, kept_classes = label_rules.with_background(scores, classes, image_labels, has_background,
+                                                     background_threshold)
+    if len(kept_classes) == 0:
+        raise ValueError(f"crf: none of the score classes {np.asarray(classes).tolist()} is among the image labels "
                          f"{np.asarray(image_labels).tolist()}, and there is no background to fall back on")
     total = kept.sum(axis=0, keepdims=True)
     probs = np.where(total > 0, kept / np.maximum(total, np.finfo(np.float32).tiny), 1.0 / len(kept))
-    return probs.astype(np.float32), kept_classes
+    return probs.astype(np.float32), kept_classes.astype(np.int64)
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, crf_params: dict) -> np.ndarray:
@@ -92,7 +82,7 @@ def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
         raise ValueError(f"{job.scores_path}: '{job.key}/{job.image_id}' scores are {scores.shape[1:]} but the "
                          f"image is {image.shape[:2]}")
     probs, prob_classes = crf_probabilities(scores, classes, job.image_labels, job.has_background,
-                                            job.params["background_alpha"])
+                                            job.background_threshold)
     labels = crf_labels(image, probs, prob_classes, job.params["crf"])
     # How far the CRF moved labels from the argmax of its own input, for the log.
     changed = int(np.count_nonzero(labels != prob_classes[probs.argmax(axis=0)]))
@@ -105,9 +95,10 @@ def run_crf(config: dict, data_path, scores_path, key: str, out_path, threads: i
     store at ``out_path``, on ``threads`` worker processes; logs images/s. Outside the train split
     image labels are unknown: every class in the scores competes, or those the classifier of the CAM
     scores store ``labels_from`` predicts present (see ``known_labels``)."""
-    params = {"background_alpha": config["pseudo"]["background_alpha"], "crf": dict(config["pseudo"]["crf"])}
+    params = {"crf": dict(config["pseudo"]["crf"])}
     _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, with_image=True,
                         split=split, labels_from=labels_from)
-    counts = write_labels(out_path, "crf", config, _crf_one, jobs, threads, key=key)
+    counts = write_labels(out_path, "crf", config, _crf_one, jobs, threads, key=key,
+                          background_threshold=jobs[0].background_threshold if jobs else None)
     log.info("crf: %.1f%% of pixels changed from the argmax of the scores",
              100.0 * counts["changed"] / max(counts["pixels"], 1))

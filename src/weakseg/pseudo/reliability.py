@@ -31,7 +31,7 @@ def class_divergences(labels: np.ndarray, classes) -> dict[int, tuple[int, int, 
 
     area = pixel count; perimeter = number of 4-neighbour pixel edges between the region and the
     rest of the image; divergence = perimeter^2 / area. 255 (ignore) is never scored; callers pass
-    only foreground classes, so background is not scored either.
+    foreground classes, and background only for images labelled background alone.
 
     The image border does not count as perimeter. The border is where the camera cut the scene,
     not a boundary the annotation decided, and divergence is meant to measure how ragged the
@@ -129,8 +129,11 @@ def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFra
     annotations, missing_classes = {}, 0
     for image_id in ids:
         fg = [c for c in info.image_labels(image_id).tolist() if c in fg_classes]
-        annotations[image_id] = class_divergences(store.get(group, store.LABELS, image_id), fg)
-        missing_classes += len(fg) - len(annotations[image_id])
+        # An image labelled background only is annotated by its background region: whole (divergence
+        # 0, right by construction) unless a stage left holes of ignore in it.
+        scored = fg if fg or not info.has_background else [0]
+        annotations[image_id] = class_divergences(store.get(group, store.LABELS, image_id), scored)
+        missing_classes += len(scored) - len(annotations[image_id])
     table = reliability_table(annotations, info.class_names, pseudo["top_k"], pseudo["top_fraction"])
     store.write_table(table, out_csv)
 
