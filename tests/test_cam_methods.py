@@ -72,24 +72,25 @@ def test_training_resumes_after_a_kill_to_identical_weights(tmp_path, cam_inputs
     assert len(log_rows) == ITERATIONS and log_rows["loss"].notna().all()
     assert {"seam": "loss_er", "dual": "loss_consistency"}[model] in log_rows.columns
 
-    real_loop = cam_train.train_loop
+    real_loss = cam_train.training_loss
 
-    def killed_after_first_checkpoint(**kwargs):
-        draw, calls = kwargs["next_batch"], []
+    def loss_dying_after_first_checkpoint(cam_cfg):
+        """The job dies in iteration CHECKPOINT_EVERY + 1, after the first checkpoint."""
+        compute_loss, calls = real_loss(cam_cfg), []
 
-        def next_batch(rng):
-            calls.append(1)
-            if len(calls) == CHECKPOINT_EVERY + 1:
+        def dying(m, batch):
+            calls.append(m)
+            if len(calls) > CHECKPOINT_EVERY:
                 raise SimulatedKill("killed")
-            return draw(rng)
+            return compute_loss(m, batch)
 
-        return real_loop(**{**kwargs, "next_batch": next_batch})
+        return dying
 
-    monkeypatch.setattr(cam_train, "train_loop", killed_after_first_checkpoint)
+    monkeypatch.setattr(cam_train, "training_loss", loss_dying_after_first_checkpoint)
     with pytest.raises(SimulatedKill):
         cam_train.run_train_cam(config, data, sp, tmp_path / "b")
     assert (tmp_path / "b" / CHECKPOINT).exists() and not (tmp_path / "b" / "model.pt").exists()
-    monkeypatch.setattr(cam_train, "train_loop", real_loop)
+    monkeypatch.setattr(cam_train, "training_loss", real_loss)
     torch.manual_seed(12)
     with caplog.at_level(logging.INFO, logger="weakseg"):
         resumed = load_model_file(cam_train.run_train_cam(config, data, sp, tmp_path / "b"), "cam")
