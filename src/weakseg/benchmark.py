@@ -6,13 +6,18 @@
                                     (Snakemake benchmark files), quality per stage, bytes per image
     weakseg benchmark crf           CRF ms per image at 1 and 2 threads on a finished run's scores
     weakseg benchmark bytes         bytes per image of every store of a finished run
+    weakseg benchmark methods       every CAM generator (cam, spn, seam, dual) trained and inferred on
+                                    the same data and iteration budget: map quality, over- and
+                                    under-activation, quality after the CRF, training and inference time
 
-Benchmarks measure; tests assert. Nothing here is run by the test suite.
+Benchmarks measure; tests assert. Apart from the row summary of ``benchmark methods``
+(``method_row``), nothing here is run by the test suite.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,8 +34,7 @@ SUPERPIXEL_METHODS = ("slic", "slico", "seeds", "felzenszwalb", "skimage_slic")
 
 
 def _print_table(title: str, table: pd.DataFrame, csv_path: Path) -> None:
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv_path, index=False)
+    store.write_table(table, csv_path)
     print(f"\n== {title} ==")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"(written to {csv_path})")
@@ -151,7 +155,147 @@ def bench_crf(config_path: str, out_dir: Path) -> None:
     _print_table("dense CRF", pd.DataFrame(rows), out_dir / f"{cfg['run']}_crf.csv")
 
 
-def run_benchmark(what: str, root: str, out: str, config_path: str, threads: int) -> None:
+METHOD_COLUMNS = ["method", "iterations", "train_s", "infer_ms_per_image", "infer_images", "infer_scales",
+                  "cam_miou", "cam_mean_class_acc", "cam_over_activation", "cam_under_activation",
+                  "spcam_miou", "spcam_mean_class_acc", "spcam_over_activation", "spcam_under_activation",
+                  "crf_miou", "crf_mean_class_acc"]
+
+
+def map_quality(tidy: pd.DataFrame, stage: str) -> dict:
+    """mIoU, mean class accuracy and the mean over classes of over-activation FP / (TP + FP) and of
+    under-activation FN / (TP + FN) = 1 - recall, from the tidy rows ``evaluate`` wrote for ``stage``."""
+    rows = tidy[tidy["stage"] == stage]
+    overall = rows[rows["class"] == ""].set_index("metric")["value"].astype(float)
+    per_class = rows[rows["class"] != ""]
+
+    def class_mean(metric: str, transform=lambda v: v) -> float:
+        values = transform(per_class.loc[per_class["metric"] == metric, "value"].astype(float))
+        return float(values.mean())  # NaN (class absent) is skipped, as in evaluate's means
+
+    return {"miou": float(overall["miou"]), "mean_class_acc": float(overall["mean_class_acc"]),
+            "over_activation": class_mean("over_activation"),
+            "under_activation": class_mean("class_acc", lambda recall: 1 - recall)}
+
+
+def method_row(method: str, timing: dict, metrics: dict[str, pd.DataFrame]) -> dict:
+    """One row of the methods table: ``timing`` (iterations, train_s, infer_ms_per_image,
+    infer_images, infer_scales) and the tidy metrics of stages cam, spcam and crf."""
+    row = {"method": method, **timing}
+    for stage in ("cam", "spcam"):
+        row.update({f"{stage}_{k}": v for k, v in map_quality(metrics[stage], stage).items()})
+    crf = map_quality(metrics["crf"], "crf")
+    row.update(crf_miou=crf["miou"], crf_mean_class_acc=crf["mean_class_acc"])
+    return {c: row[c] for c in METHOD_COLUMNS}
+
+
+def _prepare_inputs(cfg: dict, shared: store.RunLayout, threads: int) -> None:
+    """data.zarr, gt.zarr and superpixels.zarr of the config's dataset, made once and then reused."""
+    from weakseg.datasets.folder import ingest
+    from weakseg.datasets.synthetic import write_folder
+    from weakseg.superpixels import run_superpixels
+
+    def finished(path, kind):
+        try:
+            store.open_store(path, kind)
+            return True
+        except store.StoreError:
+            return False
+
+    if not (finished(shared.data, "data") and finished(shared.gt, "gt")):
+        root = cfg["dataset"]["root"]
+        if cfg["dataset"]["kind"] == "synthetic":
+            root = write_folder(cfg["dataset"]["synthetic"], cfg["dataset"]["has_background"], shared.synthetic)
+        ingest(root, cfg["dataset"], shared.data, shared.gt, store.provenance("ingest", cfg["dataset"]))
+    if not finished(shared.superpixels, "superpixels"):
+        run_superpixels(cfg, shared.data, shared.superpixels, threads=threads)
+
+
+def _link_inputs(shared: store.RunLayout, layout: store.RunLayout) -> None:
+    """Give a method's run folder the shared input stores, so it is a complete run (weakseg inspect)."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "gt", "superpixels"):
+        link = getattr(layout, name)
+        if not link.exists():
+            link.symlink_to(getattr(shared, name).resolve(), target_is_directory=True)
+
+
+def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, threads: int) -> dict:
+    """Train and infer one CAM generator, CRF its pseudo-labels, evaluate all three; returns its row.
+
+    A method whose model and scores exist with a timing of the same training config is not rerun.
+    """
+    from weakseg.cam.infer import run_infer_cam
+    from weakseg.cam.models import resolve_cam_config
+    from weakseg.cam.train import run_train_cam
+    from weakseg.evaluate import run_evaluate
+    from weakseg.pseudo.crf import run_crf
+    from weakseg.training import config_fingerprint
+
+    cfg = {**cfg, "cam": resolve_cam_config({**cfg["cam"], "model": method})}
+    layout = store.RunLayout(shared.root / f"{method}_it{cfg['cam']['iterations']}")
+    _link_inputs(shared, layout)
+    fingerprint = config_fingerprint(cfg["cam"], cfg["dataset"], cfg["superpixels"], split)
+    timing_csv = layout.cam_dir / "benchmark_timing.csv"
+    timing = pd.read_csv(timing_csv, dtype={"infer_scales": str}).iloc[0].to_dict() if timing_csv.is_file() else {}
+    if timing.get("fingerprint") != fingerprint or not set(METHOD_COLUMNS[1:6]) <= set(timing) \
+            or not layout.scores.exists():
+        shutil.rmtree(layout.cam_dir, ignore_errors=True)  # a resumed checkpoint would shorten the timing
+        started = time.perf_counter()
+        run_train_cam(cfg, layout.data, layout.superpixels, layout.cam_dir, threads=threads)
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        n_images = run_infer_cam(cfg, layout.data, layout.superpixels, layout.cam_model, layout.scores,
+                                 threads=threads, split=split)
+        infer_s = time.perf_counter() - started
+        timing = {"fingerprint": fingerprint, "iterations": cfg["cam"]["iterations"], "train_s": train_s,
+                  "infer_ms_per_image": 1000 * infer_s / n_images, "infer_images": n_images,
+                  "infer_scales": " ".join(str(v) for v in cfg["cam"]["infer_scales"])}
+        store.write_table(pd.DataFrame([timing]), timing_csv)
+    metrics = {}
+    for key in (store.CAM, store.SPCAM):
+        metrics[key] = run_evaluate(cfg, layout.data, layout.gt, layout.scores, key, split,
+                                    layout.metrics_dir / f"{key}_{split}.csv",
+                                    per_image_csv=layout.metrics_dir / f"{key}_{split}_per_image.csv", key=key)
+    run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], layout.crf, threads, split=split)
+    metrics["crf"] = run_evaluate(cfg, layout.data, layout.gt, layout.crf, "crf", split,
+                                  layout.metrics_dir / f"crf_{split}.csv",
+                                  per_image_csv=layout.metrics_dir / f"crf_{split}_per_image.csv")
+    return method_row(method, {k: timing[k] for k in METHOD_COLUMNS[1:6]}, metrics)
+
+
+def bench_methods(config_path: str, out_dir: Path, threads: int, methods, split: str | None = None,
+                  iterations: int | None = None, infer_scales=None) -> pd.DataFrame:
+    """Every CAM generator of ``methods`` on the config's data with the same budget, in run folders
+    ``<results>/<run>_methods/<method>_it<iterations>/``; the table goes to ``methods_<run>.csv``."""
+    from weakseg.config import load, run_dir
+
+    cfg = load(config_path)
+    if iterations is not None:
+        cfg["cam"]["iterations"] = iterations
+    if infer_scales:
+        cfg["cam"]["infer_scales"] = list(infer_scales)
+    split = split or cfg["dataset"]["train_split"]
+    shared = store.RunLayout(run_dir(cfg).with_name(f"{cfg['run']}_methods"))
+    _prepare_inputs(cfg, shared, threads)
+    rows = []
+    for method in methods:
+        print(f"== {method}: {cfg['cam']['iterations']} iterations, inference on {split}", flush=True)
+        rows.append(bench_method(cfg, shared, method, split, threads))
+    table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
+    csv_path = out_dir / f"methods_{cfg['run']}.csv"
+    if csv_path.is_file():  # keep the rows of earlier invocations (other methods or budgets)
+        earlier = pd.read_csv(csv_path, dtype={"infer_scales": str})
+        if list(earlier.columns) == METHOD_COLUMNS:
+            key = ["method", "iterations", "infer_scales"]
+            replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
+            table = pd.concat([earlier[~replaced], table], ignore_index=True)
+    _print_table(f"{cfg['run']}: CAM generators, batch {cfg['cam']['batch_size']}, maps on the {split} split",
+                 table, csv_path)
+    return table
+
+
+def run_benchmark(what: str, root: str, out: str, config_path: str, threads: int, methods=("cam", "spn", "seam", "dual"),
+                  split: str | None = None, iterations: int | None = None, infer_scales=None) -> None:
     out_dir = Path(out)
     if what == "superpixels":
         if not Path(root).is_dir():
@@ -166,3 +310,5 @@ def run_benchmark(what: str, root: str, out: str, config_path: str, threads: int
 
         cfg = load(config_path)
         _print_table(f"{cfg['run']}: bytes per image", bytes_per_image(run_dir(cfg)), out_dir / f"{cfg['run']}_bytes.csv")
+    elif what == "methods":
+        bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)

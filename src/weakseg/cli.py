@@ -220,7 +220,8 @@ def cmd_resolve_config(a):
 def cmd_benchmark(a):
     from weakseg.benchmark import run_benchmark
 
-    run_benchmark(a.what, a.root, a.out, a.config, a.threads)
+    run_benchmark(a.what, a.root, a.out, a.config, a.threads, methods=a.methods, split=a.split,
+                  iterations=a.iterations, infer_scales=a.infer_scales)
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -426,10 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images in the gallery (default: the run's inspect.gallery_images)")
 
     p = command("benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV")
-    p.add_argument("what", choices=["superpixels", "crf", "pipeline", "bytes"], help="what to measure")
+    p.add_argument("what", choices=["superpixels", "crf", "pipeline", "bytes", "methods"], help="what to measure")
     p.add_argument("--root", default="../shared/data/msrc21", help="dataset folder")
-    p.add_argument("--config", default="config/msrc21.yaml", help="run config for the pipeline benchmark")
+    p.add_argument("--config", default="config/msrc21.yaml", help="run config for the pipeline and methods benchmarks")
     p.add_argument("--out", default="bench", help="folder for CSV output")
+    p.add_argument("--methods", nargs="+", choices=["cam", "spn", "seam", "dual"], default=["cam", "spn", "seam", "dual"],
+                   help="methods: the CAM generators to compare")
+    p.add_argument("--split", help="methods: the split inferred and evaluated (default: the config's train split)")
+    p.add_argument("--iterations", type=int, help="methods: training iterations of every method (default: cam.iterations)")
+    p.add_argument("--infer-scales", type=float, nargs="+",
+                   help="methods: inference scales of every method (default: cam.infer_scales)")
     _add_threads(p)
     return parser
 

@@ -18,7 +18,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -56,6 +56,10 @@ class Encoder(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         self.frozen_layers = 0
         self.frozen_batchnorm = False
+        # Indices into layers() of the last layer at stride 4, 8 and 16 (ResNet's layer1-3 and their
+        # counterparts), with their channel counts; set by the builder of each backbone.
+        self.stage_ends: tuple[int, ...] = ()
+        self.stage_channels: tuple[int, ...] = ()
 
     def layers(self) -> list[nn.Module]:
         """The body as a flat list of layers in forward order (EfficientNet: stem, each block, top)."""
@@ -88,13 +92,28 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.frozen_layers:
             return self.body(x)
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: Tensor, after: Mapping[int, nn.Module] | None = None,
+                         taps: Collection[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        """The forward pass, also returning the outputs of the layers in ``taps`` and applying
+        ``after[i]`` to the output of layer ``i`` (a tap holds that output before ``after[i]``).
+
+        Frozen layers run without autograd only up to the first ``after`` module: a trainable module
+        inside the frozen part needs the gradient through the frozen layers that follow it.
+        """
+        after = after or {}
         layers = self.layers()
-        with torch.no_grad():
-            for layer in layers[:self.frozen_layers]:
+        no_grad_until = min([self.frozen_layers, *(i + 1 for i in after)])
+        tapped = {}
+        for i, layer in enumerate(layers):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= no_grad_until):
                 x = layer(x)
-        for layer in layers[self.frozen_layers:]:
-            x = layer(x)
-        return x
+            if i in taps:
+                tapped[i] = x
+            if i in after:
+                x = after[i](x)
+        return x, tapped
 
 
 def normalise(images: Tensor, encoder: Encoder) -> Tensor:
@@ -205,6 +224,20 @@ def _lite_body(name: str, output_stride: int) -> nn.Sequential:
                                      top=_ConvBN(cin, _LITE_TOP)))
 
 
+def _lite_stage_ends(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Layer indices (stem = 0, block b = b + 1) and channels of the last block at nominal stride 4, 8, 16."""
+    width, depth, _ = _LITE_SCALING[name]
+    ends, stride, n_blocks = {}, 2, 0
+    for i, (_, _, stage_stride, channels, repeats) in enumerate(_LITE_STAGES):
+        if 0 < i < len(_LITE_STAGES) - 1:
+            repeats = math.ceil(repeats * depth)
+        stride *= stage_stride
+        n_blocks += repeats
+        if stride in (4, 8, 16):
+            ends[stride] = (n_blocks, _round_width(channels, width))  # later stages at this stride overwrite
+    return tuple(ends[s][0] for s in (4, 8, 16)), tuple(ends[s][1] for s in (4, 8, 16))
+
+
 def _init_lite(module: nn.Module) -> None:
     """Random init as in the EfficientNet reference (conv: He normal, fan-out)."""
     for m in module.modules():
@@ -263,7 +296,9 @@ def _torchvision_parts(name: str, output_stride: int) -> tuple[nn.Module, Encode
         names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
         body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
         head = nn.Sequential(OrderedDict(pool=net.avgpool, flatten=nn.Flatten(), fc=net.fc))
-        return net, Encoder(body, 2048, output_stride, IMAGENET_MEAN, IMAGENET_STD), head
+        encoder = Encoder(body, 2048, output_stride, IMAGENET_MEAN, IMAGENET_STD)
+        encoder.stage_ends, encoder.stage_channels = (4, 5, 6), (256, 512, 1024)  # layer1, layer2, layer3
+        return net, encoder, head
     net = torchvision.models.vgg16(weights=None)
     for layer in net.features:
         if isinstance(layer, nn.MaxPool2d):
@@ -271,7 +306,9 @@ def _torchvision_parts(name: str, output_stride: int) -> tuple[nn.Module, Encode
     body = net.features[:-1]
     head = nn.Sequential(OrderedDict(pool5=net.features[-1], pool=net.avgpool, flatten=nn.Flatten(),
                                      classifier=net.classifier))
-    return net, Encoder(body, 512, 16, IMAGENET_MEAN, IMAGENET_STD), head
+    encoder = Encoder(body, 512, 16, IMAGENET_MEAN, IMAGENET_STD)
+    encoder.stage_ends, encoder.stage_channels = (15, 22, 29), (256, 512, 512)  # conv3_3, conv4_3, conv5_3 (ReLU)
+    return net, encoder, head
 
 
 def _weights_path(name: str, weights: str | None) -> Path:
@@ -317,6 +354,7 @@ def _build(name: str, pretrained: bool, weights: str | None, output_stride: int)
     path = _weights_path(name, weights) if pretrained else None
     if name in _LITE_SCALING:
         encoder = Encoder(_lite_body(name, output_stride), _LITE_TOP, output_stride, LITE_MEAN, LITE_STD)
+        encoder.stage_ends, encoder.stage_channels = _lite_stage_ends(name)
         head = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
                                          dropout=nn.Dropout(_LITE_SCALING[name][2]), fc=nn.Linear(_LITE_TOP, 1000)))
         classifier = nn.Sequential(OrderedDict(encoder=encoder, head=head))

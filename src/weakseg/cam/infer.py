@@ -8,6 +8,9 @@ a coarse grid. Scores are aggregated by **max** over scales, then ReLU and per-c
 normalisation.
 CAM: the GAP-branch classifier on the encoder features, ReLU, resized, **summed** over scales and
 flips, per-class max-normalised.
+Every ``cam.model`` gives its maps through ``inference_maps`` (one network pass per scale): SEAM
+its PCM-refined maps, the dual-branch network its CNN-branch CAM (see ``cam.dual.infer_maps``);
+their SP-CAM is the superpixel pooling of those maps, so later stages see the same score store.
 """
 from __future__ import annotations
 
@@ -20,18 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from weakseg import store
-from weakseg.cam.models import build_classifier
+from weakseg.cam.models import build_classifier, max_normalise
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import progress
 from weakseg.training import load_model_file, select_device
 
 log = logging.getLogger("weakseg")
-
-
-def max_normalise(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """ReLU, then divide each class map by its maximum -> [0, 1]."""
-    maps = maps.clamp(min=0)
-    return maps / (maps.flatten(1).max(1).values[:, None, None] + eps)
 
 
 def _flip_batch(x: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -48,8 +45,9 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
     """Return (CAM, SP-CAM, label probabilities) for one image: maps (C, H, W) in [0, 1] and (C,).
 
     ``spcam_merge``: SP-CAM scores of the scales combine by ``max`` (paper) or ``mean``.
-    The label probabilities are the classifier's image-level output (sigmoid of the mean superpixel
-    score, as in training), averaged over scales: what the model believes the image contains.
+    The label probabilities are the classifier's image-level output (the model's ``logits``, else
+    the mean superpixel score as the SP branch is trained), through a sigmoid, averaged over scales
+    (and flips): what the model believes the image contains.
     """
     h, w = image.shape[:2]
     sp = torch.from_numpy(superpixels.astype(np.int64)).to(device).reshape(-1)
@@ -60,10 +58,11 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
         size = (max(8, round(w * s)), max(8, round(h * s)))
         x = torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
         x = _flip_batch(x[None].float().div(255).to(device), flip)
-        cam = F.interpolate(model.cam(x).clamp(min=0), size=(h, w), mode="bilinear", align_corners=False)
+        maps = model.inference_maps(x)
+        cam = F.interpolate(maps["cam"].clamp(min=0), size=(h, w), mode="bilinear", align_corners=False)
         cam = _unflip_mean(cam, flip)
         cam_total = cam if cam_total is None else cam_total + cam
-        dense = F.interpolate(model.sp_score_map(x), size=(h, w), mode="bilinear", align_corners=False)
+        dense = F.interpolate(maps["sp"], size=(h, w), mode="bilinear", align_corners=False)
         dense = _unflip_mean(dense, flip).reshape(dense.shape[1], -1)  # (C, H*W)
         per_sp = torch.zeros(dense.shape[0], n_sp, device=device).index_add_(1, sp, dense) / sp_counts
         if sp_best is None:
@@ -71,14 +70,16 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
         else:
             # a sum, not a mean: the same map after the per-class max normalisation below
             sp_best = torch.maximum(sp_best, per_sp) if spcam_merge == "max" else sp_best + per_sp
-        prob_sum = prob_sum + torch.sigmoid(per_sp.mean(1))
+        logits = maps["logits"].mean(0) if "logits" in maps else per_sp.mean(1)
+        prob_sum = prob_sum + torch.sigmoid(logits)
     spcam = max_normalise(sp_best[:, None, :])[:, 0, :]  # normalise per class over superpixels
     return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w), prob_sum / len(scales)
 
 
 def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_path, threads: int = 1,
-                  shard: int = 0, n_shards: int = 1) -> int:
-    """CAM and SP-CAM for every image of the data store into a scores store (keys cam, spcam).
+                  shard: int = 0, n_shards: int = 1, split: str | None = None) -> int:
+    """CAM and SP-CAM for every image of the data store (or of ``split`` only) into a scores store
+    (keys cam, spcam).
 
     Training images keep only their labelled foreground classes (the only ones cleaning uses);
     other images keep all foreground classes.
@@ -95,7 +96,7 @@ def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_pat
     cam_cfg = config["cam"]
     sp_store = store.open_store(superpixels_path, "superpixels")
     train_ids = set(info.split(config["dataset"]["train_split"]))
-    ids = store.shard_ids(list(info.ids), shard, n_shards)
+    ids = store.shard_ids(list(info.ids) if split is None else info.split(split), shard, n_shards)
     fg = info.fg_classes
     started = time.perf_counter()
     with store.writing(out_path, "scores", store.provenance("infer_cam", cam_cfg)) as out:

@@ -1,4 +1,5 @@
-"""Classifiers trained on image-level labels: the CAM baseline and the Superpixel Pooling Network.
+"""Classifiers trained on image-level labels: the CAM baseline and the Superpixel Pooling Network,
+and the registry of every CAM generator (``cam.model``: cam, spn, seam, dual).
 
 CAM (Zhou et al. 2016): encoder -> global average pooling -> linear classifier; the class
 activation map is that classifier applied at every feature location.
@@ -8,6 +9,10 @@ with BN+ReLU, x2 each) -> superpixel pooling (mean feature inside each superpixe
 an image's superpixels) -> classifier; plus a GAP branch with its own classifier on the encoder
 features as a regulariser. Because the classifier is linear, a superpixel's class scores equal the
 classifier applied to its mean feature — which is how SP-CAM is read off at inference.
+
+SEAM (``seam.py``) and the dual-branch network (``dual.py``) build on the same encoders. Every
+model answers ``inference_maps(x01)`` with the maps inference turns into the score store (see
+``CAMNet.inference_maps``); their training losses live in ``losses.py``.
 """
 from __future__ import annotations
 
@@ -41,6 +46,12 @@ def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[
     return sums / counts[:, None], present // span
 
 
+def max_normalise(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ReLU, then divide each map (the last two dimensions) by its maximum -> [0, 1]."""
+    maps = maps.clamp(min=0)
+    return maps / (maps.flatten(-2).max(-1).values[..., None, None] + eps)
+
+
 def mean_per_image(values: torch.Tensor, image_index: torch.Tensor, n_images: int) -> torch.Tensor:
     """Mean of rows of ``values`` (S, D) grouped by image -> (B, D)."""
     sums = values.new_zeros(n_images, values.shape[1]).index_add_(0, image_index, values)
@@ -65,12 +76,25 @@ class CAMNet(nn.Module):
         return self.classifier(self.encoder(normalise(x01, self.encoder)))
 
     def sp_score_map(self, x01: torch.Tensor) -> torch.Tensor:
-        """Per-location class scores whose superpixel means are SP-CAM scores (here: the CAM)."""
-        return self.cam(x01)
+        """Per-location class scores whose superpixel means are SP-CAM scores (CAMNet: the CAM;
+        SPN: its SP-branch classifier at every location of the fine grid)."""
+        return self._sp_scores(self.encoder(normalise(x01, self.encoder)))
+
+    def _sp_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier(feats)
+
+    def inference_maps(self, x01: torch.Tensor) -> dict:
+        """What inference reads, from one encoder pass: ``cam`` (B, C, h, w), whose ReLU is the CAM;
+        ``sp`` (B, C, h', w'), the scores averaged inside each superpixel for SP-CAM; optionally
+        ``logits`` (B, C), the image-level classifier output (without it, inference takes the mean
+        superpixel score, as the SP branch is trained)."""
+        feats = self.encoder(normalise(x01, self.encoder))
+        return {"cam": self.classifier(feats), "sp": self._sp_scores(feats)}
 
     def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict]:
-        return [{"params": trainable(self.encoder), "lr": lr * encoder_lr_mult},
-                {"params": self.classifier.parameters(), "lr": lr}]
+        """The pretrained encoder at ``lr * encoder_lr_mult``, every head (all other parameters) at ``lr``."""
+        head = [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
+        return [{"params": trainable(self.encoder), "lr": lr * encoder_lr_mult}, {"params": head, "lr": lr}]
 
 
 class SPN(CAMNet):
@@ -124,22 +148,38 @@ class SPN(CAMNet):
             out["sp_logits"] = mean_per_image(sp_scores, image_index, x01.shape[0])
         return out
 
-    def sp_score_map(self, x01: torch.Tensor) -> torch.Tensor:
-        """SP-branch classifier applied at every location of the fine grid (B, C, H', W')."""
-        return self._sp_scores(self.encoder(normalise(x01, self.encoder)))
 
-    def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict]:
-        head = [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
-        return [{"params": trainable(self.encoder), "lr": lr * encoder_lr_mult}, {"params": head, "lr": lr}]
+MODELS = ("cam", "spn", "seam", "dual")
 
 
-def build_classifier(cam_cfg: dict, n_classes: int) -> CAMNet:
+def resolve_cam_config(cam_cfg: dict) -> dict:
+    """``cam_cfg`` with choices that depend on this machine made explicit (the dual network's
+    transformer: torchvision ViT weights found or not), so that a saved model records what it is."""
+    if cam_cfg["model"] == "dual":
+        from weakseg.cam.dual import resolve_transformer
+
+        return {**cam_cfg, "dual": {**cam_cfg["dual"], "transformer": resolve_transformer(cam_cfg)}}
+    return cam_cfg
+
+
+def build_classifier(cam_cfg: dict, n_classes: int) -> nn.Module:
+    """The ``cam.model`` network on the ``cam.backbone`` encoder (frozen as ``cam.freeze_encoder`` says)."""
+    if cam_cfg["model"] not in MODELS:
+        raise ValueError(f"cam.model: expected one of {', '.join(MODELS)}, got {cam_cfg['model']!r}")
     encoder = build_encoder(cam_cfg["backbone"], pretrained=cam_cfg["pretrained"], weights=cam_cfg["weights"],
                             output_stride=cam_cfg["output_stride"])
     freeze_encoder(encoder, cam_cfg["freeze_encoder"], cam_cfg["pretrained"])
     if cam_cfg["model"] == "cam":
         return CAMNet(encoder, n_classes)
-    return SPN(encoder, n_classes, cam_cfg["extra_channels"], cam_cfg["upsample_layers"], cam_cfg["upsampling"])
+    if cam_cfg["model"] == "spn":
+        return SPN(encoder, n_classes, cam_cfg["extra_channels"], cam_cfg["upsample_layers"], cam_cfg["upsampling"])
+    if cam_cfg["model"] == "seam":  # imported here: seam.py and dual.py build on this module
+        from weakseg.cam.seam import SEAMNet
+
+        return SEAMNet(encoder, n_classes, cam_cfg["seam"]["pcm_dim"])
+    from weakseg.cam.dual import build_dual
+
+    return build_dual(encoder, n_classes, resolve_cam_config(cam_cfg))
 
 
 def multilabel_loss(out: dict, targets: torch.Tensor, gap_weight: float) -> tuple[torch.Tensor, dict]:

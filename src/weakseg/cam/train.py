@@ -1,4 +1,5 @@
-"""Train the SPN / CAM classifier on image-level labels with multi-scale training (SPN paper §5).
+"""Train a CAM generator (``cam.model``: CAM, SPN, SEAM, dual branch) on image-level labels with
+multi-scale training (SPN paper §5); each model's loss comes from ``losses.training_loss``.
 
 Each batch: one size drawn from ``cam.train_sizes``; every image is padded to a square (padding
 is excluded from superpixel pooling), resized to that size, flipped at random. Superpixel maps
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from weakseg import store
-from weakseg.cam.models import build_classifier, multilabel_loss
+from weakseg.cam.losses import training_loss
+from weakseg.cam.models import build_classifier, resolve_cam_config
 from weakseg.datasets import open_data, read_image
 from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, seed_everything,
                               select_device, train_loop)
@@ -47,7 +49,8 @@ def to_tensor01(images: list[np.ndarray]) -> torch.Tensor:
 def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: int = 1) -> Path:
     """Train the classifier of ``config['cam']``; writes ``out_dir/model.pt`` (resumes if killed)."""
     torch.set_num_threads(max(1, threads))
-    cam_cfg = config["cam"]
+    cam_cfg = resolve_cam_config(config["cam"])
+    config = {**config, "cam": cam_cfg}  # the model file records the resolved choices
     info, data = open_data(data_path)
     sp_store = store.open_store(superpixels_path, "superpixels")
     fg = info.fg_classes
@@ -79,11 +82,8 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         return {"x": to_tensor01(images).to(device), "sp": torch.from_numpy(np.stack(sps)).long().to(device),
                 "y": torch.stack(ys).to(device)}
 
-    def compute_loss(m, batch):
-        return multilabel_loss(m(batch["x"], batch["sp"]), batch["y"], cam_cfg["gap_weight"])
-
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
-               compute_loss=compute_loss, iterations=cam_cfg["iterations"],
+               compute_loss=training_loss(cam_cfg), iterations=cam_cfg["iterations"],
                checkpoint_every=cam_cfg["checkpoint_every"], out_dir=Path(out_dir), seed=cam_cfg["seed"],
                desc="train-cam", fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]),
                log_every=cam_cfg["log_every"])
