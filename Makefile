@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 CORES ?= 2
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-slow bench-superpixels bench-msrc bench-msrc-objects report clean
+.PHONY: setup run test lint test-slow bench-superpixels bench-msrc bench-msrc-objects report clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ run: setup  ## the whole pipeline on the embedded synthetic dataset (config.yaml
 
 test: setup  ## the default test suite (< 10 min on 2 cores)
 	pytest -q -m "not slow"
+
+lint: setup  ## ruff (lint + format), snakefmt and snakemake --lint; CI runs it before the tests
+	ruff check .
+	ruff format --check .
+	snakefmt --check Snakefile workflow/
 
 test-slow: setup  ## end-to-end kill/resume, shards and the Slurm workflow run (minutes)
 	pytest -q -m "slow"

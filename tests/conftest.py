@@ -1,4 +1,5 @@
 """Shared fixtures: single-threaded torch, the real MSRC-21 folder (or a skip), a tiny synthetic VOC folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,15 @@ MSRC_ROOT = Path(__file__).resolve().parents[1].parent / "shared/data/msrc21"
 
 # Small enough that writing the folder takes well under a second; several classes so that
 # labels differ between images.
-SMALL_SYNTHETIC = {"n_train": 6, "n_val": 3, "height": 48, "width": 64, "n_classes": 4, "max_objects": 3,
-                   "seed": 3}
+SMALL_SYNTHETIC = {
+    "n_train": 6,
+    "n_val": 3,
+    "height": 48,
+    "width": 64,
+    "n_classes": 4,
+    "max_objects": 3,
+    "seed": 3,
+}
 
 
 @pytest.fixture(autouse=True, scope="session")

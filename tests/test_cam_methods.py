@@ -1,5 +1,6 @@
 """What SEAM and the dual-branch network share with CAM/SPN: encoder stage taps, training with exact
 resume after a kill, inference into the same score store; and the rows of `weakseg benchmark methods`."""
+
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_training import CHECKPOINT_EVERY, ITERATIONS, SimulatedKill, assert_same_state, cam_inputs  # noqa: F401
 
 import weakseg.cam.train as cam_train
 from weakseg import store
@@ -17,13 +19,12 @@ from weakseg.cam.infer import run_infer_cam
 from weakseg.datasets import open_data
 from weakseg.training import CHECKPOINT, load_model_file
 
-from test_training import CHECKPOINT_EVERY, ITERATIONS, SimulatedKill, assert_same_state, cam_inputs  # noqa: F401
-
 # ------------------------------------------------------------------ encoder stages
 
 
-@pytest.mark.parametrize("name, output_stride", [("efficientnet_lite0", 32), ("efficientnet_lite1", 16),
-                                                 ("resnet50", 32)])
+@pytest.mark.parametrize(
+    "name, output_stride", [("efficientnet_lite0", 32), ("efficientnet_lite1", 16), ("resnet50", 32)]
+)
 def test_stage_ends_are_the_last_layers_at_stride_4_8_16(name, output_stride):
     encoder = build_encoder(name, pretrained=False, output_stride=output_stride).eval()
     layers = len(encoder.layers())
@@ -42,7 +43,9 @@ def test_forward_features_applies_modules_after_layers_and_taps_before_them():
     with torch.no_grad():
         plain, tapped = encoder.forward_features(x, taps=(3, 5))
         torch.testing.assert_close(plain, encoder.body(x))
-        zeroed, tapped_zeroed = encoder.forward_features(x, after={5: torch.nn.Identity(), 3: ZeroOut()}, taps=(3, 5))
+        zeroed, tapped_zeroed = encoder.forward_features(
+            x, after={5: torch.nn.Identity(), 3: ZeroOut()}, taps=(3, 5)
+        )
     torch.testing.assert_close(tapped_zeroed[3], tapped[3])  # the tap holds the output before the module
     assert not torch.allclose(tapped_zeroed[5], tapped[5])  # layers after it see the module's output
 
@@ -56,9 +59,16 @@ class ZeroOut(torch.nn.Module):
 
 
 def method_config(config: dict, model: str) -> dict:
-    return {**config, "cam": {**config["cam"], "model": model, "log_every": 1,
-                              "seam": {**config["cam"]["seam"], "pcm_dim": 16},
-                              "dual": {**config["cam"]["dual"], "dim": 16, "heads": 2, "depth": 2}}}
+    return {
+        **config,
+        "cam": {
+            **config["cam"],
+            "model": model,
+            "log_every": 1,
+            "seam": {**config["cam"]["seam"], "pcm_dim": 16},
+            "dual": {**config["cam"]["dual"], "dim": 16, "heads": 2, "depth": 2},
+        },
+    }
 
 
 @pytest.mark.parametrize("model", ["seam", "dual"])
@@ -97,8 +107,12 @@ def test_training_resumes_after_a_kill_to_identical_weights(tmp_path, cam_inputs
         resumed = load_model_file(cam_train.run_train_cam(config, data, sp, tmp_path / "b"), "cam")
     assert "resumed from checkpoint" in caplog.text
     assert_same_state(resumed["model"], reference["model"])
-    initial = load_model_file(cam_train.run_train_cam({**config, "cam": {**config["cam"], "iterations": 1}}, data, sp,
-                                                      tmp_path / "c"), "cam")
+    initial = load_model_file(
+        cam_train.run_train_cam(
+            {**config, "cam": {**config["cam"], "iterations": 1}}, data, sp, tmp_path / "c"
+        ),
+        "cam",
+    )
     assert any(not torch.equal(initial["model"][k], reference["model"][k]) for k in reference["model"])
 
 
@@ -121,7 +135,10 @@ def test_inference_writes_the_same_score_store(tmp_path, cam_inputs, model):
         labelled = info.fg_classes[info.label_vector(image_id)[info.fg_classes] > 0]
         assert classes.tolist() == sp_classes.tolist() == labelled.tolist()
         assert cam.shape[1:] == spcam.shape[1:] == store.get(data_group, store.IMAGES, image_id).shape[:2]
-        for maps in (cam, spcam):  # per class max-normalised: peak 1 (less the epsilon), or 0 without evidence
+        for maps in (
+            cam,
+            spcam,
+        ):  # per class max-normalised: peak 1 (less the epsilon), or 0 without evidence
             peaks = maps.reshape(len(classes), -1).max(1)
             assert np.all(((peaks > 0.9) & (peaks <= 1)) | (peaks == 0)), peaks
             reached_one += int((peaks > 0.99).sum())
@@ -138,25 +155,40 @@ def test_inference_writes_the_same_score_store(tmp_path, cam_inputs, model):
 # ------------------------------------------------------------------ benchmark rows
 
 
-def tidy(stage: str, miou: float, mean_class_acc: float, over: list[float], recall: list[float]) -> pd.DataFrame:
-    rows = [{"stage": stage, "split": "train", "metric": "miou", "class": "", "value": miou},
-            {"stage": stage, "split": "train", "metric": "mean_class_acc", "class": "", "value": mean_class_acc}]
+def tidy(
+    stage: str, miou: float, mean_class_acc: float, over: list[float], recall: list[float]
+) -> pd.DataFrame:
+    rows = [
+        {"stage": stage, "split": "train", "metric": "miou", "class": "", "value": miou},
+        {"stage": stage, "split": "train", "metric": "mean_class_acc", "class": "", "value": mean_class_acc},
+    ]
     for name, o, r in zip("abc", over, recall):
-        rows += [{"stage": stage, "split": "train", "metric": "over_activation", "class": name, "value": o},
-                 {"stage": stage, "split": "train", "metric": "class_acc", "class": name, "value": r}]
+        rows += [
+            {"stage": stage, "split": "train", "metric": "over_activation", "class": name, "value": o},
+            {"stage": stage, "split": "train", "metric": "class_acc", "class": name, "value": r},
+        ]
     return pd.DataFrame(rows)
 
 
 def test_map_quality_averages_activation_rates_over_the_classes_present():
     quality = map_quality(tidy("cam", 0.5, 0.6, [0.1, 0.3, np.nan], [0.8, 0.4, np.nan]), "cam")
-    assert quality == pytest.approx({"miou": 0.5, "mean_class_acc": 0.6, "over_activation": 0.2,
-                                     "under_activation": 0.4})  # (0.2 + 0.6) / 2; the absent class skipped
+    assert quality == pytest.approx(
+        {"miou": 0.5, "mean_class_acc": 0.6, "over_activation": 0.2, "under_activation": 0.4}
+    )  # (0.2 + 0.6) / 2; the absent class skipped
 
 
 def test_method_row_has_every_column():
-    timing = {"iterations": 10, "train_s": 5.0, "infer_ms_per_image": 20.0, "infer_images": 4, "infer_scales": "1.0"}
-    metrics = {stage: tidy(stage, 0.1 * i, 0.5, [0.1, 0.2, 0.3], [0.9, 0.8, 0.7])
-               for i, stage in enumerate(("cam", "spcam", "crf"), 1)}
+    timing = {
+        "iterations": 10,
+        "train_s": 5.0,
+        "infer_ms_per_image": 20.0,
+        "infer_images": 4,
+        "infer_scales": "1.0",
+    }
+    metrics = {
+        stage: tidy(stage, 0.1 * i, 0.5, [0.1, 0.2, 0.3], [0.9, 0.8, 0.7])
+        for i, stage in enumerate(("cam", "spcam", "crf"), 1)
+    }
     row = method_row("seam", timing, metrics)
     assert list(row) == METHOD_COLUMNS
     assert row["cam_miou"] == pytest.approx(0.1) and row["spcam_miou"] == pytest.approx(0.2)

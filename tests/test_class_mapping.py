@@ -1,4 +1,5 @@
 """dataset.class_mapping: merged, dropped and renamed classes, consistently in masks, labels and names."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +10,16 @@ from weakseg.datasets import IGNORE, open_data
 from weakseg.datasets.folder import DatasetError, ingest
 from weakseg.datasets.mapping import ClassMappingError, build_mapping
 from weakseg.datasets.synthetic import write_folder
-from weakseg.palette import class_palette, save_palette_png
 
 NAMES = ["building", "grass", "cow", "sky", "sheep", "void_like", "car"]
 
 
 def test_mapping_merges_drops_and_renames():
-    mapping = build_mapping(NAMES, False, {"background": ["building", "grass", "sky"], "drop": ["void_like"],
-                                           "rename": {"car": "vehicle"}})
+    mapping = build_mapping(
+        NAMES,
+        False,
+        {"background": ["building", "grass", "sky"], "drop": ["void_like"], "rename": {"car": "vehicle"}},
+    )
     assert mapping.class_names == ("background", "cow", "sheep", "vehicle") and mapping.has_background
     np.testing.assert_array_equal(mapping.lut[:7], [0, 0, 1, 0, 2, IGNORE, 3])
     assert mapping.lut[IGNORE] == IGNORE
@@ -37,12 +40,15 @@ def test_identity_and_existing_background():
     np.testing.assert_array_equal(mapping.lut[:4], [0, 1, 0, 2])
 
 
-@pytest.mark.parametrize("mapping, message", [
-    ({"background": ["lion"]}, "background: class 'lion'"),
-    ({"drop": ["cow"], "background": ["cow"]}, "both merged into background and dropped"),
-    ({"rename": {"cow": "sheep"}}, "two classes are named 'sheep'"),
-    ({"background": NAMES[:-1], "drop": ["car"]}, "at least 2"),
-])
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"background": ["lion"]}, "background: class 'lion'"),
+        ({"drop": ["cow"], "background": ["cow"]}, "both merged into background and dropped"),
+        ({"rename": {"cow": "sheep"}}, "two classes are named 'sheep'"),
+        ({"background": NAMES[:-1], "drop": ["car"]}, "at least 2"),
+    ],
+)
 def test_bad_mappings_name_the_key(mapping, message):
     with pytest.raises(ClassMappingError, match=message):
         build_mapping(NAMES, False, mapping)
@@ -60,12 +66,22 @@ def test_ingest_applies_the_mapping_to_masks_labels_and_names(tmp_path):
     # A labels file (original names) for the same images, and one mask changed to show drop.
     ids = (root / "train.txt").read_text().split() + (root / "val.txt").read_text().split()
     from PIL import Image
+
     masks = {i: np.array(Image.open(root / "SegmentationClass" / f"{i}.png")) for i in ids}
-    (root / "labels.csv").write_text("id,labels\n" + "".join(
-        f"{i},{';'.join(names[c] for c in np.unique(m[m != IGNORE]))}\n" for i, m in masks.items()))
-    dataset = {"kind": "folder", "root": str(root), "has_background": False,
-               "class_mapping": {"background": ["sky", "ground"], "drop": [names[2]],
-                                 "rename": {names[3]: "renamed"}}}
+    (root / "labels.csv").write_text(
+        "id,labels\n"
+        + "".join(f"{i},{';'.join(names[c] for c in np.unique(m[m != IGNORE]))}\n" for i, m in masks.items())
+    )
+    dataset = {
+        "kind": "folder",
+        "root": str(root),
+        "has_background": False,
+        "class_mapping": {
+            "background": ["sky", "ground"],
+            "drop": [names[2]],
+            "rename": {names[3]: "renamed"},
+        },
+    }
     for labels_file in (None, str(root / "labels.csv")):
         cfg = config.load({"dataset": {**dataset, "labels_file": labels_file}})["dataset"]
         out = tmp_path / ("file" if labels_file else "masks")
@@ -89,8 +105,9 @@ def test_ingest_applies_the_mapping_to_masks_labels_and_names(tmp_path):
 
 def test_ingest_reports_a_bad_mapping_as_a_dataset_error(tmp_path):
     root = _stuff_folder(tmp_path)
-    cfg = config.load({"dataset": {"kind": "folder", "root": str(root),
-                                   "class_mapping": {"background": ["mountain"]}}})["dataset"]
+    cfg = config.load(
+        {"dataset": {"kind": "folder", "root": str(root), "class_mapping": {"background": ["mountain"]}}}
+    )["dataset"]
     with pytest.raises(DatasetError, match="dataset.class_mapping.background: class 'mountain'"):
         ingest(root, cfg, tmp_path / "d.zarr", tmp_path / "g.zarr", store.provenance("ingest"))
     assert not (tmp_path / "d.zarr").exists()

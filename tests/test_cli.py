@@ -1,5 +1,6 @@
 """The ``weakseg`` command line: help for every command, wiring of the foundation commands, and
 bad input as one line with exit status 3 (no traceback); usage errors exit with 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,10 @@ import pytest
 from weakseg import cli, store
 from weakseg.datasets import open_data
 
-SMALL = {"dataset": {"synthetic": {"n_train": 3, "n_val": 2, "height": 40, "width": 48, "n_classes": 3}},
-         "superpixels": {"n_segments": 20}}
+SMALL = {
+    "dataset": {"synthetic": {"n_train": 3, "n_val": 2, "height": 40, "width": 48, "n_classes": 3}},
+    "superpixels": {"n_segments": 20},
+}
 
 
 def _commands() -> list[str]:
@@ -24,9 +27,26 @@ def _commands() -> list[str]:
 
 
 def test_every_command_is_listed():
-    assert {"synth", "ingest", "superpixels", "gather", "train-cam", "infer-cam", "clean", "crf", "reliable",
-            "reliability", "train-seg", "predict-seg", "evaluate", "oracle", "metrics", "predict", "inspect",
-            "report"} <= set(_commands())
+    assert {
+        "synth",
+        "ingest",
+        "superpixels",
+        "gather",
+        "train-cam",
+        "infer-cam",
+        "clean",
+        "crf",
+        "reliable",
+        "reliability",
+        "train-seg",
+        "predict-seg",
+        "evaluate",
+        "oracle",
+        "metrics",
+        "predict",
+        "inspect",
+        "report",
+    } <= set(_commands())
 
 
 def test_top_level_help_exits_0_and_lists_the_commands(capsys):
@@ -55,9 +75,11 @@ def test_missing_command_or_argument_is_a_usage_error(capsys):
 
 
 def test_help_does_not_import_the_heavy_stage_modules():
-    code = ("import sys\nfrom weakseg import cli\n"
-            "try:\n    cli.main(['train-cam', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'zarr', 'cv2', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys\nfrom weakseg import cli\n"
+        "try:\n    cli.main(['train-cam', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'zarr', 'cv2', 'pandas') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
@@ -68,14 +90,28 @@ def test_synth_ingest_superpixels_gather_through_the_cli(tmp_path):
     folder, data, gt = tmp_path / "synthetic", tmp_path / "data.zarr", tmp_path / "gt.zarr"
     assert cli.main(["synth", "--config", cfg, "--out", str(folder)]) == 0
     assert len(list((folder / "JPEGImages").iterdir())) == 5
-    assert cli.main(["ingest", "--config", cfg, "--root", str(folder), "--data", str(data), "--gt", str(gt)]) == 0
+    assert (
+        cli.main(["ingest", "--config", cfg, "--root", str(folder), "--data", str(data), "--gt", str(gt)])
+        == 0
+    )
     info, _ = open_data(data)
     assert len(info.ids) == 5 and info.n_classes == 4
 
     shards = [tmp_path / f"sp{s}.zarr" for s in range(2)]
     for s, path in enumerate(shards):
-        argv = ["superpixels", "--config", cfg, "--data", str(data), "--out", str(path), "--shard", str(s),
-                "--shards", "2"]
+        argv = [
+            "superpixels",
+            "--config",
+            cfg,
+            "--data",
+            str(data),
+            "--out",
+            str(path),
+            "--shard",
+            str(s),
+            "--shards",
+            "2",
+        ]
         assert cli.main(argv) == 0
     gathered = tmp_path / "superpixels.zarr"
     assert cli.main(["gather", "--kind", "superpixels", "--out", str(gathered), *map(str, shards)]) == 0
@@ -93,8 +129,17 @@ def _error_lines(capsys) -> list[str]:
 
 def test_ingest_of_a_bad_dataset_is_one_line_and_exit_3(synthetic_folder, tmp_path, capsys):
     (synthetic_folder / "classes.txt").unlink()
-    argv = ["ingest", "--config", "{}", "--root", str(synthetic_folder), "--data", str(tmp_path / "d.zarr"),
-            "--gt", str(tmp_path / "g.zarr")]
+    argv = [
+        "ingest",
+        "--config",
+        "{}",
+        "--root",
+        str(synthetic_folder),
+        "--data",
+        str(tmp_path / "d.zarr"),
+        "--gt",
+        str(tmp_path / "g.zarr"),
+    ]
     assert cli.main(argv) == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -108,8 +153,17 @@ def test_ingest_of_a_bad_dataset_is_one_line_and_exit_3(synthetic_folder, tmp_pa
 def test_ingest_error_in_the_image_loop_is_one_error_line(synthetic_folder, tmp_path, capsys):
     image_id = (synthetic_folder / "val.txt").read_text().split()[0]
     (synthetic_folder / "JPEGImages" / f"{image_id}.png").unlink()
-    argv = ["ingest", "--config", "{}", "--root", str(synthetic_folder), "--data", str(tmp_path / "d.zarr"),
-            "--gt", str(tmp_path / "g.zarr")]
+    argv = [
+        "ingest",
+        "--config",
+        "{}",
+        "--root",
+        str(synthetic_folder),
+        "--data",
+        str(tmp_path / "d.zarr"),
+        "--gt",
+        str(tmp_path / "g.zarr"),
+    ]
     assert cli.main(argv) == 3
     lines = _error_lines(capsys)
     assert len(lines) == 1 and image_id in lines[0] and "image file not found" in lines[0]
@@ -124,23 +178,70 @@ def test_ingest_without_a_dataset_root_names_the_key_and_exits_3(tmp_path, capsy
 
 
 def test_config_and_store_errors_exit_3_naming_the_problem(tmp_path, capsys):
-    assert cli.main(["superpixels", "--config", '{"cam": {"lr": "x"}}', "--data", str(tmp_path / "d.zarr"),
-                     "--out", str(tmp_path / "sp.zarr")]) == 3
+    assert (
+        cli.main(
+            [
+                "superpixels",
+                "--config",
+                '{"cam": {"lr": "x"}}',
+                "--data",
+                str(tmp_path / "d.zarr"),
+                "--out",
+                str(tmp_path / "sp.zarr"),
+            ]
+        )
+        == 3
+    )
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "cam.lr" in lines[0]
 
-    assert cli.main(["superpixels", "--config", str(tmp_path / "nope.yaml"), "--data", str(tmp_path / "d.zarr"),
-                     "--out", str(tmp_path / "sp.zarr")]) == 3
+    assert (
+        cli.main(
+            [
+                "superpixels",
+                "--config",
+                str(tmp_path / "nope.yaml"),
+                "--data",
+                str(tmp_path / "d.zarr"),
+                "--out",
+                str(tmp_path / "sp.zarr"),
+            ]
+        )
+        == 3
+    )
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "nope.yaml: config file not found" in lines[0]
 
-    assert cli.main(["superpixels", "--config", "{}", "--data", str(tmp_path / "d.zarr"),
-                     "--out", str(tmp_path / "sp.zarr")]) == 3
+    assert (
+        cli.main(
+            [
+                "superpixels",
+                "--config",
+                "{}",
+                "--data",
+                str(tmp_path / "d.zarr"),
+                "--out",
+                str(tmp_path / "sp.zarr"),
+            ]
+        )
+        == 3
+    )
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "d.zarr: store not found" in lines[0]
 
-    assert cli.main(["gather", "--kind", "superpixels", "--out", str(tmp_path / "g.zarr"),
-                     str(tmp_path / "shard0.zarr")]) == 3
+    assert (
+        cli.main(
+            [
+                "gather",
+                "--kind",
+                "superpixels",
+                "--out",
+                str(tmp_path / "g.zarr"),
+                str(tmp_path / "shard0.zarr"),
+            ]
+        )
+        == 3
+    )
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "shard0.zarr: store not found" in lines[0]
 
@@ -151,19 +252,52 @@ def test_predict_reports_an_unreadable_image_and_a_bad_tau_in_one_line(tmp_path,
     from weakseg.training import save_model
 
     config = wconfig.load({"device": "cpu", "segment": {"pretrained": False, "infer_scales": [1.0]}})
-    save_model(tmp_path / "model.pt", build_segmenter(config["segment"], 3, True), config, ["background", "a", "b"],
-               True, "segment")
+    save_model(
+        tmp_path / "model.pt",
+        build_segmenter(config["segment"], 3, True),
+        config,
+        ["background", "a", "b"],
+        True,
+        "segment",
+    )
     (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
-    assert cli.main(["predict", "--model", str(tmp_path / "model.pt"), str(tmp_path / "broken.jpg"),
-                     "--out", str(tmp_path / "out"), "--device", "cpu"]) == 3
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model.pt"),
+                str(tmp_path / "broken.jpg"),
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 3
+    )
     err = capsys.readouterr().err
     assert "broken.jpg: unreadable image" in caplog.text  # the line for the image, as it is skipped
-    assert "weakseg predict: error: skipped 1 of 1 images that could not be read" in err and "broken.jpg" in err
+    assert (
+        "weakseg predict: error: skipped 1 of 1 images that could not be read" in err and "broken.jpg" in err
+    )
     assert "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["predict", "--model", str(tmp_path / "model.pt"), str(tmp_path / "broken.jpg"),
-                  "--out", str(tmp_path / "out"), "--prior-adjustment", "-1"])
-    assert exit_info.value.code == 2 and "--prior-adjustment: expected a number >= 0" in capsys.readouterr().err
+        cli.main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model.pt"),
+                str(tmp_path / "broken.jpg"),
+                "--out",
+                str(tmp_path / "out"),
+                "--prior-adjustment",
+                "-1",
+            ]
+        )
+    assert (
+        exit_info.value.code == 2 and "--prior-adjustment: expected a number >= 0" in capsys.readouterr().err
+    )
 
 
 def test_version(capsys):
@@ -190,7 +324,9 @@ def test_every_option_has_help_and_shows_its_default(command):
     for action in sub._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        assert action.help, f"weakseg {command} {'/'.join(action.option_strings) or action.dest}: no help text"
+        assert action.help, (
+            f"weakseg {command} {'/'.join(action.option_strings) or action.dest}: no help text"
+        )
     text = sub.format_help()
     for action in sub._actions:
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
@@ -221,8 +357,19 @@ def test_a_gpu_job_without_a_gpu_fails_at_once_in_one_line(tmp_path, capsys, mon
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["train-cam", "--config", "{}", "--gpus", "1", "--data", str(tmp_path / "d.zarr"),
-            "--superpixels", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "cam")]
+    argv = [
+        "train-cam",
+        "--config",
+        "{}",
+        "--gpus",
+        "1",
+        "--data",
+        str(tmp_path / "d.zarr"),
+        "--superpixels",
+        str(tmp_path / "s.zarr"),
+        "--out-dir",
+        str(tmp_path / "cam"),
+    ]
     assert cli.main(argv) == 3
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "resources.gpu: this job asked for 1 GPU(s)" in lines[0]

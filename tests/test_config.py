@@ -1,4 +1,5 @@
 """Config loading: schema defaults filled in, every error names its key path, YAML / inline JSON / dict."""
+
 from __future__ import annotations
 
 import copy
@@ -31,13 +32,19 @@ def test_defaults_are_filled_from_the_schema():
     assert cfg == config.load({})
     # Spot checks that the nesting really happened (not just top-level keys).
     assert cfg["cam"]["lr"] == config.schema()["properties"]["cam"]["properties"]["lr"]["default"]
-    assert set(cfg["pseudo"]["crf"]) == set(config.schema()["properties"]["pseudo"]["properties"]["crf"]["properties"])
+    assert set(cfg["pseudo"]["crf"]) == set(
+        config.schema()["properties"]["pseudo"]["properties"]["crf"]["properties"]
+    )
     assert config.run_dir(cfg) == Path(cfg["results"]) / cfg["run"]
 
 
 def test_given_values_are_kept_and_siblings_get_defaults():
-    given = {"run": "r1", "cam": {"lr": 0.5}, "pseudo": {"crf": {"iterations": 3}},
-             "dataset": {"synthetic": {"n_train": 2}}}
+    given = {
+        "run": "r1",
+        "cam": {"lr": 0.5},
+        "pseudo": {"crf": {"iterations": 3}},
+        "dataset": {"synthetic": {"n_train": 2}},
+    }
     original = copy.deepcopy(given)
     cfg = config.load(given)
     defaults = config.load(None)
@@ -57,20 +64,23 @@ def test_default_lists_are_not_shared_between_loads():
     assert 999 not in config.load(None)["cam"]["train_sizes"]
 
 
-@pytest.mark.parametrize("bad, key_path, expectation", [
-    ({"cam": {"lrr": 0.1}}, "cam.lrr", "unknown key"),
-    ({"bogus": 1}, "bogus", "unknown key"),
-    ({"pseudo": {"crf": {"sxy": 3}}}, "pseudo.crf.sxy", "unknown key"),
-    ({"cam": {"lr": "x"}}, "cam.lr", "'x' is not of type 'number'"),
-    ({"cam": {"lr": 0}}, "cam.lr", "less than or equal to the minimum of 0"),
-    ({"superpixels": {"n_segments": 1}}, "superpixels.n_segments", "less than the minimum of 2"),
-    ({"pseudo": {"clean_ratio": 1.5}}, "pseudo.clean_ratio", "greater than the maximum of 1"),
-    ({"superpixels": {"method": "quickshift"}}, "superpixels.method", "is not one of"),
-    ({"cam": {"train_sizes": []}}, "cam.train_sizes", "should be non-empty"),
-    ({"cam": {"train_sizes": [96, 8]}}, "cam.train_sizes.1", "less than the minimum of 32"),
-    ({"run": "a/b"}, "run", "does not match"),
-    ({"segment": {"iterations": 2.5}}, "segment.iterations", "not of type 'integer'"),
-])
+@pytest.mark.parametrize(
+    "bad, key_path, expectation",
+    [
+        ({"cam": {"lrr": 0.1}}, "cam.lrr", "unknown key"),
+        ({"bogus": 1}, "bogus", "unknown key"),
+        ({"pseudo": {"crf": {"sxy": 3}}}, "pseudo.crf.sxy", "unknown key"),
+        ({"cam": {"lr": "x"}}, "cam.lr", "'x' is not of type 'number'"),
+        ({"cam": {"lr": 0}}, "cam.lr", "less than or equal to the minimum of 0"),
+        ({"superpixels": {"n_segments": 1}}, "superpixels.n_segments", "less than the minimum of 2"),
+        ({"pseudo": {"clean_ratio": 1.5}}, "pseudo.clean_ratio", "greater than the maximum of 1"),
+        ({"superpixels": {"method": "quickshift"}}, "superpixels.method", "is not one of"),
+        ({"cam": {"train_sizes": []}}, "cam.train_sizes", "should be non-empty"),
+        ({"cam": {"train_sizes": [96, 8]}}, "cam.train_sizes.1", "less than the minimum of 32"),
+        ({"run": "a/b"}, "run", "does not match"),
+        ({"segment": {"iterations": 2.5}}, "segment.iterations", "not of type 'integer'"),
+    ],
+)
 def test_bad_values_name_the_key_path(bad, key_path, expectation):
     with pytest.raises(ConfigError) as err:
         config.load(bad)
@@ -127,8 +137,11 @@ def test_yaml_file_config_and_file_errors(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    shipped = sorted(REPO.glob("config*.yaml")) + sorted((REPO / "config").glob("*.yaml")) \
+    shipped = (
+        sorted(REPO.glob("config*.yaml"))
+        + sorted((REPO / "config").glob("*.yaml"))
         + sorted((REPO / "tests" / "configs").glob("*.yaml"))
+    )
     assert shipped, "no config files found in the repository"
     for path in shipped:
         config.load(path)  # raises ConfigError naming the file and key if one drifted from the schema
@@ -136,7 +149,9 @@ def test_shipped_configs_are_valid():
 
 def test_a_run_is_named_after_its_config_file_unless_it_says_run(tmp_path):
     assert config.resolve({}, [tmp_path / "my.yaml"])["run"] == "my"
-    assert config.resolve({}, ["a.yaml", tmp_path / "my trial.v2.yaml"])["run"] == "my_trial.v2"  # the last file
+    assert (
+        config.resolve({}, ["a.yaml", tmp_path / "my trial.v2.yaml"])["run"] == "my_trial.v2"
+    )  # the last file
     assert config.resolve({"run": "mine"}, [tmp_path / "my.yaml"])["run"] == "mine"  # run: wins
     assert config.resolve({}, [])["run"] == config.load(None)["run"]  # no file: the schema default
     path = tmp_path / "field-test.yaml"
@@ -197,4 +212,6 @@ def test_every_schema_key_has_a_description():
     undocumented = [k for k, sub in keys if not str(sub.get("description", "")).strip()]
     assert not undocumented, f"schema keys without a description: {', '.join(undocumented)}"
     # every key the code reads is in the schema; cam.workers was read nowhere and is gone
-    assert "cam.workers" not in dict(keys) and "cam.log_every" in dict(keys) and "evaluate.enabled" in dict(keys)
+    assert (
+        "cam.workers" not in dict(keys) and "cam.log_every" in dict(keys) and "evaluate.enabled" in dict(keys)
+    )

@@ -1,4 +1,5 @@
 """The synthetic generator and the folder ingest (data.zarr + gt.zarr), including every bad-input error."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,11 @@ from weakseg.palette import class_palette, save_palette_png
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _dataset_cfg(root: Path, **overrides) -> dict:
@@ -27,8 +31,9 @@ def _dataset_cfg(root: Path, **overrides) -> dict:
 
 
 def _ingest(root: Path, out: Path, **overrides) -> dict:
-    return ingest(root, _dataset_cfg(root, **overrides), out / "data.zarr", out / "gt.zarr",
-                  store.provenance("ingest"))
+    return ingest(
+        root, _dataset_cfg(root, **overrides), out / "data.zarr", out / "gt.zarr", store.provenance("ingest")
+    )
 
 
 def _read_png_mask(path: Path) -> np.ndarray:
@@ -37,6 +42,7 @@ def _read_png_mask(path: Path) -> np.ndarray:
 
 
 # --- synthetic generator --------------------------------------------------------------------------
+
 
 def test_synthetic_folder_is_deterministic_in_its_seed(tmp_path, synthetic_params):
     a = write_folder(synthetic_params, True, tmp_path / "a")
@@ -86,7 +92,9 @@ def test_synthetic_masks_match_the_class_colours_of_the_image(has_background):
             elif has_background:  # muted background: far less saturated than any object
                 assert mean.max() - mean.min() < 30, mean
                 hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-                assert np.percentile(hsv[..., 1][mask == cls], 95) < np.percentile(hsv[..., 1][mask >= n_stuff], 5)
+                assert np.percentile(hsv[..., 1][mask == cls], 95) < np.percentile(
+                    hsv[..., 1][mask >= n_stuff], 5
+                )
             elif cls == 0:  # sky is blue
                 assert mean[2] > mean[0] + 40, mean
             else:  # ground is brown
@@ -96,6 +104,7 @@ def test_synthetic_masks_match_the_class_colours_of_the_image(has_background):
 
 
 # --- ingest of a good folder --------------------------------------------------------------------------
+
 
 def test_ingest_reads_images_masks_labels_and_splits(synthetic_folder, synthetic_params, tmp_path):
     summary = _ingest(synthetic_folder, tmp_path / "out")
@@ -109,8 +118,13 @@ def test_ingest_reads_images_masks_labels_and_splits(synthetic_folder, synthetic
     assert info.has_background and list(info.fg_classes) == list(range(1, info.n_classes))
     assert info.split("train") == train and info.split("val") == val
     assert list(info.ids) == train + val
-    assert summary == {"images": len(train) + len(val), "masks": len(train) + len(val),
-                       "classes": info.n_classes, "split_train": len(train), "split_val": len(val)}
+    assert summary == {
+        "images": len(train) + len(val),
+        "masks": len(train) + len(val),
+        "classes": info.n_classes,
+        "split_train": len(train),
+        "split_val": len(val),
+    }
     assert info.labels.shape == (len(info.ids), info.n_classes) and info.labels.dtype == np.uint8
     with pytest.raises(KeyError, match="split 'test' not in the data store"):
         info.split("test")
@@ -175,6 +189,7 @@ def test_labels_file_gives_the_labels_and_masks_are_not_needed(synthetic_folder,
 
 # --- ingest of bad folders: one clear DatasetError, no store left ---------------------------------
 
+
 def _first(folder: Path, split: str = "train", k: int = 0) -> str:
     return (folder / f"{split}.txt").read_text().split()[k]
 
@@ -187,8 +202,9 @@ def _missing_image(folder):
 
 def _mask_of_other_size(folder):
     image_id = _first(folder, k=2)
-    save_palette_png(folder / "SegmentationClass" / f"{image_id}.png", np.zeros((10, 12), np.uint8),
-                     class_palette(5))
+    save_palette_png(
+        folder / "SegmentationClass" / f"{image_id}.png", np.zeros((10, 12), np.uint8), class_palette(5)
+    )
     return {}, [f"SegmentationClass/{image_id}.png", "mask is 12x10 but its image is 64x48"]
 
 
@@ -242,9 +258,18 @@ def _missing_classes(folder):
     return {}, ["classes.txt", "missing", "one class name per line"]
 
 
-BAD_CASES = [_missing_image, _mask_of_other_size, _unknown_class_in_labels_file, _empty_split, _garbage_jpeg,
-             _mask_value_out_of_range, _rgb_mask, _image_missing_from_labels_file, _no_mask_and_no_labels_file,
-             _missing_classes]
+BAD_CASES = [
+    _missing_image,
+    _mask_of_other_size,
+    _unknown_class_in_labels_file,
+    _empty_split,
+    _garbage_jpeg,
+    _mask_value_out_of_range,
+    _rgb_mask,
+    _image_missing_from_labels_file,
+    _no_mask_and_no_labels_file,
+    _missing_classes,
+]
 
 
 @pytest.mark.parametrize("break_folder", BAD_CASES, ids=[f.__name__.strip("_") for f in BAD_CASES])
@@ -267,6 +292,7 @@ def test_missing_dataset_folder_names_the_config_key(tmp_path):
 
 
 # --- the real MSRC-21 data (skipped when absent) ------------------------------------------------------
+
 
 @pytest.mark.msrc
 def test_ingest_of_msrc21_reads_real_images_and_labels_without_background(msrc_root, tmp_path):

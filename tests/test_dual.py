@@ -1,4 +1,5 @@
 """Dual branch: Gaussian activation modulation, the modulated CNN branch, both transformer branches, the loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,16 @@ import torchvision
 
 import weakseg.cam.dual as dual_mod
 from weakseg.cam.backbones import WeightsNotFoundError, normalise
-from weakseg.cam.dual import (ChannelModulation, DualNet, HybridTransformer, SpatialModulation, TorchvisionViT,
-                              default_aux_layer, gaussian_gain, resolve_transformer)
+from weakseg.cam.dual import (
+    ChannelModulation,
+    DualNet,
+    HybridTransformer,
+    SpatialModulation,
+    TorchvisionViT,
+    default_aux_layer,
+    gaussian_gain,
+    resolve_transformer,
+)
 from weakseg.cam.losses import consistency_loss, dual_loss, soft_margin
 from weakseg.cam.models import build_classifier, max_normalise, resolve_cam_config
 from weakseg.config import load
@@ -17,7 +26,9 @@ N_CLASSES = 3
 
 
 def dual_config(**dual) -> dict:
-    return load({"cam": {"model": "dual", "pretrained": False, "dual": {"dim": 16, "heads": 2, "depth": 2, **dual}}})["cam"]
+    return load(
+        {"cam": {"model": "dual", "pretrained": False, "dual": {"dim": 16, "heads": 2, "depth": 2, **dual}}}
+    )["cam"]
 
 
 def images(b: int = 2, h: int = 48, w: int = 64, seed: int = 0) -> torch.Tensor:
@@ -119,10 +130,14 @@ def test_dual_loss_is_three_soft_margins_plus_consistency(dual):
     total, parts = dual_loss(dual, batch, 0.1, 0.2)
     with torch.no_grad():
         out = dual(batch["x"])
-    expected = {"loss_cnn": soft_margin(out["gap_logits"], batch["y"]),
-                "loss_aux": soft_margin(out["aux_logits"], batch["y"]),
-                "loss_vit": soft_margin(out["vit_logits"], batch["y"]),
-                "loss_consistency": consistency_loss(out["cam"], out["aux_cam"], out["vit_cam"], batch["y"], 0.1, 0.2)}
+    expected = {
+        "loss_cnn": soft_margin(out["gap_logits"], batch["y"]),
+        "loss_aux": soft_margin(out["aux_logits"], batch["y"]),
+        "loss_vit": soft_margin(out["vit_logits"], batch["y"]),
+        "loss_consistency": consistency_loss(
+            out["cam"], out["aux_cam"], out["vit_cam"], batch["y"], 0.1, 0.2
+        ),
+    }
     assert parts == pytest.approx({k: v.item() for k, v in expected.items()}, rel=1e-5)
     assert total.item() == pytest.approx(sum(parts.values()), rel=1e-5)
 
@@ -151,7 +166,9 @@ def test_modulation_sits_after_stages_1_to_3_and_changes_the_cnn_features(dual):
     x = normalise(images(), encoder)
     with torch.no_grad():
         plain = dual.classifier(encoder(x))
-        modulated = dual.classifier(encoder.forward_features(x, after={int(k): m for k, m in dual.modulation.items()})[0])
+        modulated = dual.classifier(
+            encoder.forward_features(x, after={int(k): m for k, m in dual.modulation.items()})[0]
+        )
         torch.testing.assert_close(dual(images())["cam"], modulated)
         assert (plain - modulated).abs().max() > 0.1 * plain.abs().max()
     torch.manual_seed(0)
@@ -177,8 +194,12 @@ def test_modulation_inside_frozen_layers_still_learns():
     model = build_classifier(cfg, N_CLASSES).train()
     model(images())["cam"].sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for name in ("modulation.3.0.conv.weight", "modulation.5.1.conv.weight", "modulation.11.0.conv.weight",
-                 "encoder.body.blocks.12.project.conv.weight"):
+    for name in (
+        "modulation.3.0.conv.weight",
+        "modulation.5.1.conv.weight",
+        "modulation.11.0.conv.weight",
+        "encoder.body.blocks.12.project.conv.weight",
+    ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert grads["encoder.body.blocks.5.project.conv.weight"] is None  # frozen
     assert not model.encoder.body.blocks[5].project.conv.weight.requires_grad
@@ -207,8 +228,9 @@ def test_hybrid_transformer_aux_layer():
 
 def tiny_vit(weights=None):
     """torchvision's VisionTransformer at a testable size (ViT-B/16's code path, 2 layers)."""
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
-                                                hidden_dim=16, mlp_dim=32)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
 
 
 @pytest.fixture
@@ -230,7 +252,10 @@ def test_auto_transformer_uses_vit_weights_when_present_else_hybrid(vit_home):
     torch.save(reference.state_dict(), vit_home)
     assert resolve_transformer(pretrained_cfg) == "vit_b_16"
     assert resolve_transformer({**pretrained_cfg, "pretrained": False}) == "hybrid"  # no weights wanted
-    assert resolve_transformer({**pretrained_cfg, "dual": {**pretrained_cfg["dual"], "transformer": "hybrid"}}) == "hybrid"
+    assert (
+        resolve_transformer({**pretrained_cfg, "dual": {**pretrained_cfg["dual"], "transformer": "hybrid"}})
+        == "hybrid"
+    )
     # a saved model records the resolved choice, so inference rebuilds the same network
     assert resolve_cam_config(pretrained_cfg)["dual"]["transformer"] == "vit_b_16"
 
@@ -245,8 +270,13 @@ def test_auto_transformer_uses_vit_weights_when_present_else_hybrid(vit_home):
 
 def test_dual_network_with_vit_branch_and_its_param_groups(vit_home):
     torch.save(tiny_vit().state_dict(), vit_home)
-    cfg = resolve_cam_config({**dual_config(), "pretrained": True, "weights": None, "backbone": "efficientnet_lite0"})
-    cfg = {**cfg, "pretrained": False}  # the CNN's weights do not matter here; the ViT is built from cfg below
+    cfg = resolve_cam_config(
+        {**dual_config(), "pretrained": True, "weights": None, "backbone": "efficientnet_lite0"}
+    )
+    cfg = {
+        **cfg,
+        "pretrained": False,
+    }  # the CNN's weights do not matter here; the ViT is built from cfg below
     model = build_classifier({**cfg, "dual": {**cfg["dual"], "transformer": "vit_b_16"}}, N_CLASSES).eval()
     assert model.token_layer is None and isinstance(model.transformer, TorchvisionViT)
     with torch.no_grad():

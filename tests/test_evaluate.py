@@ -1,4 +1,5 @@
 """Metric math against hand-computed numbers, and the store -> CSV edge on tiny stores."""
+
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ IGN = 255
 
 
 # ---------------------------------------------------------------- confusion counting
+
 
 def test_confusion_matrix_hand_case_with_ignore_and_unlabelled():
     gt = np.array([[0, 0, 1], [1, 2, IGN]], np.uint8)
@@ -54,6 +56,7 @@ def test_confusion_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- metrics
+
 
 def _three_class_example(n_classes=3):
     gt = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2], np.uint8)
@@ -116,11 +119,17 @@ def test_tidy_rows():
 
 # ---------------------------------------------------------------- background sweep (uses GT)
 
+
 def test_background_sweep_picks_the_right_threshold():
     # One image, classes 3 and 1 (channel order != class order); background where scores are low.
     gt = np.array([[0, 0, 3, 1]], np.uint8)
-    scores = np.array([[[0.05, 0.15, 0.30, 0.10]],   # class 3
-                       [[0.00, 0.10, 0.20, 0.60]]], np.float32)  # class 1
+    scores = np.array(
+        [
+            [[0.05, 0.15, 0.30, 0.10]],  # class 3
+            [[0.00, 0.10, 0.20, 0.60]],
+        ],
+        np.float32,
+    )  # class 1
     classes = np.array([3, 1])
     sweep = ev.background_sweep([(scores, classes, gt, 4)], [0.1, 0.3, 0.4])  # 0.3: a score, inclusive
     assert list(sweep.columns) == ev.SWEEP_COLUMNS
@@ -140,6 +149,7 @@ def test_background_sweep_of_a_background_only_image():
 
 # ---------------------------------------------------------------- superpixel oracle
 
+
 def test_superpixel_oracle_is_perfect_on_the_mask_itself():
     from skimage.measure import label as connected
 
@@ -153,12 +163,15 @@ def test_superpixel_oracle_is_perfect_on_the_mask_itself():
 
 
 def test_superpixel_oracle_hand_case_majority_ties_and_all_ignore():
-    sp = np.array([[0, 0, 0, 7, 9, 9],
-                   [0, 7, 7, 7, 10**6, 10**6]])  # ids need not be consecutive
-    gt = np.array([[2, 2, 1, IGN, 2, 1],
-                   [IGN, IGN, IGN, 0, IGN, IGN]], np.uint8)
-    expected = np.array([[2, 2, 2, 0, 1, 1],   # sp 7: one 0 outvotes three ignores; sp 9 ties -> lowest
-                         [2, 0, 0, 0, IGN, IGN]], np.uint8)
+    sp = np.array([[0, 0, 0, 7, 9, 9], [0, 7, 7, 7, 10**6, 10**6]])  # ids need not be consecutive
+    gt = np.array([[2, 2, 1, IGN, 2, 1], [IGN, IGN, IGN, 0, IGN, IGN]], np.uint8)
+    expected = np.array(
+        [
+            [2, 2, 2, 0, 1, 1],  # sp 7: one 0 outvotes three ignores; sp 9 ties -> lowest
+            [2, 0, 0, 0, IGN, IGN],
+        ],
+        np.uint8,
+    )
     np.testing.assert_array_equal(ev.superpixel_oracle(sp, gt), expected)
 
 
@@ -175,6 +188,7 @@ def test_superpixel_oracle_matches_a_per_superpixel_loop():
 
 # ---------------------------------------------------------------- reliability curve
 
+
 def test_reliability_curve_ranks_by_divergence():
     rng = np.random.default_rng(2)
     gt = np.repeat(np.arange(3, dtype=np.uint8), 40)
@@ -190,8 +204,12 @@ def test_reliability_curve_ranks_by_divergence():
     assert curve["k"].tolist() == [2, 4, 6, 8, 10]
     np.testing.assert_allclose(curve["fraction"], [0.2, 0.4, 0.6, 0.8, 1.0])
     assert (np.diff(curve["miou"]) < 0).all()  # adding less reliable images lowers mIoU
-    assert curve["miou"].iloc[0] == pytest.approx(ev.scores(ev.sum_confusions([rows[0][1], rows[1][1]], 3))["miou"])
-    assert curve["miou"].iloc[-1] == pytest.approx(ev.scores(ev.sum_confusions([c for _, c in rows], 3))["miou"])
+    assert curve["miou"].iloc[0] == pytest.approx(
+        ev.scores(ev.sum_confusions([rows[0][1], rows[1][1]], 3))["miou"]
+    )
+    assert curve["miou"].iloc[-1] == pytest.approx(
+        ev.scores(ev.sum_confusions([c for _, c in rows], 3))["miou"]
+    )
 
 
 def test_reliability_curve_small_sets_and_nan_divergence():
@@ -226,8 +244,12 @@ def _write_dataset(tmp_path: Path, has_background: bool):
         for i in ids:
             store.put(g, store.IMAGES, i, rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))
         g.create_array("labels", shape=labels.shape, dtype=np.uint8)[...] = labels
-    with store.writing(tmp_path / "gt.zarr", "gt", store.provenance("test"),
-                       {"class_names": CLASSES, "has_background": has_background}) as g:
+    with store.writing(
+        tmp_path / "gt.zarr",
+        "gt",
+        store.provenance("test"),
+        {"class_names": CLASSES, "has_background": has_background},
+    ) as g:
         for i in ids:
             store.put(g, store.MASKS, i, masks[i])
     return ids, masks
@@ -236,16 +258,24 @@ def _write_dataset(tmp_path: Path, has_background: bool):
 def test_run_evaluate_labels_store_round_trip(tmp_path):
     ids, masks = _write_dataset(tmp_path, has_background=True)
     preds = {i: m.copy() for i, m in masks.items()}
-    preds["b"][2:, 2:] = 1       # 4 dog pixels called cat
-    preds["c"][:2, :2] = IGN     # 4 unlabelled cat pixels
+    preds["b"][2:, 2:] = 1  # 4 dog pixels called cat
+    preds["c"][:2, :2] = IGN  # 4 unlabelled cat pixels
     with store.writing(tmp_path / "crf.zarr", "labels", store.provenance("test")) as g:
         for i in ids:
             store.put(g, store.LABELS, i, preds[i])
     pd.DataFrame({"id": ids, "image_selected": [True, False, True]}).to_csv(tmp_path / "rel.csv", index=False)
 
-    table = ev.run_evaluate({}, tmp_path / "data.zarr", tmp_path / "gt.zarr", tmp_path / "crf.zarr", "crf",
-                            "train", tmp_path / "m" / "crf.csv", selection_csv=tmp_path / "rel.csv",
-                            per_image_csv=tmp_path / "m" / "crf_images.csv")
+    table = ev.run_evaluate(
+        {},
+        tmp_path / "data.zarr",
+        tmp_path / "gt.zarr",
+        tmp_path / "crf.zarr",
+        "crf",
+        "train",
+        tmp_path / "m" / "crf.csv",
+        selection_csv=tmp_path / "rel.csv",
+        per_image_csv=tmp_path / "m" / "crf_images.csv",
+    )
     written = ev.read_tidy(tmp_path / "m" / "crf.csv")
     pd.testing.assert_frame_equal(written, table.astype(written.dtypes.to_dict()))
     expected = ev.scores(ev.accumulate([(masks[i], preds[i]) for i in ids], 3))
@@ -253,21 +283,30 @@ def test_run_evaluate_labels_store_round_trip(tmp_path):
     assert overall["miou"] == pytest.approx(expected["miou"]) and expected["miou"] < 1
     assert overall["labelled_fraction"] == pytest.approx(41 / 45)  # 15 valid pixels x 3, 4 unlabelled
     assert overall["n_images"] == 3
-    selected = written[(written["stage"] == "crf_selected") & (written["class"] == "")].set_index("metric")["value"]
+    selected = written[(written["stage"] == "crf_selected") & (written["class"] == "")].set_index("metric")[
+        "value"
+    ]
     assert selected["n_images"] == 2 and selected["pixel_acc"] == 1.0  # image b (the errors) not selected
     per_image = pd.read_csv(tmp_path / "m" / "crf_images.csv", dtype={"id": str}).set_index("id")
     assert per_image.loc["a", "miou"] == 1.0 and per_image.loc["b", "miou"] < 1.0
     assert not any(p.name.count(".tmp-") for p in (tmp_path / "m").iterdir())
 
-    ev.run_oracle(tmp_path / "data.zarr", tmp_path / "gt.zarr", _superpixels(tmp_path, ids), "train",
-                  tmp_path / "m" / "oracle.csv")
+    ev.run_oracle(
+        tmp_path / "data.zarr",
+        tmp_path / "gt.zarr",
+        _superpixels(tmp_path, ids),
+        "train",
+        tmp_path / "m" / "oracle.csv",
+    )
     pd.DataFrame({"id": ids, "image_divergence": [0.1, 0.9, 0.2]}).to_csv(tmp_path / "div.csv", index=False)
-    curve = ev.run_reliability_curve(tmp_path / "gt.zarr", tmp_path / "crf.zarr", tmp_path / "div.csv",
-                                     tmp_path / "m" / "curve.csv", 3)
+    curve = ev.run_reliability_curve(
+        tmp_path / "gt.zarr", tmp_path / "crf.zarr", tmp_path / "div.csv", tmp_path / "m" / "curve.csv", 3
+    )
     assert curve["k"].tolist() == [1, 2, 3] and curve["miou"].iloc[1] == 1.0 and curve["miou"].iloc[2] < 1.0
 
-    combined = ev.combine_metrics([tmp_path / "m" / "crf.csv", tmp_path / "m" / "oracle.csv"],
-                                  tmp_path / "metrics.csv")
+    combined = ev.combine_metrics(
+        [tmp_path / "m" / "crf.csv", tmp_path / "m" / "oracle.csv"], tmp_path / "metrics.csv"
+    )
     assert set(combined["stage"]) == {"crf", "crf_selected", "superpixel_oracle"}
     oracle = combined[(combined["stage"] == "superpixel_oracle") & (combined["metric"] == "miou")]
     assert 0 < oracle["value"].iloc[0] < 1.0  # see _superpixels: two cat pixels become background
@@ -299,8 +338,9 @@ def test_run_evaluate_cam_scores_with_background_sweeps(tmp_path):
     ids, masks = _write_dataset(tmp_path, has_background=True)
     scores = _write_scores(tmp_path, ids, masks, fg_only=True)
     cfg = {"evaluate": {"background_thresholds": [0.05, 0.3, 0.7]}}
-    table = ev.run_evaluate(cfg, tmp_path / "data.zarr", tmp_path / "gt.zarr", scores, "spcam", "train",
-                            tmp_path / "spcam.csv")
+    table = ev.run_evaluate(
+        cfg, tmp_path / "data.zarr", tmp_path / "gt.zarr", scores, "spcam", "train", tmp_path / "spcam.csv"
+    )
     sweep = pd.read_csv(tmp_path / "spcam_sweep.csv")
     # 0.05: everything foreground; 0.3: exactly the gt; 0.7: everything background.
     np.testing.assert_allclose(sweep["threshold"], [0.05, 0.3, 0.7])
@@ -316,14 +356,16 @@ def test_run_evaluate_cam_scores_with_background_sweeps(tmp_path):
 def test_run_evaluate_cam_scores_without_background_uses_image_labels(tmp_path):
     ids, masks = _write_dataset(tmp_path, has_background=False)
     scores = _write_scores(tmp_path, ids, masks, fg_only=False)
-    table = ev.run_evaluate({}, tmp_path / "data.zarr", tmp_path / "gt.zarr", scores, "cam", "train",
-                            tmp_path / "cam.csv")
+    table = ev.run_evaluate(
+        {}, tmp_path / "data.zarr", tmp_path / "gt.zarr", scores, "cam", "train", tmp_path / "cam.csv"
+    )
     overall = table[table["class"] == ""].set_index("metric")["value"]
     assert overall["miou"] == 1.0 and overall["labelled_fraction"] == 1.0
     assert not (tmp_path / "cam_sweep.csv").exists()
     with pytest.raises(ValueError, match="none is named like stage 'other'"):
-        ev.run_evaluate({}, tmp_path / "data.zarr", tmp_path / "gt.zarr", scores, "other", "train",
-                        tmp_path / "x.csv")
+        ev.run_evaluate(
+            {}, tmp_path / "data.zarr", tmp_path / "gt.zarr", scores, "other", "train", tmp_path / "x.csv"
+        )
 
 
 def test_run_evaluate_errors_name_the_file(tmp_path):
@@ -332,16 +374,38 @@ def test_run_evaluate_errors_name_the_file(tmp_path):
         for i in ids:
             store.put(g, store.LABELS, i, np.full((4, 4), 9, np.uint8))
     with pytest.raises(ValueError, match=r"bad\.zarr: image 'a': prediction holds values \[9\]"):
-        ev.run_evaluate({}, tmp_path / "data.zarr", tmp_path / "gt.zarr", tmp_path / "bad.zarr", "x", "train",
-                        tmp_path / "x.csv")
+        ev.run_evaluate(
+            {},
+            tmp_path / "data.zarr",
+            tmp_path / "gt.zarr",
+            tmp_path / "bad.zarr",
+            "x",
+            "train",
+            tmp_path / "x.csv",
+        )
     pd.DataFrame({"id": ["a"], "image_selected": [True]}).to_csv(tmp_path / "rel.csv", index=False)
     with store.writing(tmp_path / "ok.zarr", "labels", store.provenance("test")) as g:
         for i in ids:
             store.put(g, store.LABELS, i, masks[i])
     with pytest.raises(ValueError, match=r"rel\.csv: no row for 2 evaluated images"):
-        ev.run_evaluate({}, tmp_path / "data.zarr", tmp_path / "gt.zarr", tmp_path / "ok.zarr", "x", "train",
-                        tmp_path / "x.csv", selection_csv=tmp_path / "rel.csv")
+        ev.run_evaluate(
+            {},
+            tmp_path / "data.zarr",
+            tmp_path / "gt.zarr",
+            tmp_path / "ok.zarr",
+            "x",
+            "train",
+            tmp_path / "x.csv",
+            selection_csv=tmp_path / "rel.csv",
+        )
     with pytest.raises(store.StoreError, match="expected a 'labels' or 'scores' store, found 'gt'"):
-        ev.run_evaluate({}, tmp_path / "data.zarr", tmp_path / "gt.zarr", tmp_path / "gt.zarr", "x", "train",
-                        tmp_path / "x.csv")
+        ev.run_evaluate(
+            {},
+            tmp_path / "data.zarr",
+            tmp_path / "gt.zarr",
+            tmp_path / "gt.zarr",
+            "x",
+            "train",
+            tmp_path / "x.csv",
+        )
     assert not (tmp_path / "x.csv").exists()

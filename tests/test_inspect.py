@@ -1,12 +1,13 @@
 """Inspection panels and the HTML report, on a tiny hand-built run directory."""
+
 from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import browser
 import cv2
 import numpy as np
 import pandas as pd
@@ -16,8 +17,6 @@ from weakseg import store
 from weakseg.inspect import panels as pn
 from weakseg.inspect import report as rp
 from weakseg.palette import class_palette
-
-import browser
 
 CLASSES = ["background", "cat", "dog"]
 H, W = 20, 24
@@ -61,9 +60,16 @@ def run_dir(tmp_path: Path) -> Path:
     labels = np.zeros((len(ids), len(CLASSES)), np.uint8)
     for row, image_id in enumerate(ids):
         labels[row, IMAGES[image_id][1]] = 1
-    splits = {"train": [i for i in ids if IMAGES[i][0] == "train"], "val": [i for i in ids if IMAGES[i][0] == "val"]}
-    with store.writing(layout.data, "data", _prov("ingest"),
-                       {"class_names": CLASSES, "has_background": True, "ids": ids, "splits": splits}) as g:
+    splits = {
+        "train": [i for i in ids if IMAGES[i][0] == "train"],
+        "val": [i for i in ids if IMAGES[i][0] == "val"],
+    }
+    with store.writing(
+        layout.data,
+        "data",
+        _prov("ingest"),
+        {"class_names": CLASSES, "has_background": True, "ids": ids, "splits": splits},
+    ) as g:
         for k, image_id in enumerate(ids):
             store.put(g, store.IMAGES, image_id, _image(k))
         g.create_array("labels", shape=labels.shape, dtype=labels.dtype)[...] = labels
@@ -86,29 +92,55 @@ def run_dir(tmp_path: Path) -> Path:
                 store.put(g, store.LABELS, image_id, _pseudo(image_id))
     with store.writing(layout.round_labels(1, "crf_train"), "labels", _prov("round1")) as g:
         for image_id in splits["train"]:
-            store.put(g, store.LABELS, image_id, np.where(_mask(image_id) == 255, 0, _mask(image_id)).astype(np.uint8))
+            store.put(
+                g,
+                store.LABELS,
+                image_id,
+                np.where(_mask(image_id) == 255, 0, _mask(image_id)).astype(np.uint8),
+            )
     with store.writing(layout.round_labels(1, "crf_val"), "labels", _prov("round1")) as g:
         store.put(g, store.LABELS, "c", np.zeros((H, W), np.uint8))
     with store.writing(layout.round_scores(1, "val"), "scores", _prov("round1")) as g:  # not a labels store
         store.put_scores(g, "seg", "c", np.full((3, H, W), 1 / 3, np.float32), [0, 1, 2])
     rows = []
     for stage, split, miou in (("cam", "train", 0.4), ("crf", "train", 0.6), ("round1", "val", 0.5)):
-        rows += [(stage, split, "miou", "", miou), (stage, split, "pixel_acc", "", miou + 0.2),
-                 (stage, split, "mean_class_acc", "", miou + 0.1), (stage, split, "labelled_fraction", "", 0.9)]
+        rows += [
+            (stage, split, "miou", "", miou),
+            (stage, split, "pixel_acc", "", miou + 0.2),
+            (stage, split, "mean_class_acc", "", miou + 0.1),
+            (stage, split, "labelled_fraction", "", 0.9),
+        ]
         rows += [(stage, split, "iou", name, miou) for name in CLASSES]
-    pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"]).to_csv(layout.metrics, index=False)
+    pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"]).to_csv(
+        layout.metrics, index=False
+    )
     layout.metrics_dir.mkdir()
     pd.DataFrame({"id": ["a", "b"], "miou": [0.9, 0.3], "pixel_acc": [0.95, 0.5]}).to_csv(
-        layout.metrics_dir / "crf_train_per_image.csv", index=False)
-    pd.DataFrame({"threshold": [0.1, 0.2, 0.3], "miou": [0.3, 0.5, 0.4], "mean_class_acc": [0.4, 0.6, 0.5]}).to_csv(
-        layout.metrics_dir / "cam_train_sweep.csv", index=False)
-    pd.DataFrame({"id": ["a", "b"], "class": [1, 2], "class_name": ["cat", "dog"], "area": [80, 80],
-                  "perimeter": [36, 36], "divergence": [0.2, 0.7], "rank": [1, 2], "selected": [1, 0],
-                  "image_selected": [1, 0], "image_divergence": [0.2, 0.7]}).to_csv(layout.reliability, index=False)
+        layout.metrics_dir / "crf_train_per_image.csv", index=False
+    )
+    pd.DataFrame(
+        {"threshold": [0.1, 0.2, 0.3], "miou": [0.3, 0.5, 0.4], "mean_class_acc": [0.4, 0.6, 0.5]}
+    ).to_csv(layout.metrics_dir / "cam_train_sweep.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "class": [1, 2],
+            "class_name": ["cat", "dog"],
+            "area": [80, 80],
+            "perimeter": [36, 36],
+            "divergence": [0.2, 0.7],
+            "rank": [1, 2],
+            "selected": [1, 0],
+            "image_selected": [1, 0],
+            "image_divergence": [0.2, 0.7],
+        }
+    ).to_csv(layout.reliability, index=False)
     pd.DataFrame({"k": [1, 2], "fraction": [0.5, 1.0], "miou": [0.8, 0.6]}).to_csv(
-        layout.root / "pseudo" / "reliability_curve.csv", index=False)
-    pd.DataFrame({"iteration": [1, 2, 3], "loss": [1.0, 0.7, 0.5], "gap": [0.5, 0.4, 0.3], "lr": [1e-3] * 3}).to_csv(
-        layout.cam_dir / "train_log.csv", index=False)
+        layout.root / "pseudo" / "reliability_curve.csv", index=False
+    )
+    pd.DataFrame(
+        {"iteration": [1, 2, 3], "loss": [1.0, 0.7, 0.5], "gap": [0.5, 0.4, 0.3], "lr": [1e-3] * 3}
+    ).to_csv(layout.cam_dir / "train_log.csv", index=False)
     return layout.root
 
 
@@ -125,7 +157,7 @@ def test_colorize_labels_uses_palette_and_a_hatch_no_class_shares():
     for x, c in enumerate([0, 1, 2]):
         assert tuple(rgb[0, x]) == tuple(PALETTE[c])
     hatch_colours = {tuple(v) for v in rgb[1]}
-    class_colours = {tuple(v) for v in PALETTE[:len(CLASSES)]}
+    class_colours = {tuple(v) for v in PALETTE[: len(CLASSES)]}
     assert hatch_colours <= {tuple(c) for c in pn.HATCH_COLOURS}
     assert not hatch_colours & class_colours
     assert len({tuple(v) for v in pn.hatch((6, 6)).reshape(-1, 3)}) == 2  # a pattern, not a flat colour
@@ -169,9 +201,9 @@ def test_render_panel_size_and_tile_positions():
     assert n_rows >= 1 and rest == 0  # narrow panel: the two entries may wrap to two rows
     assert panel.shape[:2] == pn.panel_shape((H, W), n_tiles, n_rows)
     y, x = pn.tile_origin(1, (H, W))
-    np.testing.assert_array_equal(panel[y:y + H, x:x + W], label_tile)
+    np.testing.assert_array_equal(panel[y : y + H, x : x + W], label_tile)
     y, x = pn.tile_origin(0, (H, W))
-    np.testing.assert_array_equal(panel[y:y + H, x:x + W], image)
+    np.testing.assert_array_equal(panel[y : y + H, x : x + W], image)
     assert pn.render_panel(image, [], ()).shape[:2] == pn.panel_shape((H, W), 1, 0)
     with pytest.raises(ValueError, match="column 'bad'"):
         pn.render_panel(image, [("bad", image[:5])])
@@ -191,8 +223,16 @@ def test_run_inspect_writes_panels_with_palette_colours(run_dir, tmp_path):
     run = pn.RunPanels(run_dir)
     scale = pn.default_scale((H, W))
     titles = tuple(c.title for c in run.columns("a")[1])
-    assert titles == ("ground truth", "superpixels (16)", "CAM: cat", "SP-CAM: cat", "cleaned", "crf", "reliable",
-                      "round1_crf")
+    assert titles == (
+        "ground truth",
+        "superpixels (16)",
+        "CAM: cat",
+        "SP-CAM: cat",
+        "cleaned",
+        "crf",
+        "reliable",
+        "round1_crf",
+    )
     assert [c.kind for c in run.columns("a")[1]][:3] == ["labels", "superpixels", "heat"]
     panel = _read_png(paths[0])
     # image + 8 columns in two rows of PER_ROW; the legend (background, cat, ignore, colour bar) fits one row
@@ -203,7 +243,7 @@ def test_run_inspect_writes_panels_with_palette_colours(run_dir, tmp_path):
     row = panel[bar_y].astype(int)
     blue = [x for x in range(len(row)) if row[x, 2] > 100 and row[x, 0] < 60 and row[x, 1] < 60]
     assert blue, "no colour bar in the legend"
-    end = row[blue[0]:blue[0] + pn.COLOUR_BAR_WIDTH]
+    end = row[blue[0] : blue[0] + pn.COLOUR_BAR_WIDTH]
     assert any(r > 100 and g < 60 and b < 60 for r, g, b in end[-10:])  # ... running to red
 
     def pixel(column: str, y: int, x: int) -> tuple:
@@ -270,8 +310,12 @@ def test_panel_of_a_real_msrc_image_is_fast():
     sp = (yy // 16) * 100 + xx // 16
     score = np.linspace(0, 1, mask.size, dtype=np.float32).reshape(mask.shape)
     start = time.perf_counter()
-    columns = [("ground truth", pn.colorize_labels(mask, palette)), ("superpixels", pn.superpixel_overlay(image, sp)),
-               ("CAM", pn.heatmap_overlay(image, score)), ("reliable", pn.colorize_labels(mask, palette))]
+    columns = [
+        ("ground truth", pn.colorize_labels(mask, palette)),
+        ("superpixels", pn.superpixel_overlay(image, sp)),
+        ("CAM", pn.heatmap_overlay(image, score)),
+        ("reliable", pn.colorize_labels(mask, palette)),
+    ]
     panel = pn.render_panel(image, columns, pn.legend_for([mask], names, palette), title=image_id)
     elapsed = time.perf_counter() - start
     assert panel.shape[1] == pn.panel_shape(mask.shape, 5, 0)[1]
@@ -318,8 +362,17 @@ def test_report_is_one_self_contained_page(run_dir):
     page.feed(text)
     assert not page.external  # everything inline: opens from disk and inside `snakemake --report`
     assert page.srcs and all(s.startswith("data:image/") for s in page.srcs)
-    assert {"metrics", "per-class", "plot-stage_miou", "plot-threshold_sweep", "plot-reliability_curve",
-            "plot-training", "gallery", "missing", "evaluation"} <= set(page.ids)
+    assert {
+        "metrics",
+        "per-class",
+        "plot-stage_miou",
+        "plot-threshold_sweep",
+        "plot-reliability_curve",
+        "plot-training",
+        "gallery",
+        "missing",
+        "evaluation",
+    } <= set(page.ids)
     # 2 of 3 images, spread over the final stage's ranking (crf on train: worst b, best a), with sort/filter data
     items = {i["data-id"]: i for i in page.items}
     assert set(items) == {"a", "b"}
@@ -354,7 +407,8 @@ def test_report_shows_run_metadata_timings_and_mask_counts(run_dir):
     layout.benchmarks_dir.mkdir()
     for job, seconds in (("train_cam", 75.5), ("crf", 3.25)):
         (layout.benchmarks_dir / f"{job}.tsv").write_text(
-            "s\th:m:s\tmax_rss\tmax_vms\n" f"{seconds}\t0:01:15\t512.5\t900\n")
+            f"s\th:m:s\tmax_rss\tmax_vms\n{seconds}\t0:01:15\t512.5\t900\n"
+        )
     text = rp.write_report(run_dir, None, gallery_images=1).read_text()
     assert f"<dd>{__version__}</dd>" in text and "report written" in text
     assert "Resolved config (config.resolved.yaml)" in text and "eval_crf: false" in text
@@ -379,15 +433,27 @@ def test_report_without_masks_has_pictures_and_curves_but_no_scores(run_dir):
 
 
 def test_images_evaluated_say_n_of_split():
-    rows = [("crf", "train", "n_images", "", 3.0), ("crf", "train", "split_images", "", 5.0),
-            ("cam", "train", "n_images", "", 4.0), ("crf", "train", "miou", "", 0.5)]
+    rows = [
+        ("crf", "train", "n_images", "", 3.0),
+        ("crf", "train", "split_images", "", 5.0),
+        ("cam", "train", "n_images", "", 4.0),
+        ("crf", "train", "miou", "", 0.5),
+    ]
     metrics = pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"])
     assert rp.images_evaluated(metrics) == {("crf", "train"): "3 of 5", ("cam", "train"): "4"}
 
 
 def test_final_stage_is_the_last_with_per_image_scores_in_pipeline_order():
-    rows = [(s, sp, "miou", "", 0.5) for s, sp in (("cam", "train"), ("crf", "train"), ("round1", "train"),
-                                                    ("round1", "val"), ("round1_crf", "val"))]
+    rows = [
+        (s, sp, "miou", "", 0.5)
+        for s, sp in (
+            ("cam", "train"),
+            ("crf", "train"),
+            ("round1", "train"),
+            ("round1", "val"),
+            ("round1_crf", "val"),
+        )
+    ]
     metrics = pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"])
     per_image = [("round1_crf", "val"), ("crf", "train"), ("round1", "train"), ("round1", "val")]
     assert rp.final_stages(metrics, per_image) == {"val": "round1_crf", "train": "round1"}
@@ -402,13 +468,20 @@ def test_gallery_order_spreads_over_the_ranking_and_fills_with_unscored():
 
 
 def test_stage_table_rows_follow_metrics_order():
-    rows = [("spcam", "train", "miou", "", 0.5), ("spcam", "train", "iou", "cat", 0.1),
-            ("crf", "train", "pixel_acc", "", 0.8), ("crf", "train", "miou", "", 0.6),
-            ("round1", "val", "miou", "", 0.7), ("round1", "val", "n_images", "", 3)]
+    rows = [
+        ("spcam", "train", "miou", "", 0.5),
+        ("spcam", "train", "iou", "cat", 0.1),
+        ("crf", "train", "pixel_acc", "", 0.8),
+        ("crf", "train", "miou", "", 0.6),
+        ("round1", "val", "miou", "", 0.7),
+        ("round1", "val", "n_images", "", 3),
+    ]
     table = rp.stage_table(pd.DataFrame(rows, columns=["stage", "split", "metric", "class", "value"]))
     assert list(table.index) == [("spcam", "train"), ("crf", "train"), ("round1", "val")]
     assert list(table.columns) == ["miou", "pixel_acc"]
-    assert table.loc[("crf", "train"), "pixel_acc"] == 0.8 and np.isnan(table.loc[("spcam", "train"), "pixel_acc"])
+    assert table.loc[("crf", "train"), "pixel_acc"] == 0.8 and np.isnan(
+        table.loc[("spcam", "train"), "pixel_acc"]
+    )
 
 
 def test_report_of_an_empty_run_dir(tmp_path):
@@ -416,7 +489,9 @@ def test_report_of_an_empty_run_dir(tmp_path):
     assert "No stage of this run" in out.read_text()
 
 
-@pytest.mark.skipif(browser.CHROMIUM is None, reason="headless Chromium not installed (Debian package 'chromium')")
+@pytest.mark.skipif(
+    browser.CHROMIUM is None, reason="headless Chromium not installed (Debian package 'chromium')"
+)
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     out = rp.write_report(run_dir, None, gallery_images=3)
     profile = tmp_path / "profile"
@@ -428,10 +503,20 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     def gallery(fragment: str) -> list[tuple[str, bool]]:
         """(id, hidden) of the gallery items, in page order, after the page's script ran."""
         dom = browser.dump_dom(out.as_uri() + fragment, profile)
-        return [(m.group(1), "hidden" in m.group(0)) for m in re.finditer(r'<div class="item"[^>]*'
-                                                                          r'data-id="([^"]+)"[^>]*>', dom)]
+        return [
+            (m.group(1), "hidden" in m.group(0))
+            for m in re.finditer(
+                r'<div class="item"[^>]*'
+                r'data-id="([^"]+)"[^>]*>',
+                dom,
+            )
+        ]
 
-    assert gallery("") == [("b", False), ("a", False), ("c", False)]  # final-stage mIoU worst first, unscored last
+    assert gallery("") == [
+        ("b", False),
+        ("a", False),
+        ("c", False),
+    ]  # final-stage mIoU worst first, unscored last
     assert gallery("#sort=id|asc&class=dog") == [("a", True), ("b", False), ("c", False)]
     assert gallery("#sort=data-divergence|desc") == [("b", False), ("a", False), ("c", False)]
     assert gallery("#sort=data-iou-crf|desc") == [("a", False), ("b", False), ("c", False)]
@@ -447,11 +532,24 @@ def test_a_resolved_config_of_another_version_does_not_stop_inspection(run_dir, 
 
 
 def test_stage_gains_say_what_each_stage_added():
-    rows = [("cam", "train", 0.40, 1.0), ("spcam", "train", 0.45, 1.0), ("cleaned", "train", 0.50, 0.8),
-            ("crf", "train", 0.48, 1.0), ("reliable", "train", 0.55, 0.9), ("round1", "train", 0.50, 0.9),
-            ("spcam_gated", "val", 0.40, 1.0), ("round1", "val", 0.52, 1.0), ("crf_selected", "train", 0.6, 1.0)]
-    metrics = pd.DataFrame([{"stage": s, "split": sp, "metric": m, "class": "", "value": v}
-                            for s, sp, miou, lab in rows for m, v in (("miou", miou), ("labelled_fraction", lab))])
+    rows = [
+        ("cam", "train", 0.40, 1.0),
+        ("spcam", "train", 0.45, 1.0),
+        ("cleaned", "train", 0.50, 0.8),
+        ("crf", "train", 0.48, 1.0),
+        ("reliable", "train", 0.55, 0.9),
+        ("round1", "train", 0.50, 0.9),
+        ("spcam_gated", "val", 0.40, 1.0),
+        ("round1", "val", 0.52, 1.0),
+        ("crf_selected", "train", 0.6, 1.0),
+    ]
+    metrics = pd.DataFrame(
+        [
+            {"stage": s, "split": sp, "metric": m, "class": "", "value": v}
+            for s, sp, miou, lab in rows
+            for m, v in (("miou", miou), ("labelled_fraction", lab))
+        ]
+    )
     lines = rp.stage_gains(rp.stage_table(metrics))
     assert lines[0] == "cam (train): mIoU 40.0"
     assert lines[1] == "spcam (train): mIoU 45.0, +5.0 against cam"

@@ -1,4 +1,5 @@
 """The score -> label rules (weakseg.labels): argmax over labels, the calibrated background rule, bands."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,13 @@ from weakseg.datasets import IGNORE as IGN
 
 
 def test_threshold_background_is_inclusive_and_keeps_channel_classes():
-    scores = np.array([[[0.05, 0.15, 0.30, 0.10]],   # class 3
-                       [[0.00, 0.10, 0.20, 0.60]]], np.float32)  # class 1
+    scores = np.array(
+        [
+            [[0.05, 0.15, 0.30, 0.10]],  # class 3
+            [[0.00, 0.10, 0.20, 0.60]],
+        ],
+        np.float32,
+    )  # class 1
     classes = np.array([3, 1])
     np.testing.assert_array_equal(lr.threshold_background(scores, classes, 0.2), [[0, 0, 3, 1]])
     np.testing.assert_array_equal(lr.threshold_background(scores, classes, 0.15), [[0, 3, 3, 1]])
@@ -58,8 +64,9 @@ def test_crf_channels_and_the_dense_rule_make_the_same_decision():
     for threshold in (0.2, 0.5, 0.85):
         channels, channel_classes = lr.with_background(scores, classes, image_labels, True, threshold)
         assert channel_classes.tolist() == [0, 2, 7]
-        np.testing.assert_array_equal(channel_classes[channels.argmax(0)],
-                                      lr.decide(scores, classes, image_labels, True, threshold))
+        np.testing.assert_array_equal(
+            channel_classes[channels.argmax(0)], lr.decide(scores, classes, image_labels, True, threshold)
+        )
 
 
 def _two_region_maps(background_level, object_level, rng, n_images=12):
@@ -69,8 +76,10 @@ def _two_region_maps(background_level, object_level, rng, n_images=12):
     for _ in range(n_images):
         gt = np.zeros((24, 32), np.uint8)
         top, left = rng.integers(0, 12), rng.integers(0, 16)
-        gt[top:top + 10, left:left + 14] = 3
-        scores = np.where(gt == 3, rng.uniform(*object_level, gt.shape), rng.uniform(*background_level, gt.shape))
+        gt[top : top + 10, left : left + 14] = 3
+        scores = np.where(
+            gt == 3, rng.uniform(*object_level, gt.shape), rng.uniform(*background_level, gt.shape)
+        )
         items.append((scores[None].astype(np.float32), np.array([3]), np.array([0, 3]), gt))
     return items
 
@@ -89,8 +98,10 @@ def test_calibrated_threshold_adapts_to_two_score_distributions():
             np.testing.assert_array_equal(lr.decide(scores, classes, image_labels, True, threshold), gt)
     # One constant for both: right for one distribution, wrong for the other.
     for constant in (0.3, 0.5, 0.7):
-        errors = [sum(int((lr.decide(s, c, lab, True, constant) != gt).sum()) for s, c, lab, gt in items)
-                  for items in (sharp, blurry)]
+        errors = [
+            sum(int((lr.decide(s, c, lab, True, constant) != gt).sum()) for s, c, lab, gt in items)
+            for items in (sharp, blurry)
+        ]
         assert max(errors) > 0
     assert lr.calibrate_threshold(np.ones(lr.LEVELS), "fixed", 0.42) == 0.42
     with pytest.raises(ValueError, match="pseudo.background.method"):
@@ -122,14 +133,16 @@ def test_uncertain_band_around_the_threshold():
 
 def test_predicted_labels_threshold_and_background():
     np.testing.assert_array_equal(lr.predicted_labels([0.2, 0.7, 0.4], [1, 2, 3], 0.5, True), [0, 2])
-    np.testing.assert_array_equal(lr.predicted_labels([0.2, 0.3], [1, 2], 0.5, False), [2])  # at least the best
+    np.testing.assert_array_equal(
+        lr.predicted_labels([0.2, 0.3], [1, 2], 0.5, False), [2]
+    )  # at least the best
 
 
 def test_triangle_threshold_sits_past_a_dominant_low_mode():
     # A large background mode at 0.1 decaying to 0.3, a small flat object tail 0.3..1.
     hist = np.zeros(lr.LEVELS)
     levels = np.arange(lr.LEVELS) / (lr.LEVELS - 1)
-    hist += 1000 * np.exp(-((levels - 0.1) / 0.05) ** 2)
+    hist += 1000 * np.exp(-(((levels - 0.1) / 0.05) ** 2))
     hist[levels > 0.3] += 5
     t = lr.triangle_threshold(hist)
     assert 0.15 < t < 0.35, t

@@ -1,5 +1,6 @@
 """Masks for some images only: the workflow plans evaluation for the splits that have masks, evaluation
 covers the masked images and says how many of the split's images those are."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,12 +29,17 @@ def test_partly_masked_split_is_evaluated_on_its_masked_images(synthetic_folder,
     kept = train[:2]
     for image_id in train[2:] + val:  # masks for two training images only
         (synthetic_folder / "SegmentationClass" / f"{image_id}.png").unlink()
-    cfg = config.load({"dataset": {"kind": "folder", "root": str(synthetic_folder), "labels_file": labels_file}})
+    cfg = config.load(
+        {"dataset": {"kind": "folder", "root": str(synthetic_folder), "labels_file": labels_file}}
+    )
     assert config.evaluation_splits(cfg) == ["train"]  # val has no mask: no val evaluation in the workflow
 
     data, gt = tmp_path / "data.zarr", tmp_path / "gt.zarr"
     spec = config.load({"dataset": cfg["dataset"]})
-    assert cli.main(["ingest", "--config", str(_write(tmp_path, spec)), "--data", str(data), "--gt", str(gt)]) == 0
+    assert (
+        cli.main(["ingest", "--config", str(_write(tmp_path, spec)), "--data", str(data), "--gt", str(gt)])
+        == 0
+    )
     info, _ = open_data(data)
     gt_group = store.open_store(gt, "gt")
     assert store.ids_in(gt_group, store.MASKS) == sorted(kept)
@@ -45,9 +51,30 @@ def test_partly_masked_split_is_evaluated_on_its_masked_images(synthetic_folder,
             shape = store.get(open_data(data)[1], store.IMAGES, image_id).shape[:2]
             store.put(group, store.LABELS, image_id, mask if mask is not None else np.zeros(shape, np.uint8))
     out = tmp_path / "m.csv"
-    assert cli.main(["evaluate", "--config", "{}", "--data", str(data), "--gt", str(gt), "--pred", str(labels),
-                     "--stage", "crf", "--split", "train", "--out", str(out), "--per-image",
-                     str(tmp_path / "p.csv")]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--config",
+                "{}",
+                "--data",
+                str(data),
+                "--gt",
+                str(gt),
+                "--pred",
+                str(labels),
+                "--stage",
+                "crf",
+                "--split",
+                "train",
+                "--out",
+                str(out),
+                "--per-image",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
     rows = pd.read_csv(out, dtype={"class": str}).fillna({"class": ""})
     whole = rows[rows["class"] == ""].set_index("metric")["value"]
     assert whole["n_images"] == len(kept) and whole["split_images"] == len(train)

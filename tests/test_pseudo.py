@@ -1,4 +1,5 @@
 """Pseudo-labels: cleaning, divergence / top-k reliability, dense CRF, reliable regions, store edges."""
+
 from __future__ import annotations
 
 import math
@@ -12,14 +13,20 @@ from weakseg.datasets import IGNORE
 from weakseg.labels import confident_labels, fraction_of_peak, store_threshold
 from weakseg.pseudo.clean import clean_annotation, run_clean
 from weakseg.pseudo.crf import crf_labels, crf_probabilities, dense_crf, run_crf
-from weakseg.pseudo.reliability import (CSV_COLUMNS, class_divergences, run_reliability, select_top_k,
-                                        selected_ids)
+from weakseg.pseudo.reliability import (
+    CSV_COLUMNS,
+    class_divergences,
+    run_reliability,
+    select_top_k,
+    selected_ids,
+)
 from weakseg.pseudo.reliable import reliable_regions, run_reliable
 
 CFG = config.load({})
 
 
 # ---------------------------------------------------------------- cleaning
+
 
 def test_fraction_of_peak_thresholds_relative_to_each_class_peak_with_background():
     # Class 2 (peak 0.8, threshold 0.4) and class 4 (peak 0.2, threshold 0.1); class 5 is not an
@@ -86,21 +93,36 @@ def test_clean_with_implicit_background_ignores_the_uncertain_band():
     # Background threshold 0.4, margin 0.5: <= 0.2 confident background, >= 0.7 confident object.
     s3 = [0.95, 0.75, 0.7, 0.5, 0.39, 0.2, 0.1]
     s5 = [0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.9]  # px1: 5 beats 3; px6: 5 is labelled too
-    labels = clean_annotation(np.array([[s3], [s5]], np.float32), np.array([3, 5]), np.array([0, 3, 5]), 0.9,
-                              True, threshold=0.4, margin=0.5)
+    labels = clean_annotation(
+        np.array([[s3], [s5]], np.float32),
+        np.array([3, 5]),
+        np.array([0, 3, 5]),
+        0.9,
+        True,
+        threshold=0.4,
+        margin=0.5,
+    )
     assert labels[0].tolist() == [3, 5, 3, IGNORE, IGNORE, 0, 5]
     # margin 0: every pixel is decided, exactly as the dense rule does at that threshold.
-    dense = clean_annotation(np.array([[s3], [s5]], np.float32), np.array([3, 5]), np.array([0, 3, 5]), 0.9,
-                             True, threshold=0.4, margin=0.0)
+    dense = clean_annotation(
+        np.array([[s3], [s5]], np.float32),
+        np.array([3, 5]),
+        np.array([0, 3, 5]),
+        0.9,
+        True,
+        threshold=0.4,
+        margin=0.0,
+    )
     assert dense[0].tolist() == [3, 5, 3, 3, 0, 0, 5]
 
 
 # ---------------------------------------------------------------- divergence and top-k
 
+
 def test_divergence_of_a_square_is_16():
     for side in (1, 3, 6):
         labels = np.zeros((12, 12), np.uint8)
-        labels[2:2 + side, 3:3 + side] = 4
+        labels[2 : 2 + side, 3 : 3 + side] = 4
         assert class_divergences(labels, [4]) == {4: (side * side, 4 * side, 16.0)}
 
 
@@ -129,11 +151,13 @@ def test_divergence_shared_edge_counts_for_both_classes_and_full_image_is_zero()
 
 
 def _annotations():
-    return pd.DataFrame({
-        "id": ["a", "b", "c", "d", "e", "f", "g"],
-        "class": [1, 1, 1, 1, 2, 1, -1],
-        "divergence": [30.0, 16.0, 50.0, 20.0, 40.0, 20.0, math.inf],
-    })
+    return pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d", "e", "f", "g"],
+            "class": [1, 1, 1, 1, 2, 1, -1],
+            "divergence": [30.0, 16.0, 50.0, 20.0, 40.0, 20.0, math.inf],
+        }
+    )
 
 
 def test_select_top_k_ranks_per_class_and_keeps_small_classes():
@@ -158,6 +182,7 @@ def test_select_top_k_fraction_rounds_up_per_class():
 
 # ---------------------------------------------------------------- dense CRF
 
+
 def _two_colour_halves(height=40, width=60, edge=30):
     rng = np.random.default_rng(0)
     image = np.zeros((height, width, 3), np.float32)
@@ -176,7 +201,9 @@ def test_crf_follows_colour_edge_better_than_score_argmax():
     image, truth, right = _two_colour_halves()
     crf_params = CFG["pseudo"]["crf"]
     # No background class: two real classes 0 and 1.
-    probs, classes = crf_probabilities(np.stack([1 - right, right]), np.array([0, 1]), np.array([0, 1]), False, None)
+    probs, classes = crf_probabilities(
+        np.stack([1 - right, right]), np.array([0, 1]), np.array([0, 1]), False, None
+    )
     argmax_acc = (classes[probs.argmax(0)] == truth).mean()
     crf_acc = (crf_labels(image, probs, classes, crf_params) == truth).mean()
     assert argmax_acc < 0.9 and crf_acc > 0.98, (argmax_acc, crf_acc)
@@ -219,6 +246,7 @@ def test_dense_crf_checks_inputs():
 
 
 # ---------------------------------------------------------------- reliable regions
+
 
 def test_reliable_regions_hand_made():
     # One row, one labelled fg class 4 (class 6 is not labelled), background dataset; background
@@ -282,8 +310,10 @@ def stores(tmp_path):
     splits = {"train": [i for i in ids if i.startswith("t")], "val": ["v0"]}
     data_path, scores_path = tmp_path / "data.zarr", tmp_path / "scores.zarr"
     attrs = {"class_names": CLASS_NAMES, "has_background": True, "ids": ids, "splits": splits}
-    with store.writing(data_path, "data", store.provenance("test"), attrs) as data, \
-            store.writing(scores_path, "scores", store.provenance("test")) as scores:
+    with (
+        store.writing(data_path, "data", store.provenance("test"), attrs) as data,
+        store.writing(scores_path, "scores", store.provenance("test")) as scores,
+    ):
         array = data.create_array("labels", shape=labels.shape, dtype=labels.dtype)
         array[...] = labels
         for image_id in ids:
@@ -316,15 +346,30 @@ def test_store_round_trip(stores):
     assert 0.05 < threshold < 0.9 and group.attrs["provenance"]["background_threshold"] == threshold
     for image_id in train:
         scores, classes = store.get_scores(scores_group, "spcam", image_id)
-        expected = clean_annotation(scores, classes, np.array([0, *classes]), CFG["pseudo"]["clean_ratio"], True,
-                                    threshold, CFG["pseudo"]["background"]["margin"])
+        expected = clean_annotation(
+            scores,
+            classes,
+            np.array([0, *classes]),
+            CFG["pseudo"]["clean_ratio"],
+            True,
+            threshold,
+            CFG["pseudo"]["background"]["margin"],
+        )
         np.testing.assert_array_equal(cleaned[image_id], expected)
     assert (cleaned["t3"] == 0).all() and (cleaned["t0"][6:12, 6:12] == 1).all()
 
     # Shards are disjoint and together cover every train image.
     for shard in (0, 1):
-        run_clean(CFG, data_path, scores_path, "spcam", tmp / f"cleaned-{shard}.zarr", ratio=0.2, shard=shard,
-                  n_shards=2)
+        run_clean(
+            CFG,
+            data_path,
+            scores_path,
+            "spcam",
+            tmp / f"cleaned-{shard}.zarr",
+            ratio=0.2,
+            shard=shard,
+            n_shards=2,
+        )
     parts = [set(_labels(tmp / f"cleaned-{s}.zarr")[0]) for s in (0, 1)]
     assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(train)
 
@@ -335,7 +380,10 @@ def test_store_round_trip(stores):
     assert empty["class"] == -1 and math.isinf(empty["divergence"]) and not empty["selected"]
     assert set(csv.loc[csv["id"] == "t1", "class"]) == {2, 3}
     red = csv[csv["class"] == 1].sort_values("rank")
-    assert red["divergence"].is_monotonic_increasing and red["selected"].tolist() == [True, False]  # ceil(0.5*2)
+    assert red["divergence"].is_monotonic_increasing and red["selected"].tolist() == [
+        True,
+        False,
+    ]  # ceil(0.5*2)
     assert selected_ids(tmp / "pseudo" / "reliability.csv") == sorted(csv.loc[csv["selected"], "id"].unique())
     assert "t3" not in selected_ids(tmp / "pseudo" / "reliability.csv")
 

@@ -1,4 +1,5 @@
 """SEAM: the transform, equivariant regularisation, pixel correlation module, network and loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,15 @@ import torch.nn.functional as F
 
 from weakseg.cam.losses import equivariance_loss, hard_mean, labelled_maps, seam_loss, soft_margin
 from weakseg.cam.models import build_classifier, max_normalise
-from weakseg.cam.seam import (PixelCorrelation, ScaleFlip, SEAMNet, keep_top_class, pixel_affinity, propagate,
-                              with_background)
+from weakseg.cam.seam import (
+    PixelCorrelation,
+    ScaleFlip,
+    SEAMNet,
+    keep_top_class,
+    pixel_affinity,
+    propagate,
+    with_background,
+)
 from weakseg.config import load
 
 N_CLASSES = 3
@@ -110,8 +118,9 @@ def test_background_channel_and_top_class():
 @pytest.fixture(scope="module")
 def seam() -> SEAMNet:
     torch.manual_seed(0)
-    model = build_classifier(load({"cam": {"model": "seam", "pretrained": False, "seam": {"pcm_dim": 16}}})["cam"],
-                             N_CLASSES)
+    model = build_classifier(
+        load({"cam": {"model": "seam", "pretrained": False, "seam": {"pcm_dim": 16}}})["cam"], N_CLASSES
+    )
     assert isinstance(model, SEAMNet)
     return model
 
@@ -153,13 +162,19 @@ def test_seam_loss_composition(seam):
     transform = ScaleFlip(0.5)
     total, parts = seam_loss(seam, batch, transform, 0.7, 0.3, 0.2)
     assert set(parts) == {"loss_cls", "loss_er", "loss_ecr"}
-    assert total.item() == pytest.approx(parts["loss_cls"] + 0.7 * parts["loss_er"] + 0.3 * parts["loss_ecr"], rel=1e-5)
+    assert total.item() == pytest.approx(
+        parts["loss_cls"] + 0.7 * parts["loss_er"] + 0.3 * parts["loss_ecr"], rel=1e-5
+    )
     assert parts["loss_er"] > 0 and parts["loss_ecr"] > 0
     with torch.no_grad():  # the parts are what they claim to be
         out_o, out_t = seam(batch["x"]), seam(transform(batch["x"]))
         cam_t = labelled_maps(out_t["cam"], batch["y"])
-        er = equivariance_loss(cam_t, transform.apply(labelled_maps(out_o["cam"], batch["y"]), tuple(cam_t.shape[-2:])))
-        cls = (soft_margin(out_o["gap_logits"], batch["y"]) + soft_margin(out_t["gap_logits"], batch["y"])) / 2
+        er = equivariance_loss(
+            cam_t, transform.apply(labelled_maps(out_o["cam"], batch["y"]), tuple(cam_t.shape[-2:]))
+        )
+        cls = (
+            soft_margin(out_o["gap_logits"], batch["y"]) + soft_margin(out_t["gap_logits"], batch["y"])
+        ) / 2
     assert parts["loss_er"] == pytest.approx(er.item(), rel=1e-5)
     assert parts["loss_cls"] == pytest.approx(cls.item(), rel=1e-5)
 

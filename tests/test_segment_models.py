@@ -1,4 +1,5 @@
 """Segmentation networks (DeepLab, DecoupledNet) and prediction: shapes, losses, probabilities, outputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,14 @@ from weakseg import store
 from weakseg.datasets import IGNORE, open_data
 from weakseg.palette import class_palette
 from weakseg.segment.models import DecoupledNet, DeepLab, build_segmenter
-from weakseg.segment.predict import (SEG, list_images, load_segmenter, predict_files, predict_probabilities,
-                                     run_predict_store)
+from weakseg.segment.predict import (
+    SEG,
+    list_images,
+    load_segmenter,
+    predict_files,
+    predict_probabilities,
+    run_predict_store,
+)
 from weakseg.training import save_model
 
 N_CLASSES = 4
@@ -58,6 +65,7 @@ def make_batch(size: int = 64, seed: int = 0, has_background: bool = True):
 
 
 # ------------------------------------------------------------------ models
+
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("has_background", [True, False])
@@ -113,7 +121,9 @@ def test_loss_decreases_on_a_fixed_batch(model):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-@pytest.mark.parametrize("model,has_background", [("deeplab", True), ("decoupled", True), ("decoupled", False)])
+@pytest.mark.parametrize(
+    "model,has_background", [("deeplab", True), ("decoupled", True), ("decoupled", False)]
+)
 def test_loss_ignores_255_pixels(model, has_background):
     net = make_model(model, has_background).eval()
     x, labels, image_labels = make_batch(has_background=has_background)
@@ -123,7 +133,9 @@ def test_loss_ignores_255_pixels(model, has_background):
     with torch.no_grad():
         out = net(x, image_labels)
     # outputs as leaves: the gradient shows which pixels the loss reads
-    leaves = {k: (v.clone().requires_grad_() if k in ("logits", "mask_logits") else v) for k, v in out.items()}
+    leaves = {
+        k: (v.clone().requires_grad_() if k in ("logits", "mask_logits") else v) for k, v in out.items()
+    }
     loss, parts = net.loss(leaves, labels, image_labels)
     loss.backward()
     read = leaves["logits" if model == "deeplab" else "mask_logits"]
@@ -147,8 +159,11 @@ def test_loss_ignores_255_pixels(model, has_background):
                 if image_labels[b, c] > 0:
                     valid = ~ignored[b]
                     target = (labels[b][valid] == c).float()
-                    terms.append(F.binary_cross_entropy_with_logits(out["mask_logits"][b, k][valid], target,
-                                                                    reduction="none"))
+                    terms.append(
+                        F.binary_cross_entropy_with_logits(
+                            out["mask_logits"][b, k][valid], target, reduction="none"
+                        )
+                    )
         assert parts["seg_bce"] == pytest.approx(torch.cat(terms).mean().item(), rel=1e-5)
 
 
@@ -181,6 +196,7 @@ def test_param_groups_split_encoder_and_head():
 
 # ------------------------------------------------------------------ prediction
 
+
 @pytest.mark.parametrize("model", MODELS)
 def test_predict_probabilities_are_distributions_and_flip_equivariant(model):
     net = calibrated(make_model(model)).train()
@@ -209,7 +225,9 @@ def test_predict_probabilities_restricted_to_classes():
     part = predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 2])
     expected = full[[0, 2]] / full[[0, 2]].sum(0, keepdims=True)
     np.testing.assert_allclose(part, expected, atol=1e-5)
-    decoupled = predict_probabilities(calibrated(make_model("decoupled")), image, [1.0], True, "cpu", classes=[0, 3])
+    decoupled = predict_probabilities(
+        calibrated(make_model("decoupled")), image, [1.0], True, "cpu", classes=[0, 3]
+    )
     assert decoupled.shape == (2, 40, 48) and np.allclose(decoupled.sum(0), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="non-empty subset"):
         predict_probabilities(net, image, [1.0], False, "cpu", classes=[])
@@ -229,8 +247,10 @@ def test_predict_files_writes_class_index_pngs(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    images = {"one": rng.integers(0, 256, (40, 52, 3), dtype=np.uint8),
-              "two": rng.integers(0, 256, (33, 30, 3), dtype=np.uint8)}
+    images = {
+        "one": rng.integers(0, 256, (40, 52, 3), dtype=np.uint8),
+        "two": rng.integers(0, 256, (33, 30, 3), dtype=np.uint8),
+    }
     cv2.imwrite(str(folder / "one.png"), images["one"][..., ::-1])
     cv2.imwrite(str(folder / "two.png"), images["two"][..., ::-1])
     (folder / "notes.txt").write_text("not an image, and skipped by its suffix")
@@ -239,8 +259,9 @@ def test_predict_files_writes_class_index_pngs(tmp_path):
     for path in written:
         png = Image.open(path)
         assert png.mode == "P"
-        np.testing.assert_array_equal(np.array(png.getpalette()).reshape(-1, 3)[:N_CLASSES],
-                                      class_palette(N_CLASSES)[:N_CLASSES])
+        np.testing.assert_array_equal(
+            np.array(png.getpalette()).reshape(-1, 3)[:N_CLASSES], class_palette(N_CLASSES)[:N_CLASSES]
+        )
         labels = np.array(png)
         probs = np.load(path.with_suffix(".npy"))
         expected = predict_probabilities(net, images[path.stem], [1.0], True, "cpu")
@@ -256,10 +277,17 @@ def test_predict_files_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="broken.jpg: unreadable image"):
         predict_files(tmp_path / "model.pt", [bad], tmp_path / "out", probabilities=False, strict=True)
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        predict_files(tmp_path / "model.pt", [tmp_path / "missing.png"], tmp_path / "out", probabilities=False)
+        predict_files(
+            tmp_path / "model.pt", [tmp_path / "missing.png"], tmp_path / "out", probabilities=False
+        )
     with pytest.raises(ValueError, match="trained on classes"):
-        predict_files(tmp_path / "model.pt", [bad], tmp_path / "out", probabilities=False,
-                      class_names=["background", "x", "y", "z"])
+        predict_files(
+            tmp_path / "model.pt",
+            [bad],
+            tmp_path / "out",
+            probabilities=False,
+            class_names=["background", "x", "y", "z"],
+        )
     torch.save({"model": {}, "stage": "cam"}, tmp_path / "cam.pt")
     with pytest.raises(ValueError, match="not a weakseg segment model"):
         load_segmenter(tmp_path / "cam.pt", "cpu")
@@ -277,9 +305,15 @@ def test_run_predict_store_keeps_labelled_classes_on_train(tmp_path):
     from weakseg.datasets.folder import ingest
     from weakseg.datasets.synthetic import class_names, write_folder
 
-    config = wconfig.load({"device": "cpu", "dataset": {"synthetic": {
-        "n_train": 3, "n_val": 2, "height": 32, "width": 40, "n_classes": N_CLASSES - 1}},
-        "segment": {"pretrained": False, "infer_scales": [1.0], "infer_flip": False}})
+    config = wconfig.load(
+        {
+            "device": "cpu",
+            "dataset": {
+                "synthetic": {"n_train": 3, "n_val": 2, "height": 32, "width": 40, "n_classes": N_CLASSES - 1}
+            },
+            "segment": {"pretrained": False, "infer_scales": [1.0], "infer_flip": False},
+        }
+    )
     root = write_folder(config["dataset"]["synthetic"], True, tmp_path / "synthetic")
     ingest(root, config["dataset"], tmp_path / "data.zarr", tmp_path / "gt.zarr", store.provenance("test"))
     info, _ = open_data(tmp_path / "data.zarr")
@@ -293,8 +327,15 @@ def test_run_predict_store_keeps_labelled_classes_on_train(tmp_path):
         assert classes.tolist() == info.image_labels(image_id).tolist() and classes[0] == 0
         assert np.abs(scores.sum(0) - 1).max() <= len(classes) / 255  # a distribution up to quantisation
 
-    run_predict_store(config, tmp_path / "data.zarr", tmp_path / "model.pt", "val", tmp_path / "val.zarr",
-                      shard=1, n_shards=2)
+    run_predict_store(
+        config,
+        tmp_path / "data.zarr",
+        tmp_path / "model.pt",
+        "val",
+        tmp_path / "val.zarr",
+        shard=1,
+        n_shards=2,
+    )
     val = store.open_store(tmp_path / "val.zarr", "scores")
     assert store.ids_in(val, SEG) == store.shard_ids(info.split("val"), 1, 2)
     scores, classes = store.get_scores(val, SEG, store.ids_in(val, SEG)[0])
@@ -324,8 +365,13 @@ def test_predict_files_on_an_msrc_photo(tmp_path):
     class_names = (root / "classes.txt").read_text().split()
     image_id = (root / "val.txt").read_text().split()[0]
     save_checkpoint(tmp_path / "model.pt", class_names=class_names, has_background=False, infer_scales=[1.0])
-    (png,) = predict_files(tmp_path / "model.pt", [root / "JPEGImages" / f"{image_id}.jpg"], tmp_path / "out",
-                           probabilities=False, class_names=class_names)
+    (png,) = predict_files(
+        tmp_path / "model.pt",
+        [root / "JPEGImages" / f"{image_id}.jpg"],
+        tmp_path / "out",
+        probabilities=False,
+        class_names=class_names,
+    )
     truth = np.array(Image.open(root / "SegmentationClass" / f"{image_id}.png"))
     labels = np.array(Image.open(png))
     assert labels.shape == truth.shape  # photos of 213 x 320: not a multiple of the stride
@@ -333,6 +379,7 @@ def test_predict_files_on_an_msrc_photo(tmp_path):
 
 
 # ------------------------------------------------------------------ class prior and its adjustment
+
 
 def test_label_prior_counts_labelled_pixels_only():
     from weakseg.segment.train import PRIOR_FLOOR, label_prior
@@ -353,8 +400,9 @@ def test_prior_adjustment_divides_the_prior_out_of_the_softmax(model):
     image = np.random.default_rng(4).integers(0, 256, (36, 44, 3), dtype=np.uint8)
     plain = predict_probabilities(net, image, [1.0], False, "cpu")
     # With the uniform prior of an untrained model, adjustment changes nothing.
-    np.testing.assert_allclose(predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=1.0), plain,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        predict_probabilities(net, image, [1.0], False, "cpu", prior_adjustment=1.0), plain, atol=1e-6
+    )
     prior = torch.tensor([0.7, 0.2, 0.08, 0.02])
     net.label_prior.copy_(prior)
     for tau in (0.5, 1.0):
@@ -367,7 +415,10 @@ def test_prior_adjustment_divides_the_prior_out_of_the_softmax(model):
     assert (adjusted.argmax(0) == 0).sum() < (plain.argmax(0) == 0).sum()
     # Within the image's labels (train cleaning) too: over classes {0, 3} only.
     part = predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 3], prior_adjustment=1.0)
-    expected = predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 3]) / prior.numpy()[[0, 3], None, None]
+    expected = (
+        predict_probabilities(net, image, [1.0], False, "cpu", classes=[0, 3])
+        / prior.numpy()[[0, 3], None, None]
+    )
     np.testing.assert_allclose(part, expected / expected.sum(0, keepdims=True), atol=1e-5)
 
 
@@ -394,12 +445,18 @@ def test_model_file_keeps_the_prior_and_predict_files_applies_it(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out" / "x.npy"), expected, atol=1e-5)
     plain = predict_probabilities(net, image, [1.0], False, "cpu")
     assert not np.allclose(expected, plain, atol=1e-3)
-    predict_files(tmp_path / "model.pt", [tmp_path / "x.png"], tmp_path / "plain", probabilities=True,
-                  prior_adjustment=0.0)  # the override of `weakseg predict --prior-adjustment`
+    predict_files(
+        tmp_path / "model.pt",
+        [tmp_path / "x.png"],
+        tmp_path / "plain",
+        probabilities=True,
+        prior_adjustment=0.0,
+    )  # the override of `weakseg predict --prior-adjustment`
     np.testing.assert_allclose(np.load(tmp_path / "plain" / "x.npy"), plain, atol=1e-5)
 
 
 # ------------------------------------------------------------------ run_train_seg
+
 
 @pytest.fixture
 def seg_inputs(tmp_path):
@@ -407,10 +464,23 @@ def seg_inputs(tmp_path):
     from weakseg.datasets.folder import ingest
     from weakseg.datasets.synthetic import write_folder
 
-    config = wconfig.load({"device": "cpu", "dataset": {"synthetic": {
-        "n_train": 4, "n_val": 1, "height": 32, "width": 40, "n_classes": N_CLASSES - 1}},
-        "segment": {"pretrained": False, "iterations": 2, "checkpoint_every": 1, "batch_size": 2,
-                    "crop_size": 32, "infer_scales": [1.0], "prior_adjustment": 0.5}})
+    config = wconfig.load(
+        {
+            "device": "cpu",
+            "dataset": {
+                "synthetic": {"n_train": 4, "n_val": 1, "height": 32, "width": 40, "n_classes": N_CLASSES - 1}
+            },
+            "segment": {
+                "pretrained": False,
+                "iterations": 2,
+                "checkpoint_every": 1,
+                "batch_size": 2,
+                "crop_size": 32,
+                "infer_scales": [1.0],
+                "prior_adjustment": 0.5,
+            },
+        }
+    )
     root = write_folder(config["dataset"]["synthetic"], True, tmp_path / "synthetic")
     data, gt = tmp_path / "data.zarr", tmp_path / "gt.zarr"
     ingest(root, config["dataset"], data, gt, store.provenance("test"))
@@ -420,8 +490,9 @@ def seg_inputs(tmp_path):
     for labels in annotations.values():
         labels[:, :8] = IGNORE
     selected = sorted(annotations)[:3]
-    (tmp_path / "selection.csv").write_text("id,image_selected\n" + "".join(
-        f"{i},{i in selected}\n" for i in sorted(annotations)))
+    (tmp_path / "selection.csv").write_text(
+        "id,image_selected\n" + "".join(f"{i},{i in selected}\n" for i in sorted(annotations))
+    )
     return config, data, annotations, selected, tmp_path
 
 
@@ -438,10 +509,15 @@ def test_run_train_seg_records_the_prior_and_never_resumes_on_other_annotations(
 
     config, data, annotations, selected, tmp_path = seg_inputs
     write_annotations(tmp_path / "labels.zarr", annotations)
-    model_path = run_train_seg(config, data, tmp_path / "labels.zarr", tmp_path / "selection.csv", tmp_path / "run")
+    model_path = run_train_seg(
+        config, data, tmp_path / "labels.zarr", tmp_path / "selection.csv", tmp_path / "run"
+    )
     ckpt = torch.load(model_path, weights_only=True)
-    np.testing.assert_allclose(ckpt["model"]["label_prior"].numpy(),
-                               label_prior([annotations[i] for i in selected], N_CLASSES), rtol=1e-6)
+    np.testing.assert_allclose(
+        ckpt["model"]["label_prior"].numpy(),
+        label_prior([annotations[i] for i in selected], N_CLASSES),
+        rtol=1e-6,
+    )
     assert ckpt["config"]["segment"]["prior_adjustment"] == 0.5  # prediction settings travel with the model
 
     # Same annotations: the finished checkpoint is resumed (no training). Other annotations (e.g. a new

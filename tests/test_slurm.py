@@ -20,10 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster is a fixture)
 
 from weakseg.store import LABELS, get, ids_in, open_store
-
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_PROFILE = REPO / "slurm" / "config.yaml"
@@ -79,7 +78,9 @@ def run_snakemake(args: list[str], cwd: Path, env: dict | None, timeout_s: int) 
     env = dict(os.environ if env is None else env)
     # Rules call the `weakseg` command: find it next to this interpreter even without an activated venv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    result = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = result.stdout
     if result.returncode != 0:
         what = "timed out" if result.returncode in (124, 137) else f"exited with {result.returncode}"
@@ -114,10 +115,14 @@ def assert_all_jobs_ran_in_slurm(cluster: SlurmCluster, output: str, workdir: Pa
     assert submitted, "no job was submitted to Slurm"
     assert len(submitted) == sum(remote.values()), (remote, submitted)
     jobs = {job.job_id: job for job in cluster.jobs() if job.name == run_id}
-    assert set(jobs) == set(submitted.values()), f"Slurm knows {sorted(jobs)}, snakemake submitted {submitted}"
+    assert set(jobs) == set(submitted.values()), (
+        f"Slurm knows {sorted(jobs)}, snakemake submitted {submitted}"
+    )
     assert {job.state for job in jobs.values()} == {"COMPLETED"}, jobs
     # The plugin tags each job with its rule: the per-rule counts must match snakemake's.
-    per_rule = Counter(re.match(r"rule_(.+?)(?:_wildcards_.*)?$", job.comment).group(1) for job in jobs.values())
+    per_rule = Counter(
+        re.match(r"rule_(.+?)(?:_wildcards_.*)?$", job.comment).group(1) for job in jobs.values()
+    )
     assert per_rule == remote, (per_rule, remote)
     # slurmd wrote each job's output to the plugin's log file named by the Slurm job id (kept by the
     # test profile).
@@ -197,7 +202,9 @@ def test_two_rule_workflow_runs_every_job_through_slurm(slurm_cluster, tmp_path)
     work.mkdir()
     (work / "Snakefile").write_text(SELF_TEST_SNAKEFILE)
     profile = write_test_profile(cluster, tmp_path / "profile")
-    assert set(read_profile(profile / "config.yaml")) == set(read_profile(SLURM_PROFILE)) | set(TEST_PROFILE_OVERRIDES)
+    assert set(read_profile(profile / "config.yaml")) == set(read_profile(SLURM_PROFILE)) | set(
+        TEST_PROFILE_OVERRIDES
+    )
 
     output = run_snakemake(
         ["--cores", "2", "--profile", str(profile), "combined.txt"], work, cluster.env, SELF_TEST_TIMEOUT_S
@@ -252,7 +259,9 @@ def assert_same_metrics(local_csv: Path, slurm_csv: Path) -> None:
     text = [c for c in local.columns if c not in numeric]
     pd.testing.assert_frame_equal(local[text], slurm[text])
     # Same code and seeds; only float summation order may differ between processes.
-    np.testing.assert_allclose(local[numeric].to_numpy(float), slurm[numeric].to_numpy(float), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        local[numeric].to_numpy(float), slurm[numeric].to_numpy(float), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.slurm
@@ -269,7 +278,9 @@ def test_tiny_workflow_on_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     run_snakemake(["--cores", "2", "--configfile", "tiny.yaml"], local_dir, None, FULL_RUN_TIMEOUT_S)
     output = run_snakemake(
         ["--cores", "2", "--profile", str(profile), "--configfile", "tiny.yaml"],
-        slurm_dir, cluster.env, FULL_RUN_TIMEOUT_S,
+        slurm_dir,
+        cluster.env,
+        FULL_RUN_TIMEOUT_S,
     )
 
     assert_all_jobs_ran_in_slurm(cluster, output, slurm_dir)
@@ -291,6 +302,7 @@ def test_tiny_workflow_on_slurm_matches_a_local_run(slurm_cluster, tmp_path):
         assert ids and ids == ids_in(slurm_group, LABELS), rel
         for image_id in ids:
             np.testing.assert_array_equal(
-                get(local_group, LABELS, image_id), get(slurm_group, LABELS, image_id),
+                get(local_group, LABELS, image_id),
+                get(slurm_group, LABELS, image_id),
                 err_msg=f"{rel}: labels of {image_id} differ between the local and the Slurm run",
             )

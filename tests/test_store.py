@@ -1,4 +1,5 @@
 """The Zarr store layer: atomic writing, per-image arrays, quantised scores, errors, shards and gather."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -166,8 +167,14 @@ def test_gather_of_two_shards_equals_one_store_with_everything(tmp_path):
     for s, path in enumerate(shard_paths):
         _write_shard(path, store.shard_ids(ids, s, 2), scores)
 
-    store.gather(shard_paths, tmp_path / "gathered.zarr", "scores", store.provenance("gather"),
-                 expected_ids=ids, key=store.CAM)
+    store.gather(
+        shard_paths,
+        tmp_path / "gathered.zarr",
+        "scores",
+        store.provenance("gather"),
+        expected_ids=ids,
+        key=store.CAM,
+    )
     whole = store.open_store(tmp_path / "whole.zarr", "scores")
     gathered = store.open_store(tmp_path / "gathered.zarr", "scores")
     assert gathered.attrs["note"] == "same in every shard"
@@ -184,8 +191,14 @@ def test_gather_with_a_missing_shard_image_fails_and_writes_nothing(tmp_path):
     scores = {i: rng.random((2, 3, 3), dtype=np.float32) for i in "abc"}
     _write_shard(tmp_path / "shard0.zarr", ["a", "b"], scores)
     with pytest.raises(store.StoreError, match=r"lack 1 images, e\.g\. \['c'\]"):
-        store.gather([tmp_path / "shard0.zarr"], tmp_path / "out.zarr", "scores", store.provenance("gather"),
-                     expected_ids=["a", "b", "c"], key=store.CAM)
+        store.gather(
+            [tmp_path / "shard0.zarr"],
+            tmp_path / "out.zarr",
+            "scores",
+            store.provenance("gather"),
+            expected_ids=["a", "b", "c"],
+            key=store.CAM,
+        )
     assert not (tmp_path / "out.zarr").exists() and _leftovers(tmp_path) == []
     with pytest.raises(store.StoreError, match="expected a 'labels' store"):
         store.gather([tmp_path / "shard0.zarr"], tmp_path / "out.zarr", "labels", store.provenance("gather"))
@@ -193,9 +206,20 @@ def test_gather_with_a_missing_shard_image_fails_and_writes_nothing(tmp_path):
 
 def test_run_layout_paths_are_distinct_and_under_the_run_dir(tmp_path):
     layout = store.RunLayout(tmp_path / "run")
-    paths = [layout.data, layout.gt, layout.superpixels, layout.scores, layout.cam_model, layout.cleaned,
-             layout.crf, layout.reliable, layout.round_model(1), layout.round_scores(1, "val"),
-             layout.round_labels(1, "crf"), layout.round_labels(2, "crf")]
+    paths = [
+        layout.data,
+        layout.gt,
+        layout.superpixels,
+        layout.scores,
+        layout.cam_model,
+        layout.cleaned,
+        layout.crf,
+        layout.reliable,
+        layout.round_model(1),
+        layout.round_scores(1, "val"),
+        layout.round_labels(1, "crf"),
+        layout.round_labels(2, "crf"),
+    ]
     assert len(set(paths)) == len(paths)
     assert all(p.is_relative_to(tmp_path / "run") for p in paths)
     assert layout.pseudo("crf") == layout.crf

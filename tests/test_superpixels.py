@@ -1,4 +1,5 @@
 """Superpixels: complete consecutive int32 maps near the requested count, the oracle, threads and shards."""
+
 from __future__ import annotations
 
 import cv2
@@ -106,6 +107,7 @@ def test_real_msrc_image(method, msrc_root):
 
 # --- the I/O edge -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def data_path(synthetic_folder, tmp_path):
     cfg = config.load({"dataset": {"kind": "folder", "root": str(synthetic_folder)}})["dataset"]
@@ -130,7 +132,7 @@ def test_run_superpixels_threads_and_shards_give_the_same_store(data_path, tmp_p
     assert run_superpixels(cfg, data_path, tmp_path / "one.zarr", threads=1) == len(info.ids)
     one = _maps(tmp_path / "one.zarr")
     assert sorted(one) == sorted(info.ids)  # every split's images
-    for image_id, labels in one.items():
+    for labels in one.values():
         _check_map(labels, (48, 64))
     group = store.open_store(tmp_path / "one.zarr", "superpixels")
     assert group.attrs["provenance"]["config"] == cfg["superpixels"]
@@ -142,8 +144,14 @@ def test_run_superpixels_threads_and_shards_give_the_same_store(data_path, tmp_p
     counts = [run_superpixels(cfg, data_path, path, shard=s, n_shards=2) for s, path in enumerate(shards)]
     assert sum(counts) == len(info.ids) and min(counts) >= 1
     assert not set(_maps(shards[0])) & set(_maps(shards[1]))
-    store.gather(shards, tmp_path / "gathered.zarr", "superpixels", store.provenance("gather"),
-                 expected_ids=list(info.ids), key=store.SUPERPIXELS)
+    store.gather(
+        shards,
+        tmp_path / "gathered.zarr",
+        "superpixels",
+        store.provenance("gather"),
+        expected_ids=list(info.ids),
+        key=store.SUPERPIXELS,
+    )
     _assert_same_maps(_maps(tmp_path / "gathered.zarr"), one)
 
 

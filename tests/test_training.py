@@ -1,4 +1,5 @@
 """The shared training loop: checkpoints, exact resume after a kill, fingerprinted checkpoints, model files."""
+
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,14 @@ from torch import nn
 
 from weakseg import store
 from weakseg.config import load
-from weakseg.training import (CHECKPOINT, load_model_file, make_optimizer, poly_schedule, save_model, train_loop)
+from weakseg.training import (
+    CHECKPOINT,
+    load_model_file,
+    make_optimizer,
+    poly_schedule,
+    save_model,
+    train_loop,
+)
 
 ITERATIONS, CHECKPOINT_EVERY = 6, 3
 LOG_EVERY = 2  # not a divisor of CHECKPOINT_EVERY: a log window spans a checkpoint
@@ -26,13 +34,22 @@ class SimulatedKill(Exception):
 def tiny_model() -> nn.Module:
     """Conv + BatchNorm (running stats must be checkpointed) + Dropout (torch RNG must be too)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4, 2),
+    )
 
 
 def draw_batch(rng: np.random.Generator) -> dict:
-    return {"x": torch.from_numpy(rng.standard_normal((4, 3, 6, 6)).astype(np.float32)),
-            "y": torch.from_numpy(rng.standard_normal((4, 2)).astype(np.float32))}
+    return {
+        "x": torch.from_numpy(rng.standard_normal((4, 3, 6, 6)).astype(np.float32)),
+        "y": torch.from_numpy(rng.standard_normal((4, 2)).astype(np.float32)),
+    }
 
 
 def killed_at(call: int):
@@ -54,15 +71,30 @@ def mse_loss(model, batch):
     return loss, {"mse": loss.item()}
 
 
-def train(out_dir: Path, model: nn.Module | None = None, next_batch=draw_batch, fingerprint: str = "cfg-a",
-          log_every: int = LOG_EVERY):
+def train(
+    out_dir: Path,
+    model: nn.Module | None = None,
+    next_batch=draw_batch,
+    fingerprint: str = "cfg-a",
+    log_every: int = LOG_EVERY,
+):
     """One call of train_loop with fresh optimiser and scheduler, as a restarted job would make them."""
     model = model if model is not None else tiny_model()
     optimizer = make_optimizer("adam", [{"params": model.parameters()}], 0.01, 1e-4)
-    rows = train_loop(model=model, optimizer=optimizer, scheduler=poly_schedule(optimizer, ITERATIONS),
-                      next_batch=next_batch, compute_loss=mse_loss, iterations=ITERATIONS,
-                      checkpoint_every=CHECKPOINT_EVERY, out_dir=out_dir, seed=7, desc="test-train",
-                      fingerprint=fingerprint, log_every=log_every)
+    rows = train_loop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=poly_schedule(optimizer, ITERATIONS),
+        next_batch=next_batch,
+        compute_loss=mse_loss,
+        iterations=ITERATIONS,
+        checkpoint_every=CHECKPOINT_EVERY,
+        out_dir=out_dir,
+        seed=7,
+        desc="test-train",
+        fingerprint=fingerprint,
+        log_every=log_every,
+    )
     return model, rows
 
 
@@ -92,7 +124,10 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, uninterrupted, kill
             p.add_(1.0)  # a restarted job's fresh init must be overwritten by the checkpoint
     with caplog.at_level(logging.INFO, logger="weakseg"):
         model, rows = train(tmp_path, model=restarted)
-    assert "resumed from checkpoint" in caplog.text and f"iteration {CHECKPOINT_EVERY} of {ITERATIONS}" in caplog.text
+    assert (
+        "resumed from checkpoint" in caplog.text
+        and f"iteration {CHECKPOINT_EVERY} of {ITERATIONS}" in caplog.text
+    )
     assert_same_state(model.state_dict(), reference_state)
     assert rows == reference_rows  # same mean losses and learning rates, one row every LOG_EVERY iterations
     assert [r["iteration"] for r in rows] == LOGGED
@@ -136,7 +171,7 @@ def test_log_rows_are_means_over_log_every_iterations(tmp_path, uninterrupted):
     _, every = train(tmp_path, log_every=1)
     assert [r["iteration"] for r in every] == list(range(1, ITERATIONS + 1))
     for row in rows:
-        window = every[row["iteration"] - LOG_EVERY:row["iteration"]]
+        window = every[row["iteration"] - LOG_EVERY : row["iteration"]]
         assert row["loss"] == pytest.approx(np.mean([r["loss"] for r in window]))
         assert row["mse"] == pytest.approx(np.mean([r["mse"] for r in window]))
         assert row["lr"] == every[row["iteration"] - 1]["lr"]  # the rate at the logged iteration
@@ -146,11 +181,13 @@ def test_progress_in_a_log_file_is_plain_lines_with_loss_and_lr(tmp_path):
     import subprocess
     import sys
 
-    code = ("import logging, sys\n"
-            "sys.path.insert(0, %r)\n"
-            "import test_training as t\n"
-            "from pathlib import Path\n"
-            "t.train(Path(%r), log_every=3)\n") % (str(Path(__file__).parent), str(tmp_path / "run"))
+    code = (
+        "import logging, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import test_training as t\n"
+        "from pathlib import Path\n"
+        f"t.train(Path({str(tmp_path / 'run')!r}), log_every=3)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\r" not in result.stderr  # stderr is a pipe, not a terminal: no carriage-return redraws
@@ -163,8 +200,11 @@ def test_a_job_that_asked_for_a_gpu_and_has_none_stops_at_once(monkeypatch, capl
     from weakseg.training import check_gpu_request, select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"resources\.gpu: this job asked for 1 GPU\(s\) but torch finds no usable "
-                                          r"CUDA device .*set device: cpu"):
+    with pytest.raises(
+        ConfigError,
+        match=r"resources\.gpu: this job asked for 1 GPU\(s\) but torch finds no usable "
+        r"CUDA device .*set device: cpu",
+    ):
         check_gpu_request("auto", 1)
     with pytest.raises(ConfigError, match="resources.gpu"):
         check_gpu_request("cuda", 2)
@@ -199,11 +239,21 @@ def cam_inputs(tmp_path, synthetic_folder, synthetic_params):
     from weakseg.datasets.folder import ingest
     from weakseg.superpixels import run_superpixels
 
-    config = load({"device": "cpu",
-                   "dataset": {"kind": "folder", "root": str(synthetic_folder), "synthetic": synthetic_params},
-                   "superpixels": {"n_segments": 30},
-                   "cam": {"pretrained": False, "extra_channels": 8, "train_sizes": [32, 48], "batch_size": 2,
-                           "iterations": ITERATIONS, "checkpoint_every": CHECKPOINT_EVERY}})
+    config = load(
+        {
+            "device": "cpu",
+            "dataset": {"kind": "folder", "root": str(synthetic_folder), "synthetic": synthetic_params},
+            "superpixels": {"n_segments": 30},
+            "cam": {
+                "pretrained": False,
+                "extra_channels": 8,
+                "train_sizes": [32, 48],
+                "batch_size": 2,
+                "iterations": ITERATIONS,
+                "checkpoint_every": CHECKPOINT_EVERY,
+            },
+        }
+    )
     data, gt, sp = tmp_path / "data.zarr", tmp_path / "gt.zarr", tmp_path / "superpixels.zarr"
     ingest(synthetic_folder, config["dataset"], data, gt, store.provenance("ingest"))
     run_superpixels(config, data, sp)

@@ -13,6 +13,7 @@
 Benchmarks measure; tests assert. Apart from the row summary of ``benchmark methods``
 (``method_row``), nothing here is run by the test suite.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,12 +50,22 @@ def bench_superpixels(root: str, out_dir: Path, threads: int) -> pd.DataFrame:
     work = Path(tempfile.mkdtemp(prefix="weakseg-bench-"))
     cfg = validate({"dataset": {"kind": "folder", "root": root, "has_background": False}})
     started = time.perf_counter()
-    summary = ingest(root, cfg["dataset"], work / "data.zarr", work / "gt.zarr", store.provenance("bench-ingest"))
+    summary = ingest(
+        root, cfg["dataset"], work / "data.zarr", work / "gt.zarr", store.provenance("bench-ingest")
+    )
     ingest_s = time.perf_counter() - started
     n = summary["images"]
-    rows = [{"step": "ingest", "method": "", "images": n, "ms_per_image": 1000 * ingest_s / n,
-             "mean_superpixels": np.nan, "oracle_miou_train": np.nan, "bytes_per_image": store.store_bytes(
-                 work / "data.zarr") / n}]
+    rows = [
+        {
+            "step": "ingest",
+            "method": "",
+            "images": n,
+            "ms_per_image": 1000 * ingest_s / n,
+            "mean_superpixels": np.nan,
+            "oracle_miou_train": np.nan,
+            "bytes_per_image": store.store_bytes(work / "data.zarr") / n,
+        }
+    ]
     for method in SUPERPIXEL_METHODS:
         cfg["superpixels"]["method"] = method
         sp_path = work / f"sp_{method}.zarr"
@@ -65,19 +76,36 @@ def bench_superpixels(root: str, out_dir: Path, threads: int) -> pd.DataFrame:
         run_oracle(work / "data.zarr", work / "gt.zarr", sp_path, cfg["dataset"]["train_split"], oracle_csv)
         oracle = pd.read_csv(oracle_csv, keep_default_na=False)
         miou = float(oracle[(oracle["metric"] == "miou") & (oracle["class"] == "")]["value"].iloc[0])
-        rows.append({"step": "superpixels", "method": method, "images": n, "ms_per_image": 1000 * elapsed / n,
-                     "mean_superpixels": _mean_superpixels(sp_path),
-                     "oracle_miou_train": miou, "bytes_per_image": store.store_bytes(sp_path) / n})
+        rows.append(
+            {
+                "step": "superpixels",
+                "method": method,
+                "images": n,
+                "ms_per_image": 1000 * elapsed / n,
+                "mean_superpixels": _mean_superpixels(sp_path),
+                "oracle_miou_train": miou,
+                "bytes_per_image": store.store_bytes(sp_path) / n,
+            }
+        )
     table = pd.DataFrame(rows)
-    _print_table(f"MSRC-21 ingest and superpixels ({threads} threads, n_segments "
-                 f"{cfg['superpixels']['n_segments']})", table, out_dir / "superpixels.csv")
+    _print_table(
+        f"MSRC-21 ingest and superpixels ({threads} threads, n_segments {cfg['superpixels']['n_segments']})",
+        table,
+        out_dir / "superpixels.csv",
+    )
     return table
 
 
 def _mean_superpixels(sp_path: Path) -> float:
     group = store.open_store(sp_path, "superpixels")
-    return float(np.mean([int(store.get(group, store.SUPERPIXELS, i).max()) + 1
-                          for i in store.ids_in(group, store.SUPERPIXELS)]))
+    return float(
+        np.mean(
+            [
+                int(store.get(group, store.SUPERPIXELS, i).max()) + 1
+                for i in store.ids_in(group, store.SUPERPIXELS)
+            ]
+        )
+    )
 
 
 def bytes_per_image(run_dir: Path) -> pd.DataFrame:
@@ -90,9 +118,17 @@ def bytes_per_image(run_dir: Path) -> pd.DataFrame:
         counts = {k: len(store.ids_in(group, k)) for k, _ in group.groups()}
         n_images = max(counts.values(), default=0)
         size = store.store_bytes(path)
-        rows.append({"store": str(path.relative_to(run_dir)), "kind": group.attrs.get("kind"),
-                     "keys": ",".join(sorted(counts)), "images": n_images, "arrays": sum(counts.values()), "bytes": size,
-                     "bytes_per_image": size / n_images if n_images else np.nan})
+        rows.append(
+            {
+                "store": str(path.relative_to(run_dir)),
+                "kind": group.attrs.get("kind"),
+                "keys": ",".join(sorted(counts)),
+                "images": n_images,
+                "arrays": sum(counts.values()),
+                "bytes": size,
+                "bytes_per_image": size / n_images if n_images else np.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -101,7 +137,9 @@ def stage_times(run_dir: Path) -> pd.DataFrame:
     rows = []
     for tsv in sorted((Path(run_dir) / "benchmarks").glob("*.tsv")):
         t = pd.read_csv(tsv, sep="\t")
-        rows.append({"job": tsv.stem, "seconds": float(t["s"].iloc[0]), "max_rss_mb": float(t["max_rss"].iloc[0])})
+        rows.append(
+            {"job": tsv.stem, "seconds": float(t["s"].iloc[0]), "max_rss_mb": float(t["max_rss"].iloc[0])}
+        )
     return pd.DataFrame(rows)
 
 
@@ -112,8 +150,11 @@ def quality_table(metrics_csv: Path) -> pd.DataFrame:
     m = m[m["class"] == ""].copy()
     m["value"] = m["value"].astype(float)
     wide = m.pivot_table(index=["stage", "split"], columns="metric", values="value", sort=False).reset_index()
-    cols = [c for c in ("stage", "split", "miou", "mean_class_acc", "pixel_acc", "labelled_fraction", "n_images")
-            if c in wide.columns]
+    cols = [
+        c
+        for c in ("stage", "split", "miou", "mean_class_acc", "pixel_acc", "labelled_fraction", "n_images")
+        if c in wide.columns
+    ]
     return wide[cols]
 
 
@@ -122,8 +163,16 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
 
     cfg = load(config_path)
     snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
-    cmd = [str(Path(sys.executable).parent / "snakemake"), "-s", str(snakefile), "--cores", str(cores),
-           "--configfile", config_path, "--rerun-incomplete"]
+    cmd = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "-s",
+        str(snakefile),
+        "--cores",
+        str(cores),
+        "--configfile",
+        config_path,
+        "--rerun-incomplete",
+    ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     print("running:", " ".join(cmd), flush=True)
     started = time.perf_counter()
@@ -131,11 +180,18 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
     wall = time.perf_counter() - started
     run = run_dir(cfg)
     times = stage_times(run)
-    _print_table(f"{cfg['run']}: seconds per job (this invocation's wall time {wall:.0f} s; jobs already "
-                 f"done earlier keep their old timings)", times, out_dir / f"{cfg['run']}_times.csv")
+    _print_table(
+        f"{cfg['run']}: seconds per job (this invocation's wall time {wall:.0f} s; jobs already "
+        f"done earlier keep their old timings)",
+        times,
+        out_dir / f"{cfg['run']}_times.csv",
+    )
     print(f"sum of job times: {times['seconds'].sum():.0f} s")
-    _print_table(f"{cfg['run']}: quality per stage", quality_table(run / "metrics.csv"),
-                 out_dir / f"{cfg['run']}_quality.csv")
+    _print_table(
+        f"{cfg['run']}: quality per stage",
+        quality_table(run / "metrics.csv"),
+        out_dir / f"{cfg['run']}_quality.csv",
+    )
     _print_table(f"{cfg['run']}: bytes per image", bytes_per_image(run), out_dir / f"{cfg['run']}_bytes.csv")
 
 
@@ -151,14 +207,30 @@ def bench_crf(config_path: str, out_dir: Path) -> None:
         started = time.perf_counter()
         run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], out, threads)
         n = len(store.ids_in(store.open_store(out, "labels"), store.LABELS))
-        rows.append({"threads": threads, "images": n, "ms_per_image": 1000 * (time.perf_counter() - started) / n})
+        rows.append(
+            {"threads": threads, "images": n, "ms_per_image": 1000 * (time.perf_counter() - started) / n}
+        )
     _print_table("dense CRF", pd.DataFrame(rows), out_dir / f"{cfg['run']}_crf.csv")
 
 
-METHOD_COLUMNS = ["method", "iterations", "train_s", "infer_ms_per_image", "infer_images", "infer_scales",
-                  "cam_miou", "cam_mean_class_acc", "cam_over_activation", "cam_under_activation",
-                  "spcam_miou", "spcam_mean_class_acc", "spcam_over_activation", "spcam_under_activation",
-                  "crf_miou", "crf_mean_class_acc"]
+METHOD_COLUMNS = [
+    "method",
+    "iterations",
+    "train_s",
+    "infer_ms_per_image",
+    "infer_images",
+    "infer_scales",
+    "cam_miou",
+    "cam_mean_class_acc",
+    "cam_over_activation",
+    "cam_under_activation",
+    "spcam_miou",
+    "spcam_mean_class_acc",
+    "spcam_over_activation",
+    "spcam_under_activation",
+    "crf_miou",
+    "crf_mean_class_acc",
+]
 
 
 def map_quality(tidy: pd.DataFrame, stage: str) -> dict:
@@ -172,9 +244,12 @@ def map_quality(tidy: pd.DataFrame, stage: str) -> dict:
         values = transform(per_class.loc[per_class["metric"] == metric, "value"].astype(float))
         return float(values.mean())  # NaN (class absent) is skipped, as in evaluate's means
 
-    return {"miou": float(overall["miou"]), "mean_class_acc": float(overall["mean_class_acc"]),
-            "over_activation": class_mean("over_activation"),
-            "under_activation": class_mean("class_acc", lambda recall: 1 - recall)}
+    return {
+        "miou": float(overall["miou"]),
+        "mean_class_acc": float(overall["mean_class_acc"]),
+        "over_activation": class_mean("over_activation"),
+        "under_activation": class_mean("class_acc", lambda recall: 1 - recall),
+    }
 
 
 def method_row(method: str, timing: dict, metrics: dict[str, pd.DataFrame]) -> dict:
@@ -204,7 +279,9 @@ def _prepare_inputs(cfg: dict, shared: store.RunLayout, threads: int) -> None:
     if not (finished(shared.data, "data") and finished(shared.gt, "gt")):
         root = cfg["dataset"]["root"]
         if cfg["dataset"]["kind"] == "synthetic":
-            root = write_folder(cfg["dataset"]["synthetic"], cfg["dataset"]["has_background"], shared.synthetic)
+            root = write_folder(
+                cfg["dataset"]["synthetic"], cfg["dataset"]["has_background"], shared.synthetic
+            )
         ingest(root, cfg["dataset"], shared.data, shared.gt, store.provenance("ingest", cfg["dataset"]))
     if not finished(shared.superpixels, "superpixels"):
         run_superpixels(cfg, shared.data, shared.superpixels, threads=threads)
@@ -236,35 +313,74 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
     _link_inputs(shared, layout)
     fingerprint = config_fingerprint(cfg["cam"], cfg["dataset"], cfg["superpixels"], split)
     timing_csv = layout.cam_dir / "benchmark_timing.csv"
-    timing = pd.read_csv(timing_csv, dtype={"infer_scales": str}).iloc[0].to_dict() if timing_csv.is_file() else {}
-    if timing.get("fingerprint") != fingerprint or not set(METHOD_COLUMNS[1:6]) <= set(timing) \
-            or not layout.scores.exists():
+    timing = (
+        pd.read_csv(timing_csv, dtype={"infer_scales": str}).iloc[0].to_dict() if timing_csv.is_file() else {}
+    )
+    if (
+        timing.get("fingerprint") != fingerprint
+        or not set(METHOD_COLUMNS[1:6]) <= set(timing)
+        or not layout.scores.exists()
+    ):
         shutil.rmtree(layout.cam_dir, ignore_errors=True)  # a resumed checkpoint would shorten the timing
         started = time.perf_counter()
         run_train_cam(cfg, layout.data, layout.superpixels, layout.cam_dir, threads=threads)
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        n_images = run_infer_cam(cfg, layout.data, layout.superpixels, layout.cam_model, layout.scores,
-                                 threads=threads, split=split)
+        n_images = run_infer_cam(
+            cfg,
+            layout.data,
+            layout.superpixels,
+            layout.cam_model,
+            layout.scores,
+            threads=threads,
+            split=split,
+        )
         infer_s = time.perf_counter() - started
-        timing = {"fingerprint": fingerprint, "iterations": cfg["cam"]["iterations"], "train_s": train_s,
-                  "infer_ms_per_image": 1000 * infer_s / n_images, "infer_images": n_images,
-                  "infer_scales": " ".join(str(v) for v in cfg["cam"]["infer_scales"])}
+        timing = {
+            "fingerprint": fingerprint,
+            "iterations": cfg["cam"]["iterations"],
+            "train_s": train_s,
+            "infer_ms_per_image": 1000 * infer_s / n_images,
+            "infer_images": n_images,
+            "infer_scales": " ".join(str(v) for v in cfg["cam"]["infer_scales"]),
+        }
         store.write_table(pd.DataFrame([timing]), timing_csv)
     metrics = {}
     for key in (store.CAM, store.SPCAM):
-        metrics[key] = run_evaluate(cfg, layout.data, layout.gt, layout.scores, key, split,
-                                    layout.metrics_dir / f"{key}_{split}.csv",
-                                    per_image_csv=layout.metrics_dir / f"{key}_{split}_per_image.csv", key=key)
+        metrics[key] = run_evaluate(
+            cfg,
+            layout.data,
+            layout.gt,
+            layout.scores,
+            key,
+            split,
+            layout.metrics_dir / f"{key}_{split}.csv",
+            per_image_csv=layout.metrics_dir / f"{key}_{split}_per_image.csv",
+            key=key,
+        )
     run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], layout.crf, threads, split=split)
-    metrics["crf"] = run_evaluate(cfg, layout.data, layout.gt, layout.crf, "crf", split,
-                                  layout.metrics_dir / f"crf_{split}.csv",
-                                  per_image_csv=layout.metrics_dir / f"crf_{split}_per_image.csv")
+    metrics["crf"] = run_evaluate(
+        cfg,
+        layout.data,
+        layout.gt,
+        layout.crf,
+        "crf",
+        split,
+        layout.metrics_dir / f"crf_{split}.csv",
+        per_image_csv=layout.metrics_dir / f"crf_{split}_per_image.csv",
+    )
     return method_row(method, {k: timing[k] for k in METHOD_COLUMNS[1:6]}, metrics)
 
 
-def bench_methods(config_path: str, out_dir: Path, threads: int, methods, split: str | None = None,
-                  iterations: int | None = None, infer_scales=None) -> pd.DataFrame:
+def bench_methods(
+    config_path: str,
+    out_dir: Path,
+    threads: int,
+    methods,
+    split: str | None = None,
+    iterations: int | None = None,
+    infer_scales=None,
+) -> pd.DataFrame:
     """Every CAM generator of ``methods`` on the config's data with the same budget, in run folders
     ``<results>/<run>_methods/<method>_it<iterations>/``; the table goes to ``methods_<run>.csv``."""
     from weakseg.config import load, run_dir
@@ -289,13 +405,25 @@ def bench_methods(config_path: str, out_dir: Path, threads: int, methods, split:
             key = ["method", "iterations", "infer_scales"]
             replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
             table = pd.concat([earlier[~replaced], table], ignore_index=True)
-    _print_table(f"{cfg['run']}: CAM generators, batch {cfg['cam']['batch_size']}, maps on the {split} split",
-                 table, csv_path)
+    _print_table(
+        f"{cfg['run']}: CAM generators, batch {cfg['cam']['batch_size']}, maps on the {split} split",
+        table,
+        csv_path,
+    )
     return table
 
 
-def run_benchmark(what: str, root: str, out: str, config_path: str, threads: int, methods=("cam", "spn", "seam", "dual"),
-                  split: str | None = None, iterations: int | None = None, infer_scales=None) -> None:
+def run_benchmark(
+    what: str,
+    root: str,
+    out: str,
+    config_path: str,
+    threads: int,
+    methods=("cam", "spn", "seam", "dual"),
+    split: str | None = None,
+    iterations: int | None = None,
+    infer_scales=None,
+) -> None:
     out_dir = Path(out)
     if what == "superpixels":
         if not Path(root).is_dir():
@@ -309,6 +437,10 @@ def run_benchmark(what: str, root: str, out: str, config_path: str, threads: int
         from weakseg.config import load, run_dir
 
         cfg = load(config_path)
-        _print_table(f"{cfg['run']}: bytes per image", bytes_per_image(run_dir(cfg)), out_dir / f"{cfg['run']}_bytes.csv")
+        _print_table(
+            f"{cfg['run']}: bytes per image",
+            bytes_per_image(run_dir(cfg)),
+            out_dir / f"{cfg['run']}_bytes.csv",
+        )
     elif what == "methods":
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)

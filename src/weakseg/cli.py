@@ -8,6 +8,7 @@ Exit status: 0 done, 2 usage error, 3 bad input or data (one line ``weakseg <com
 naming the file or key; ``-v`` adds the traceback), 1 a bug (traceback). A command that writes into
 a run directory holds that run's lock while it runs (see ``weakseg.store.run_writer``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def _config(args):
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="config.yaml",
-                   help="run config: a YAML file or an inline JSON object (default: config.yaml)")
+    p.add_argument(
+        "--config",
+        default="config.yaml",
+        help="run config: a YAML file or an inline JSON object (default: config.yaml)",
+    )
 
 
 def _add_shard(p: argparse.ArgumentParser) -> None:
@@ -45,6 +49,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 
 # --- command implementations (thin: parse -> one call) ---------------------------------------
+
 
 def _non_negative(text: str) -> float:
     value = float(text)
@@ -103,22 +108,49 @@ def cmd_train_cam(a):
 def cmd_infer_cam(a):
     from weakseg.cam.infer import run_infer_cam
 
-    run_infer_cam(_network_config(a), a.data, a.superpixels, a.model, a.out, threads=a.threads, shard=a.shard,
-                  n_shards=a.shards)
+    run_infer_cam(
+        _network_config(a),
+        a.data,
+        a.superpixels,
+        a.model,
+        a.out,
+        threads=a.threads,
+        shard=a.shard,
+        n_shards=a.shards,
+    )
 
 
 def cmd_clean(a):
     from weakseg.pseudo.clean import run_clean
 
-    run_clean(_config(a), a.data, a.scores, a.key, a.out, ratio=a.ratio, shard=a.shard, n_shards=a.shards,
-              split=a.split, labels_from=a.labels_from)
+    run_clean(
+        _config(a),
+        a.data,
+        a.scores,
+        a.key,
+        a.out,
+        ratio=a.ratio,
+        shard=a.shard,
+        n_shards=a.shards,
+        split=a.split,
+        labels_from=a.labels_from,
+    )
 
 
 def cmd_decide(a):
     from weakseg.pseudo.clean import run_decide
 
-    run_decide(_config(a), a.data, a.scores, a.key, a.out, shard=a.shard, n_shards=a.shards, split=a.split,
-               labels_from=a.labels_from)
+    run_decide(
+        _config(a),
+        a.data,
+        a.scores,
+        a.key,
+        a.out,
+        shard=a.shard,
+        n_shards=a.shards,
+        split=a.split,
+        labels_from=a.labels_from,
+    )
 
 
 def cmd_reliability(a):
@@ -130,15 +162,34 @@ def cmd_reliability(a):
 def cmd_crf(a):
     from weakseg.pseudo.crf import run_crf
 
-    run_crf(_config(a), a.data, a.scores, a.key, a.out, a.threads, shard=a.shard, n_shards=a.shards, split=a.split,
-            labels_from=a.labels_from)
+    run_crf(
+        _config(a),
+        a.data,
+        a.scores,
+        a.key,
+        a.out,
+        a.threads,
+        shard=a.shard,
+        n_shards=a.shards,
+        split=a.split,
+        labels_from=a.labels_from,
+    )
 
 
 def cmd_reliable(a):
     from weakseg.pseudo.reliable import run_reliable
 
-    run_reliable(_config(a), a.data, a.scores, a.key, a.crf, a.out, shard=a.shard, n_shards=a.shards,
-                 confidence=a.confidence)
+    run_reliable(
+        _config(a),
+        a.data,
+        a.scores,
+        a.key,
+        a.crf,
+        a.out,
+        shard=a.shard,
+        n_shards=a.shards,
+        confidence=a.confidence,
+    )
 
 
 def cmd_train_seg(a):
@@ -150,15 +201,33 @@ def cmd_train_seg(a):
 def cmd_predict_seg(a):
     from weakseg.segment.predict import run_predict_store
 
-    run_predict_store(_network_config(a), a.data, a.model, a.split, a.out, shard=a.shard, n_shards=a.shards,
-                      threads=a.threads)
+    run_predict_store(
+        _network_config(a),
+        a.data,
+        a.model,
+        a.split,
+        a.out,
+        shard=a.shard,
+        n_shards=a.shards,
+        threads=a.threads,
+    )
 
 
 def cmd_evaluate(a):
     from weakseg.evaluate import run_evaluate
 
-    run_evaluate(_config(a), a.data, a.gt, a.pred, a.stage, a.split, a.out, selection_csv=a.selection,
-                 per_image_csv=a.per_image, key=a.key)
+    run_evaluate(
+        _config(a),
+        a.data,
+        a.gt,
+        a.pred,
+        a.stage,
+        a.split,
+        a.out,
+        selection_csv=a.selection,
+        per_image_csv=a.per_image,
+        key=a.key,
+    )
 
 
 def cmd_oracle(a):
@@ -182,17 +251,31 @@ def cmd_metrics(a):
 def cmd_predict(a):
     from weakseg.segment.predict import predict_files
 
-    written = predict_files(a.model, a.inputs, a.out, a.probabilities, device=a.device,
-                            prior_adjustment=a.prior_adjustment, overwrite=a.overwrite, strict=a.strict,
-                            overlay=a.overlay)
+    written = predict_files(
+        a.model,
+        a.inputs,
+        a.out,
+        a.probabilities,
+        device=a.device,
+        prior_adjustment=a.prior_adjustment,
+        overwrite=a.overwrite,
+        strict=a.strict,
+        overlay=a.overlay,
+    )
     print(f"wrote {len(written)} label maps to {a.out}")
 
 
 def cmd_inspect(a):
     from weakseg.inspect.panels import run_inspect
 
-    written = run_inspect(a.run_dir, a.out or Path(a.run_dir) / "inspect", ids=a.ids, worst=a.worst,
-                          stage=a.stage, class_name=a.class_name)
+    written = run_inspect(
+        a.run_dir,
+        a.out or Path(a.run_dir) / "inspect",
+        ids=a.ids,
+        worst=a.worst,
+        stage=a.stage,
+        class_name=a.class_name,
+    )
     print(f"wrote {len(written)} panels to {a.out or Path(a.run_dir) / 'inspect'}")
 
 
@@ -220,8 +303,17 @@ def cmd_resolve_config(a):
 def cmd_benchmark(a):
     from weakseg.benchmark import run_benchmark
 
-    run_benchmark(a.what, a.root, a.out, a.config, a.threads, methods=a.methods, split=a.split,
-                  iterations=a.iterations, infer_scales=a.infer_scales)
+    run_benchmark(
+        a.what,
+        a.root,
+        a.out,
+        a.config,
+        a.threads,
+        methods=a.methods,
+        split=a.split,
+        iterations=a.iterations,
+        infer_scales=a.infer_scales,
+    )
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -253,23 +345,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
-                and "default" not in text):
+        if (
+            action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+            and "default" not in text
+        ):
             text += " (default: %(default)s)"
         return text
 
 
 def _add_gpus(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpus", type=int, default=0,
-                   help="GPUs this job asked for (resources.gpu); with N > 0 and no usable CUDA device the "
-                        "command stops at once, unless the config says device: cpu")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs this job asked for (resources.gpu); with N > 0 and no usable CUDA device the "
+        "command stops at once, unless the config says device: cpu",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from weakseg import __version__
 
-    parser = argparse.ArgumentParser(prog="weakseg", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="weakseg", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"weakseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -283,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, help="output folder")
 
-    p = command("ingest", cmd_ingest, "read a VOC-style dataset folder into data.zarr (images, labels) and gt.zarr")
+    p = command(
+        "ingest", cmd_ingest, "read a VOC-style dataset folder into data.zarr (images, labels) and gt.zarr"
+    )
     _add_config(p)
     p.add_argument("--root", help="dataset folder (overrides dataset.root)")
     p.add_argument("--data", required=True, help="output data.zarr")
@@ -312,17 +414,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="cam/model.pt written by train-cam")
     p.add_argument("--out", required=True, help="output scores store (keys cam, spcam)")
 
-    for name, fn, text in (("clean", cmd_clean, "annotation cleaning: keep what the scores say with confidence"),
-                           ("decide", cmd_decide, "dense labels: argmax over the image's (or predicted) classes, "
-                                                  "background by the calibrated threshold"),
-                           ("crf", cmd_crf, "dense CRF refinement of score maps")):
+    for name, fn, text in (
+        ("clean", cmd_clean, "annotation cleaning: keep what the scores say with confidence"),
+        (
+            "decide",
+            cmd_decide,
+            "dense labels: argmax over the image's (or predicted) classes, "
+            "background by the calibrated threshold",
+        ),
+        ("crf", cmd_crf, "dense CRF refinement of score maps"),
+    ):
         p = command(name, fn, text)
         _add_config(p), _add_shard(p)
         if name == "crf":
             _add_threads(p)
         p.add_argument("--split", help="which split's images (default: the train split)")
-        p.add_argument("--labels-from", help="CAM scores store whose classifier predicts the labels of images "
-                       "outside the train split (segment.val_labels: predicted); else all classes compete")
+        p.add_argument(
+            "--labels-from",
+            help="CAM scores store whose classifier predicts the labels of images "
+            "outside the train split (segment.val_labels: predicted); else all classes compete",
+        )
         p.add_argument("--data", required=True, help="data.zarr of the run")
         p.add_argument("--scores", required=True, help="scores store to turn into labels")
         p.add_argument("--key", default="spcam", help="score maps to use: spcam, cam or seg")
@@ -330,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "clean":
             p.add_argument("--ratio", type=float, default=None, help="override pseudo.clean_ratio")
 
-    p = command("reliable", cmd_reliable, "RRM reliable regions: CRF label where it agrees with a confident CAM label")
+    p = command(
+        "reliable", cmd_reliable, "RRM reliable regions: CRF label where it agrees with a confident CAM label"
+    )
     _add_config(p), _add_shard(p)
     p.add_argument("--data", required=True, help="data.zarr of the run")
     p.add_argument("--scores", required=True, help="scores store of the confident labels")
@@ -339,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output labels store (.zarr), 255 = not reliable")
     p.add_argument("--confidence", type=float, default=None, help="override pseudo.reliable.confidence")
 
-    p = command("reliability", cmd_reliability, "divergence (perimeter^2/area) per annotation and top-K selection")
+    p = command(
+        "reliability", cmd_reliability, "divergence (perimeter^2/area) per annotation and top-K selection"
+    )
     _add_config(p)
     p.add_argument("--data", required=True, help="data.zarr of the run")
     p.add_argument("--labels", required=True, help="labels store whose annotations are scored")
@@ -352,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", required=True, help="reliability CSV with image_selected")
     p.add_argument("--out-dir", required=True, help="writes model.pt, train_log.csv, checkpoints/")
 
-    p = command("predict-seg", cmd_predict_seg, "segmentation-net class probabilities for a split (scores store)")
+    p = command(
+        "predict-seg", cmd_predict_seg, "segmentation-net class probabilities for a split (scores store)"
+    )
     _add_config(p), _add_shard(p), _add_threads(p), _add_gpus(p)
     p.add_argument("--data", required=True, help="data.zarr of the run")
     p.add_argument("--model", required=True, help="round<r>/model.pt written by train-seg")
@@ -369,31 +486,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output tidy metrics CSV")
     p.add_argument("--selection", help="reliability CSV: also rows <stage>_selected for the selected images")
     p.add_argument("--per-image", help="CSV of per-image mIoU")
-    p.add_argument("--key", help="score key of a scores store (default: the only key, or the one named like --stage)")
+    p.add_argument(
+        "--key", help="score key of a scores store (default: the only key, or the one named like --stage)"
+    )
 
-    p = command("oracle", cmd_oracle, "superpixel oracle: mIoU when each superpixel takes its majority GT class")
+    p = command(
+        "oracle", cmd_oracle, "superpixel oracle: mIoU when each superpixel takes its majority GT class"
+    )
     p.add_argument("--data", required=True, help="data.zarr of the run")
     p.add_argument("--gt", required=True, help="gt.zarr of the run")
     p.add_argument("--superpixels", required=True, help="superpixels store of the run")
     p.add_argument("--split", required=True, help="which split's images")
     p.add_argument("--out", required=True, help="output tidy metrics CSV")
 
-    p = command("reliability-curve", cmd_reliability_curve, "mIoU of the top-k most reliable annotations vs k")
+    p = command(
+        "reliability-curve", cmd_reliability_curve, "mIoU of the top-k most reliable annotations vs k"
+    )
     p.add_argument("--gt", required=True, help="gt.zarr of the run")
     p.add_argument("--labels", required=True, help="labels store of the ranked annotations")
     p.add_argument("--reliability", required=True, help="reliability CSV (image_divergence ranks the images)")
-    p.add_argument("--points", type=int, required=True, help="points on the curve (evaluate.reliability_curve_points)")
+    p.add_argument(
+        "--points", type=int, required=True, help="points on the curve (evaluate.reliability_curve_points)"
+    )
     p.add_argument("--out", required=True, help="output CSV (k, fraction, miou)")
 
     p = command("metrics", cmd_metrics, "combine per-stage metric CSVs into metrics.csv")
     p.add_argument("--out", required=True, help="output metrics.csv")
     p.add_argument("csvs", nargs="+", help="tidy metric CSVs, in pipeline order")
 
-    p = command("resolve-config", cmd_resolve_config,
-                "print or write a run's resolved config: every key, schema defaults filled in")
-    p.add_argument("--config", default="config.yaml",
-                   help="run config: a YAML file (without 'run:' the run is named after the file) or an inline "
-                        "JSON object")
+    p = command(
+        "resolve-config",
+        cmd_resolve_config,
+        "print or write a run's resolved config: every key, schema defaults filled in",
+    )
+    p.add_argument(
+        "--config",
+        default="config.yaml",
+        help="run config: a YAML file (without 'run:' the run is named after the file) or an inline "
+        "JSON object",
+    )
     p.add_argument("--out", help="write this YAML file (atomically) instead of printing")
 
     p = command("predict", cmd_predict, "segment new images with a trained model (palette PNG per image)")
@@ -401,16 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="also write <id>.npy class probabilities")
-    p.add_argument("--prior-adjustment", type=_non_negative, metavar="TAU",
-                   help="divide the training labels' class prior out, p(c|x) / prior(c)^TAU "
-                        "(default: the segment.prior_adjustment the model was trained with)")
+    p.add_argument(
+        "--prior-adjustment",
+        type=_non_negative,
+        metavar="TAU",
+        help="divide the training labels' class prior out, p(c|x) / prior(c)^TAU "
+        "(default: the segment.prior_adjustment the model was trained with)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--overlay", action="store_true",
-                   help="also write <id>_overlay.png (the image under its label colours) and legend.png "
-                        "(colour and name of each class found)")
-    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first unreadable image (default: skip it with one line, go on, exit 3)")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <id>_overlay.png (the image under its label colours) and legend.png "
+        "(colour and name of each class found)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output files that exist (default: refuse)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (default: skip it with one line, go on, exit 3)",
+    )
 
     p = command("inspect", cmd_inspect, "render per-image panels of every intermediate of a run")
     p.add_argument("run_dir", help="the run's folder, e.g. results/demo")
@@ -423,20 +566,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", cmd_report, "write the static HTML report of a run (one self-contained page)")
     p.add_argument("run_dir", help="the run's folder, e.g. results/demo")
     p.add_argument("--out", help="default <run dir>/report/index.html")
-    p.add_argument("--gallery", type=int, default=None,
-                   help="images in the gallery (default: the run's inspect.gallery_images)")
+    p.add_argument(
+        "--gallery",
+        type=int,
+        default=None,
+        help="images in the gallery (default: the run's inspect.gallery_images)",
+    )
 
-    p = command("benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV")
-    p.add_argument("what", choices=["superpixels", "crf", "pipeline", "bytes", "methods"], help="what to measure")
+    p = command(
+        "benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV"
+    )
+    p.add_argument(
+        "what", choices=["superpixels", "crf", "pipeline", "bytes", "methods"], help="what to measure"
+    )
     p.add_argument("--root", default="../shared/data/msrc21", help="dataset folder")
-    p.add_argument("--config", default="config/msrc21.yaml", help="run config for the pipeline and methods benchmarks")
+    p.add_argument(
+        "--config", default="config/msrc21.yaml", help="run config for the pipeline and methods benchmarks"
+    )
     p.add_argument("--out", default="bench", help="folder for CSV output")
-    p.add_argument("--methods", nargs="+", choices=["cam", "spn", "seam", "dual"], default=["cam", "spn", "seam", "dual"],
-                   help="methods: the CAM generators to compare")
-    p.add_argument("--split", help="methods: the split inferred and evaluated (default: the config's train split)")
-    p.add_argument("--iterations", type=int, help="methods: training iterations of every method (default: cam.iterations)")
-    p.add_argument("--infer-scales", type=float, nargs="+",
-                   help="methods: inference scales of every method (default: cam.infer_scales)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["cam", "spn", "seam", "dual"],
+        default=["cam", "spn", "seam", "dual"],
+        help="methods: the CAM generators to compare",
+    )
+    p.add_argument(
+        "--split", help="methods: the split inferred and evaluated (default: the config's train split)"
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        help="methods: training iterations of every method (default: cam.iterations)",
+    )
+    p.add_argument(
+        "--infer-scales",
+        type=float,
+        nargs="+",
+        help="methods: inference scales of every method (default: cam.infer_scales)",
+    )
     _add_threads(p)
     return parser
 
@@ -471,8 +639,12 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from weakseg import store
 
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -3,6 +3,7 @@
 The schema (``schemas/config.schema.yaml``) is the single home of parameter defaults. A config
 error names the offending key path and what was expected.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,7 +54,9 @@ def validate(config: dict | None, source: str = "config") -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(value).__name__}")
     sch = schema()
-    errors = sorted(jsonschema.Draft202012Validator(sch).iter_errors(value), key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        jsonschema.Draft202012Validator(sch).iter_errors(value), key=lambda e: list(e.absolute_path)
+    )
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(_key_path(e) for e in errors[:5]))
     _fill_defaults(sch, value)
@@ -84,8 +87,15 @@ def load(spec: str | Path | dict | None, run_from_file: bool = False) -> dict:
 # segment.* keys that do not change what a round's network learns: raising `rounds` or changing
 # evaluation must neither retrain finished rounds nor invalidate a training checkpoint.
 SEGMENT_PREDICTION = ("infer_scales", "infer_flip", "prior_adjustment")
-SEGMENT_NOT_TRAINING = ("rounds", "annotation", "reliable_confidence", "eval_crf", "val_labels", "label_threshold",
-                        *SEGMENT_PREDICTION)
+SEGMENT_NOT_TRAINING = (
+    "rounds",
+    "annotation",
+    "reliable_confidence",
+    "eval_crf",
+    "val_labels",
+    "label_threshold",
+    *SEGMENT_PREDICTION,
+)
 
 
 def training_section(segment: dict) -> dict:
@@ -159,8 +169,10 @@ def write_resolved(config: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text("# The resolved configuration of this run: every key, defaults filled in.\n"
-                       + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100))
+        tmp.write_text(
+            "# The resolved configuration of this run: every key, defaults filled in.\n"
+            + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ another writer. Its message is one line that names the file or key and what was 
 ``weakseg`` commands print it as ``weakseg <command>: error: <message>`` and exit with
 ``EXIT_USER_ERROR``; any other exception is a bug and keeps its traceback (exit status 1).
 """
+
 from __future__ import annotations
 
 EXIT_BUG = 1  # Python's status for an uncaught exception
@@ -26,5 +27,4 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     message inside one of ours."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -16,12 +16,13 @@ Conventions used by every number this module reports:
 
 Tidy output rows have columns stage, split, metric, class, value (class '' for overall metrics).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -29,8 +30,15 @@ import pandas as pd
 from weakseg import config as config_mod
 from weakseg import store
 from weakseg.datasets import IGNORE, open_data
-from weakseg.labels import (BACKGROUND, argmax_scores, check_scores, decide, restrict_to_labels, store_threshold,
-                            top_class)
+from weakseg.labels import (
+    BACKGROUND,
+    argmax_scores,
+    check_scores,
+    decide,
+    restrict_to_labels,
+    store_threshold,
+    top_class,
+)
 from weakseg.parallel import progress
 
 log = logging.getLogger("weakseg")
@@ -45,6 +53,7 @@ CAM_KEYS = (store.CAM, store.SPCAM)  # score keys evaluated as pseudo-label sour
 # ----------------------------------------------------------------------------------------------
 # Pure core: confusion counting
 # ----------------------------------------------------------------------------------------------
+
 
 def _counts(gt: np.ndarray, pred: np.ndarray, n_classes: int, ignore: int) -> np.ndarray:
     """(C, C + 1) int64 counts: rows gt class, columns predicted class, last column pred == ignore.
@@ -64,11 +73,15 @@ def _counts(gt: np.ndarray, pred: np.ndarray, n_classes: int, ignore: int) -> np
     p[p == ignore] = n_classes
     bad_gt, bad_pred = g[(g < 0) | (g >= n_classes)], p[(p < 0) | (p > n_classes)]
     if bad_gt.size:
-        raise ValueError(f"ground truth holds values {np.unique(bad_gt)[:5].tolist()}, "
-                         f"expected 0..{n_classes - 1} or {ignore} (ignore)")
+        raise ValueError(
+            f"ground truth holds values {np.unique(bad_gt)[:5].tolist()}, "
+            f"expected 0..{n_classes - 1} or {ignore} (ignore)"
+        )
     if bad_pred.size:
-        raise ValueError(f"prediction holds values {np.unique(bad_pred)[:5].tolist()}, "
-                         f"expected 0..{n_classes - 1} or {ignore} (unlabelled)")
+        raise ValueError(
+            f"prediction holds values {np.unique(bad_pred)[:5].tolist()}, "
+            f"expected 0..{n_classes - 1} or {ignore} (unlabelled)"
+        )
     flat = np.bincount(g * (n_classes + 1) + p, minlength=n_classes * (n_classes + 1))
     return flat.reshape(n_classes, n_classes + 1)
 
@@ -98,14 +111,14 @@ class Confusion:
         self.unlabelled = np.zeros(n_classes, np.int64)
         self.n_images = 0
 
-    def add(self, gt: np.ndarray, pred: np.ndarray) -> "Confusion":
+    def add(self, gt: np.ndarray, pred: np.ndarray) -> Confusion:
         counts = _counts(gt, pred, self.n_classes, self.ignore)
-        self.matrix += counts[:, :self.n_classes]
+        self.matrix += counts[:, : self.n_classes]
         self.unlabelled += counts[:, self.n_classes]
         self.n_images += 1
         return self
 
-    def merge(self, other: "Confusion") -> "Confusion":
+    def merge(self, other: Confusion) -> Confusion:
         """Add another Confusion's counts (e.g. per-image confusions into a total)."""
         if other.n_classes != self.n_classes:
             raise ValueError(f"cannot merge confusions of {other.n_classes} and {self.n_classes} classes")
@@ -120,7 +133,9 @@ class Confusion:
         return int(self.matrix.sum() + self.unlabelled.sum())
 
 
-def accumulate(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int, ignore: int = IGNORE) -> Confusion:
+def accumulate(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int, ignore: int = IGNORE
+) -> Confusion:
     """A Confusion over (gt, pred) label-map pairs."""
     conf = Confusion(n_classes, ignore)
     for gt, pred in pairs:
@@ -138,6 +153,7 @@ def sum_confusions(confusions: Iterable[Confusion], n_classes: int) -> Confusion
 # ----------------------------------------------------------------------------------------------
 # Pure core: metrics
 # ----------------------------------------------------------------------------------------------
+
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den elementwise, NaN where den == 0."""
@@ -194,11 +210,15 @@ def tidy_rows(stage: str, split: str, result: dict, class_names) -> list[dict]:
     names = list(class_names)
     if len(names) != len(result["iou"]):
         raise ValueError(f"{len(names)} class names for {len(result['iou'])} classes of stage '{stage}'")
-    rows = [{"stage": stage, "split": split, "metric": metric, "class": "", "value": float(result[metric])}
-            for metric in ("miou", "pixel_acc", "mean_class_acc", "labelled_fraction", "n_images")]
+    rows = [
+        {"stage": stage, "split": split, "metric": metric, "class": "", "value": float(result[metric])}
+        for metric in ("miou", "pixel_acc", "mean_class_acc", "labelled_fraction", "n_images")
+    ]
     for metric in ("iou", "class_acc", "over_activation"):
-        rows += [{"stage": stage, "split": split, "metric": metric, "class": name, "value": float(v)}
-                 for name, v in zip(names, result[metric])]
+        rows += [
+            {"stage": stage, "split": split, "metric": metric, "class": name, "value": float(v)}
+            for name, v in zip(names, result[metric])
+        ]
     return rows
 
 
@@ -206,7 +226,10 @@ def tidy_rows(stage: str, split: str, result: dict, class_names) -> list[dict]:
 # Pure core: background sweep (transparency only: it reads ground truth)
 # ----------------------------------------------------------------------------------------------
 
-def background_sweep(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, int]], thresholds) -> pd.DataFrame:
+
+def background_sweep(
+    items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, int]], thresholds
+) -> pd.DataFrame:
     """mIoU and mean class accuracy of ``threshold_background`` at each threshold, in one pass.
 
     Each item is (scores (K, H, W) in [0, 1], classes (K,), gt mask (H, W), n_classes); class 0
@@ -226,9 +249,14 @@ def background_sweep(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, i
     if confs is None:
         raise ValueError("background_sweep got no images")
     results = [scores(conf) for conf in confs]
-    return pd.DataFrame({"threshold": thresholds,
-                         "miou": [r["miou"] for r in results],
-                         "mean_class_acc": [r["mean_class_acc"] for r in results]}, columns=SWEEP_COLUMNS)
+    return pd.DataFrame(
+        {
+            "threshold": thresholds,
+            "miou": [r["miou"] for r in results],
+            "mean_class_acc": [r["mean_class_acc"] for r in results],
+        },
+        columns=SWEEP_COLUMNS,
+    )
 
 
 def best_threshold(sweep: pd.DataFrame) -> float:
@@ -250,7 +278,9 @@ def superpixel_oracle(superpixels: np.ndarray, gt: np.ndarray, ignore: int = IGN
     """
     superpixels, gt = np.asarray(superpixels), np.asarray(gt)
     if superpixels.shape != gt.shape:
-        raise ValueError(f"superpixel map shape {superpixels.shape} does not match ground truth shape {gt.shape}")
+        raise ValueError(
+            f"superpixel map shape {superpixels.shape} does not match ground truth shape {gt.shape}"
+        )
     if gt.dtype != np.uint8:
         raise ValueError(f"ground truth must be a uint8 label map, got {gt.dtype}")
     if not np.issubdtype(superpixels.dtype, np.integer):
@@ -303,7 +333,9 @@ def read_tidy(path: str | os.PathLike) -> pd.DataFrame:
     """Read a tidy metrics CSV (the overall metrics' empty class stays '')."""
     df = pd.read_csv(path, dtype={"class": str})
     if list(df.columns) != TIDY_COLUMNS:
-        raise ValueError(f"{path}: expected columns {','.join(TIDY_COLUMNS)}, found {','.join(map(str, df.columns))}")
+        raise ValueError(
+            f"{path}: expected columns {','.join(TIDY_COLUMNS)}, found {','.join(map(str, df.columns))}"
+        )
     df["class"] = df["class"].fillna("")
     return df
 
@@ -321,14 +353,23 @@ def _ids_with_masks(gt_group, gt_path, ids: list[str]) -> list[str]:
     have = set(store.ids_in(gt_group, store.MASKS))
     kept = [i for i in ids if i in have]
     if len(kept) < len(ids):
-        log.warning("%s: %d of %d images have no mask and are not evaluated", gt_path, len(ids) - len(kept), len(ids))
+        log.warning(
+            "%s: %d of %d images have no mask and are not evaluated", gt_path, len(ids) - len(kept), len(ids)
+        )
     if not kept:
         raise store.StoreError(f"{gt_path}: none of the {len(ids)} requested images has a ground-truth mask")
     return kept
 
 
-def image_confusions(gt_path, ids: list[str], n_classes: int, predict: Callable[[str], np.ndarray],
-                     source: str, desc: str = "evaluate", ignore: int = IGNORE) -> dict[str, Confusion]:
+def image_confusions(
+    gt_path,
+    ids: list[str],
+    n_classes: int,
+    predict: Callable[[str], np.ndarray],
+    source: str,
+    desc: str = "evaluate",
+    ignore: int = IGNORE,
+) -> dict[str, Confusion]:
     """A Confusion per image of ``ids`` that has a gt mask; ``predict(id)`` gives its label map.
 
     ``source`` names what ``predict`` reads, for error messages.
@@ -357,7 +398,9 @@ def _store_predictor(pred_path, key: str, to_labels=None) -> Callable[[str], np.
     raise store.StoreError(f"{pred_path}: expected a 'labels' or 'scores' store, found '{kind}'")
 
 
-def summarise(stage: str, split: str, confusions: dict[str, Confusion], class_names) -> tuple[list[dict], pd.DataFrame]:
+def summarise(
+    stage: str, split: str, confusions: dict[str, Confusion], class_names
+) -> tuple[list[dict], pd.DataFrame]:
     """Tidy rows of the total over ``confusions`` and a per-image table (PER_IMAGE_COLUMNS)."""
     names = list(class_names)
     total = sum_confusions(confusions.values(), len(names))
@@ -366,22 +409,46 @@ def summarise(stage: str, split: str, confusions: dict[str, Confusion], class_na
     per_image = []
     for image_id, conf in confusions.items():
         s = scores(conf)
-        per_image.append({"id": image_id, "miou": s["miou"], "pixel_acc": s["pixel_acc"],
-                          "labelled_fraction": s["labelled_fraction"]})
-    log.info("%s %s: mIoU %.4f, pixel acc %.4f, labelled %.3f over %d images", stage, split,
-             overall["miou"], overall["pixel_acc"], overall["labelled_fraction"], total.n_images)
+        per_image.append(
+            {
+                "id": image_id,
+                "miou": s["miou"],
+                "pixel_acc": s["pixel_acc"],
+                "labelled_fraction": s["labelled_fraction"],
+            }
+        )
+    log.info(
+        "%s %s: mIoU %.4f, pixel acc %.4f, labelled %.3f over %d images",
+        stage,
+        split,
+        overall["miou"],
+        overall["pixel_acc"],
+        overall["labelled_fraction"],
+        total.n_images,
+    )
     return rows, pd.DataFrame(per_image, columns=PER_IMAGE_COLUMNS)
 
 
-def evaluate_labels(gt_path, pred_path, key: str, stage: str, split: str, ids: list[str], class_names,
-                    ignore: int = IGNORE, to_labels=None) -> tuple[list[dict], pd.DataFrame]:
+def evaluate_labels(
+    gt_path,
+    pred_path,
+    key: str,
+    stage: str,
+    split: str,
+    ids: list[str],
+    class_names,
+    ignore: int = IGNORE,
+    to_labels=None,
+) -> tuple[list[dict], pd.DataFrame]:
     """Evaluate the ``key`` arrays of a labels store (or of a scores store through
     ``to_labels(scores, classes, image_id)``) against gt.zarr over ``ids``.
 
     Returns (tidy rows, per-image DataFrame with columns id, miou, pixel_acc, labelled_fraction).
     """
     predict = _store_predictor(pred_path, key, to_labels)
-    confs = image_confusions(gt_path, ids, len(class_names), predict, str(pred_path), f"evaluate {stage}", ignore)
+    confs = image_confusions(
+        gt_path, ids, len(class_names), predict, str(pred_path), f"evaluate {stage}", ignore
+    )
     return summarise(stage, split, confs, class_names)
 
 
@@ -394,8 +461,10 @@ def _score_key(pred_group, pred_path, key: str | None, stage: str) -> str:
             return keys[0]
         if stage in keys:
             return stage
-        raise ValueError(f"{pred_path}: holds score keys {keys} and none is named like stage '{stage}'; "
-                         "say which key to evaluate")
+        raise ValueError(
+            f"{pred_path}: holds score keys {keys} and none is named like stage '{stage}'; "
+            "say which key to evaluate"
+        )
     if key not in keys:
         raise store.StoreError(f"{pred_path}: no '{key}' scores (has: {', '.join(keys) or 'none'})")
     return key
@@ -410,8 +479,18 @@ def _selected_ids(selection_csv, ids: list[str]) -> list[str]:
     return [i for i in ids if i in selected]
 
 
-def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, out_csv,
-                 selection_csv=None, per_image_csv=None, key: str | None = None) -> pd.DataFrame:
+def run_evaluate(
+    config,
+    data_path,
+    gt_path,
+    pred_path,
+    stage: str,
+    split: str,
+    out_csv,
+    selection_csv=None,
+    per_image_csv=None,
+    key: str | None = None,
+) -> pd.DataFrame:
     """Evaluate one stage output on one split and write its tidy metrics CSV.
 
     * labels store: its label maps as they are.
@@ -439,6 +518,7 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
     elif kind == "scores":
         key = _score_key(pred_group, pred_path, key, stage)
         if key not in CAM_KEYS:
+
             def to_labels(score_map, classes, image_id):
                 return argmax_scores(score_map, classes)
         else:
@@ -447,15 +527,20 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
 
             def to_labels(score_map, classes, image_id):
                 return decide(score_map, classes, info.image_labels(image_id), info.has_background, threshold)
+
             if info.has_background:
-                extra_rows += _swept_rows(cfg, info, gt_path, pred_group, key, ids, stage, split, out_csv, threshold)
+                extra_rows += _swept_rows(
+                    cfg, info, gt_path, pred_group, key, ids, stage, split, out_csv, threshold
+                )
     # any other kind: _store_predictor raises a clear error
 
     predict = _store_predictor(pred_path, key, to_labels)
     confs = image_confusions(gt_path, ids, len(names), predict, str(pred_path), f"evaluate {stage}")
     rows, per_image = summarise(stage, split, confs, names)
     # How many of the split's images had a mask (n_images says how many were evaluated).
-    rows += extra_rows + [{"stage": stage, "split": split, "metric": "split_images", "class": "", "value": len(ids)}]
+    rows += extra_rows + [
+        {"stage": stage, "split": split, "metric": "split_images", "class": "", "value": len(ids)}
+    ]
     if selection_csv is not None:
         chosen = _selected_ids(selection_csv, list(confs))
         if chosen:
@@ -469,8 +554,18 @@ def run_evaluate(config, data_path, gt_path, pred_path, stage: str, split: str, 
     return table
 
 
-def _swept_rows(cfg: dict, info, gt_path, pred_group, key: str, ids: list[str], stage: str, split: str, out_csv,
-                threshold: float) -> list[dict]:
+def _swept_rows(
+    cfg: dict,
+    info,
+    gt_path,
+    pred_group,
+    key: str,
+    ids: list[str],
+    stage: str,
+    split: str,
+    out_csv,
+    threshold: float,
+) -> list[dict]:
     """The calibrated threshold, and — for transparency only, since it reads ground truth — the sweep over
     ``evaluate.background_thresholds`` (written to ``<out stem>_sweep.csv``) with its best threshold and mIoU."""
     thresholds = cfg["evaluate"]["background_thresholds"]
@@ -487,12 +582,23 @@ def _swept_rows(cfg: dict, info, gt_path, pred_group, key: str, ids: list[str], 
     sweep = background_sweep(items(), thresholds)
     write_csv(sweep, Path(out_csv).with_name(f"{Path(out_csv).stem}_sweep.csv"))
     best = best_threshold(sweep)
-    log.info("%s %s: calibrated background threshold %.3f; swept optimum (uses GT) %.3f", stage, split, threshold, best)
+    log.info(
+        "%s %s: calibrated background threshold %.3f; swept optimum (uses GT) %.3f",
+        stage,
+        split,
+        threshold,
+        best,
+    )
     row = {"stage": stage, "split": split, "class": ""}
-    return [{**row, "metric": "background_threshold", "value": threshold},
-            {**row, "metric": "background_threshold_swept", "value": best},
-            {**row, "metric": "miou_at_swept_threshold",
-             "value": float(sweep.loc[sweep["threshold"] == best, "miou"].iloc[0])}]
+    return [
+        {**row, "metric": "background_threshold", "value": threshold},
+        {**row, "metric": "background_threshold_swept", "value": best},
+        {
+            **row,
+            "metric": "miou_at_swept_threshold",
+            "value": float(sweep.loc[sweep["threshold"] == best, "miou"].iloc[0]),
+        },
+    ]
 
 
 def run_oracle(data_path, gt_path, superpixels_path, split: str, out_csv) -> pd.DataFrame:
@@ -503,11 +609,13 @@ def run_oracle(data_path, gt_path, superpixels_path, split: str, out_csv) -> pd.
     gt_group = store.open_store(gt_path, "gt")
 
     def predict(image_id):
-        return superpixel_oracle(store.get(sp_group, store.SUPERPIXELS, image_id),
-                                 store.get(gt_group, store.MASKS, image_id))
+        return superpixel_oracle(
+            store.get(sp_group, store.SUPERPIXELS, image_id), store.get(gt_group, store.MASKS, image_id)
+        )
 
-    confs = image_confusions(gt_path, info.split(split), info.n_classes, predict, str(superpixels_path),
-                             "superpixel oracle")
+    confs = image_confusions(
+        gt_path, info.split(split), info.n_classes, predict, str(superpixels_path), "superpixel oracle"
+    )
     rows, _ = summarise("superpixel_oracle", split, confs, info.class_names)
     table = pd.DataFrame(rows, columns=TIDY_COLUMNS)
     write_csv(table, out_csv)
@@ -524,7 +632,9 @@ def run_reliability_curve(gt_path, labels_path, reliability_csv, out_csv, points
     n_classes = len(gt_group.attrs["class_names"])
     store.open_store(labels_path, "labels")  # a clear error if it is some other kind of store
     predict = _store_predictor(labels_path, store.LABELS)
-    confs = image_confusions(gt_path, list(table["id"]), n_classes, predict, str(labels_path), "reliability curve")
+    confs = image_confusions(
+        gt_path, list(table["id"]), n_classes, predict, str(labels_path), "reliability curve"
+    )
     divergence = dict(zip(table["id"], table["image_divergence"].astype(float)))
     curve = reliability_curve([(divergence[i], conf) for i, conf in confs.items()], points)
     write_csv(curve, out_csv)

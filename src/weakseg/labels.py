@@ -19,6 +19,7 @@ Conventions:
   it is (1 - m)^a with a = ln t / ln(1 - t), m the best labelled score: that curve crosses m
   exactly at m = t, so the CRF's unary argmax and the threshold rule make the same decision.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,12 +41,15 @@ CALIBRATION_METHODS = ("otsu", "triangle", "fixed")
 # Score maps and the classes that compete
 # ----------------------------------------------------------------------------------------------
 
+
 def check_scores(scores: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
     """Scores must be (K, H, W) with one class index per channel; returns (float32 scores, int64 classes)."""
     scores, classes = np.asarray(scores, np.float32), np.asarray(classes, np.int64)
     if scores.ndim != 3 or classes.shape != (scores.shape[0],):
-        raise ValueError(f"scores: expected shape (K, H, W) with one class per channel, got scores "
-                         f"{scores.shape} and {classes.shape[0] if classes.ndim else 0} classes")
+        raise ValueError(
+            f"scores: expected shape (K, H, W) with one class per channel, got scores "
+            f"{scores.shape} and {classes.shape[0] if classes.ndim else 0} classes"
+        )
     return scores, classes
 
 
@@ -91,7 +95,9 @@ def threshold_background(scores: np.ndarray, classes, threshold: float) -> np.nd
     return np.where(top >= threshold, label, BACKGROUND).astype(np.uint8)
 
 
-def decide(scores: np.ndarray, classes, image_labels, has_background: bool, threshold: float | None) -> np.ndarray:
+def decide(
+    scores: np.ndarray, classes, image_labels, has_background: bool, threshold: float | None
+) -> np.ndarray:
     """The dense label map of ``scores`` for an image with ``image_labels``: the argmax over the labelled
     classes; with an implicit background, background where the top labelled score is below
     ``threshold``. An image none of whose labels has a channel is all background (implicit background)
@@ -99,7 +105,9 @@ def decide(scores: np.ndarray, classes, image_labels, has_background: bool, thre
     scores, classes = restrict_to_labels(scores, classes, image_labels)
     if implicit_background(classes, has_background):
         if threshold is None:
-            raise ValueError("a background threshold is needed to label CAM scores of a dataset with background")
+            raise ValueError(
+                "a background threshold is needed to label CAM scores of a dataset with background"
+            )
         return threshold_background(scores, classes, threshold)
     return top_class(scores, classes)[0].astype(np.uint8)
 
@@ -111,7 +119,9 @@ def predicted_labels(label_probabilities, classes, threshold: float, has_backgro
     """Classes a classifier predicts present: probability >= threshold, at least its most likely class;
     background (0) always when the dataset has one."""
     probs, classes = np.asarray(label_probabilities, np.float64), np.asarray(classes, np.int64)
-    keep = set(classes[probs >= threshold].tolist()) | ({int(classes[probs.argmax()])} if probs.size else set())
+    keep = set(classes[probs >= threshold].tolist()) | (
+        {int(classes[probs.argmax()])} if probs.size else set()
+    )
     if has_background:
         keep.add(BACKGROUND)
     return np.array(sorted(keep), np.int64)
@@ -120,6 +130,7 @@ def predicted_labels(label_probabilities, classes, threshold: float, has_backgro
 # ----------------------------------------------------------------------------------------------
 # Background as a score (CRF unary) and the confident / uncertain bands
 # ----------------------------------------------------------------------------------------------
+
 
 def background_exponent(threshold: float) -> float:
     """a with (1 - t)^a = t: the background score (1 - m)^a equals the best class score m at m = t."""
@@ -133,22 +144,27 @@ def background_score(peak: np.ndarray, threshold: float) -> np.ndarray:
     return np.power(np.clip(1.0 - np.asarray(peak, np.float32), 0.0, 1.0), background_exponent(threshold))
 
 
-def with_background(scores: np.ndarray, classes, image_labels, has_background: bool,
-                    threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+def with_background(
+    scores: np.ndarray, classes, image_labels, has_background: bool, threshold: float | None
+) -> tuple[np.ndarray, np.ndarray]:
     """The labelled channels, with a background channel prepended (class 0) when the background is
     implicit. Returns (scores (K', H, W), classes (K',)); per pixel their argmax equals ``decide``."""
     kept, kept_classes = restrict_to_labels(scores, classes, image_labels)
     kept = np.clip(kept, 0.0, 1.0)
     if implicit_background(classes, has_background):
         if threshold is None:
-            raise ValueError("a background threshold is needed to label CAM scores of a dataset with background")
+            raise ValueError(
+                "a background threshold is needed to label CAM scores of a dataset with background"
+            )
         peak = kept.max(axis=0) if len(kept_classes) else np.zeros(kept.shape[1:], np.float32)
         kept = np.concatenate([background_score(peak, threshold)[None], kept])
         kept_classes = np.concatenate([[BACKGROUND], kept_classes])
     return kept, kept_classes
 
 
-def fraction_of_peak(scores: np.ndarray, classes, image_labels, ratio: float, has_background: bool) -> np.ndarray:
+def fraction_of_peak(
+    scores: np.ndarray, classes, image_labels, ratio: float, has_background: bool
+) -> np.ndarray:
     """SPN annotation cleaning: class k keeps the pixels whose score is >= ratio x its peak in the image
     (and > 0: a zero score is no evidence); a pixel takes the kept class of highest score. A pixel no
     class keeps is background (implicit background) or ``IGNORE``. With max-normalised maps (peak 1) and
@@ -177,8 +193,15 @@ def uncertain_band(threshold: float, margin: float) -> tuple[float, float]:
     return threshold * (1.0 - margin), threshold + margin * (1.0 - threshold)
 
 
-def confident_labels(scores: np.ndarray, classes, image_labels, has_background: bool, confidence: float,
-                     threshold: float | None = None, margin: float = 0.0) -> np.ndarray:
+def confident_labels(
+    scores: np.ndarray,
+    classes,
+    image_labels,
+    has_background: bool,
+    confidence: float,
+    threshold: float | None = None,
+    margin: float = 0.0,
+) -> np.ndarray:
     """uint8 (H, W): labels where the scores are confident, ``IGNORE`` elsewhere.
 
     Explicit channels (no background class, or segmentation probabilities): the argmax over the
@@ -189,7 +212,9 @@ def confident_labels(scores: np.ndarray, classes, image_labels, has_background: 
     labels = np.full(kept_scores.shape[1:], IGNORE, dtype=np.uint8)
     if implicit_background(classes, has_background):
         if threshold is None:
-            raise ValueError("a background threshold is needed to label CAM scores of a dataset with background")
+            raise ValueError(
+                "a background threshold is needed to label CAM scores of a dataset with background"
+            )
         low, high = uncertain_band(threshold, margin)
         labels[top <= low] = BACKGROUND
         confident = (top >= high) & (top > low)
@@ -203,6 +228,7 @@ def confident_labels(scores: np.ndarray, classes, image_labels, has_background: 
 # ----------------------------------------------------------------------------------------------
 # Calibrating the background threshold (no pixel ground truth)
 # ----------------------------------------------------------------------------------------------
+
 
 def top_score_histogram(scores: np.ndarray, classes, image_labels) -> np.ndarray:
     """(LEVELS,) counts of the best labelled score of each pixel, in uint8 score levels.
@@ -266,12 +292,15 @@ def calibrate_threshold(histogram: np.ndarray, method: str, fixed: float) -> flo
         return otsu_threshold(histogram)
     if method == "triangle":
         return triangle_threshold(histogram)
-    raise ValueError(f"pseudo.background.method: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    raise ValueError(
+        f"pseudo.background.method: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Edge: the calibrated threshold of a scores store
 # ----------------------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=8)
 def _store_histogram(scores_path: str, key: str, data_path: str, split: str) -> tuple[np.ndarray, int]:
@@ -304,10 +333,23 @@ def store_threshold(config: dict, scores_path, key: str, data_path) -> float | N
     split = config["dataset"]["train_split"]
     histogram, n = _store_histogram(str(scores_path), key, str(data_path), split)
     if histogram.sum() == 0:
-        log.warning("%s: no '%s' scores of labelled %s images to calibrate the background on; using the fixed "
-                    "pseudo.background.threshold %.2f", scores_path, key, split, rule["threshold"])
+        log.warning(
+            "%s: no '%s' scores of labelled %s images to calibrate the background on; using the fixed "
+            "pseudo.background.threshold %.2f",
+            scores_path,
+            key,
+            split,
+            rule["threshold"],
+        )
         return float(rule["threshold"])
     threshold = calibrate_threshold(histogram, rule["method"], rule["threshold"])
-    log.info("background threshold of %s '%s': %.3f (%s over %d %s images)", scores_path, key, threshold,
-             rule["method"], n, split)
+    log.info(
+        "background threshold of %s '%s': %.3f (%s over %d %s images)",
+        scores_path,
+        key,
+        threshold,
+        rule["method"],
+        n,
+        split,
+    )
     return threshold

@@ -1,4 +1,5 @@
 """Colour palettes for label maps and writing palette PNGs (pixel value = class index)."""
+
 from __future__ import annotations
 
 import os

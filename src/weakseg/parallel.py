@@ -1,10 +1,12 @@
 """Run a per-image function over many images on the rule's threads, with a progress bar."""
+
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
 import sys
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -36,8 +38,15 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
     """A progress bar on stderr; when stderr is not a terminal (a log file), plain lines instead."""
     if sys.stderr.isatty():
         return tqdm(items, desc=desc, total=total, file=sys.stderr, mininterval=2.0)
-    return tqdm(items, desc=desc, total=total, file=_PlainLines(sys.stderr), mininterval=PLAIN_INTERVAL_S,
-                ascii=True, ncols=100)
+    return tqdm(
+        items,
+        desc=desc,
+        total=total,
+        file=_PlainLines(sys.stderr),
+        mininterval=PLAIN_INTERVAL_S,
+        ascii=True,
+        ncols=100,
+    )
 
 
 def map_images(fn: Callable[[T], R], items: Sequence[T], threads: int, desc: str) -> Iterator[R]:

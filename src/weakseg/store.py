@@ -21,6 +21,7 @@ One writer per run: ``results/<run>/.weakseg.lock`` names the process that write
 workflow, or a command run by hand). The processes a holder starts find its token in the
 environment (``WEAKSEG_RUN_LOCK``) and write under its lock; anyone else is refused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
@@ -73,13 +74,15 @@ def provenance(stage: str, config: dict | None = None, **extra) -> dict:
         "stage": stage,
         "config": config or {},
         "weakseg_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 
 
 @contextlib.contextmanager
-def writing(path: str | os.PathLike, kind: str, prov: dict, attrs: dict | None = None) -> Iterator[zarr.Group]:
+def writing(
+    path: str | os.PathLike, kind: str, prov: dict, attrs: dict | None = None
+) -> Iterator[zarr.Group]:
     """Yield a new group at a temporary path; on success move it to ``path`` (replacing any old one).
 
     On any exception the temporary store is removed and ``path`` is left as it was.
@@ -130,8 +133,9 @@ def open_store(path: str | os.PathLike, kind: str | None = None) -> zarr.Group:
 def put(group: zarr.Group, key: str, image_id: str, array: np.ndarray, attrs: dict | None = None) -> None:
     """Write one per-image array (one chunk) under ``key/image_id``."""
     array = np.ascontiguousarray(array)
-    arr = group.create_array(f"{key}/{image_id}", shape=array.shape, dtype=array.dtype, chunks=array.shape,
-                             overwrite=True)
+    arr = group.create_array(
+        f"{key}/{image_id}", shape=array.shape, dtype=array.dtype, chunks=array.shape, overwrite=True
+    )
     arr[...] = array
     if attrs:
         arr.attrs.update(attrs)
@@ -157,8 +161,9 @@ def ids_in(group: zarr.Group, key: str) -> list[str]:
     return sorted(name for name, _ in group[key].arrays())
 
 
-def put_scores(group: zarr.Group, key: str, image_id: str, scores: np.ndarray, classes,
-               attrs: dict | None = None) -> None:
+def put_scores(
+    group: zarr.Group, key: str, image_id: str, scores: np.ndarray, classes, attrs: dict | None = None
+) -> None:
     """Store (K, H, W) scores in [0, 1] quantised to uint8, with the K class indices they cover."""
     q = np.clip(np.rint(np.asarray(scores, np.float32) * SCORE_SCALE), 0, 255).astype(np.uint8)
     put(group, key, image_id, q, {"classes": [int(c) for c in classes], **(attrs or {})})
@@ -181,8 +186,14 @@ def copy_arrays(src: zarr.Group, dst: zarr.Group) -> int:
     return n
 
 
-def gather(shard_paths, final_path, kind: str, prov: dict, expected_ids: list[str] | None = None,
-           key: str | None = None) -> None:
+def gather(
+    shard_paths,
+    final_path,
+    kind: str,
+    prov: dict,
+    expected_ids: list[str] | None = None,
+    key: str | None = None,
+) -> None:
     """Merge shard stores (disjoint image sets) into one finished store at ``final_path``."""
     shards = [open_store(p, kind) for p in shard_paths]
     attrs = {k: v for k, v in shards[0].attrs.items() if k not in ("kind", "provenance", "complete")}
@@ -225,7 +236,9 @@ def temporary_path(final: str | os.PathLike, role: str = "") -> Path:
     """A sibling of ``final`` to build it in, named after its writer (pid, host) so that the
     temporaries of killed writers can be told from those of live ones."""
     final = Path(final)
-    return final.with_name(f"{final.name}{TMP_MARK}{role}{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}")
+    return final.with_name(
+        f"{final.name}{TMP_MARK}{role}{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}"
+    )
 
 
 def sweep_orphans(final: str | os.PathLike) -> list[Path]:
@@ -243,15 +256,19 @@ def sweep_orphans(final: str | os.PathLike) -> list[Path]:
     run_started = lock.get("started_unix") if isinstance(lock, dict) else None
     removed = []
     for sibling in final.parent.glob(glob.escape(final.name) + TMP_MARK + "*"):
-        if _orphaned(sibling, sibling.name[len(final.name) + len(TMP_MARK):], run_started):
+        if _orphaned(sibling, sibling.name[len(final.name) + len(TMP_MARK) :], run_started):
             if sibling.is_dir() and not sibling.is_symlink():
                 shutil.rmtree(sibling, ignore_errors=True)
             else:
                 sibling.unlink(missing_ok=True)
             removed.append(sibling)
     if removed:
-        log.info("%s: removed %d temporaries of killed writers (%s)", final, len(removed),
-                 ", ".join(p.name for p in removed[:3]))
+        log.info(
+            "%s: removed %d temporaries of killed writers (%s)",
+            final,
+            len(removed),
+            ", ".join(p.name for p in removed[:3]),
+        )
     return removed
 
 
@@ -269,6 +286,7 @@ def _orphaned(sibling: Path, tag: str, run_started: float | None) -> bool:
 
 
 # ------------------------------------------------------------------ one writer per run
+
 
 def run_dir_of(path: str | os.PathLike) -> Path | None:
     """The run directory an output path lies in: the nearest folder above it that holds a run lock
@@ -331,8 +349,10 @@ def _read_lock(path: Path) -> dict | None:
 
 
 def describe_holder(record: dict) -> str:
-    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} since {record.get('started', '?')} "
-            f"({record.get('command', '?')})")
+    return (
+        f"pid {record.get('pid', '?')} on {record.get('host', '?')} since {record.get('started', '?')} "
+        f"({record.get('command', '?')})"
+    )
 
 
 _FORCING_FLAGS = ("--forcerun", "-R", "--forceall", "-F", "--force", "-f")
@@ -342,13 +362,26 @@ def _forced_rerun_hint(command: str) -> str:
     """What a killed forced Snakemake run leaves: the old outputs of the jobs it was rerunning are
     gone (Snakemake deletes them before a job starts), and a plain run may not notice."""
     words = command.split()
-    flags = [" ".join([word, *(words[i + 1:i + 2] if "=" not in word and i + 1 < len(words)
-                                and not words[i + 1].startswith("-") else [])])
-             for i, word in enumerate(words) if word.split("=")[0] in _FORCING_FLAGS]
+    flags = [
+        " ".join(
+            [
+                word,
+                *(
+                    words[i + 1 : i + 2]
+                    if "=" not in word and i + 1 < len(words) and not words[i + 1].startswith("-")
+                    else []
+                ),
+            ]
+        )
+        for i, word in enumerate(words)
+        if word.split("=")[0] in _FORCING_FLAGS
+    ]
     if "snakemake" not in command or not flags:
         return ""
-    return (f". It was forcing reruns ({', '.join(flags)}); Snakemake deletes a job's outputs before rerunning it, "
-            "and a plain run may then say 'Nothing to be done': repeat that command to recreate them")
+    return (
+        f". It was forcing reruns ({', '.join(flags)}); Snakemake deletes a job's outputs before rerunning it, "
+        "and a plain run may then say 'Nothing to be done': repeat that command to recreate them"
+    )
 
 
 @contextlib.contextmanager
@@ -375,20 +408,33 @@ def acquire_run_lock(run_dir: str | os.PathLike, command: str | None = None) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_LOCK
     now = time.time()
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": _dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
-              "started_unix": now, "process_start": _process_start(os.getpid()), "token": uuid.uuid4().hex,
-              "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": _dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
+        "started_unix": now,
+        "process_start": _process_start(os.getpid()),
+        "token": uuid.uuid4().hex,
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
     with _lock_mutex(run_dir):
         held = _read_lock(path)
         if held == {}:
-            raise RunLockedError(f"{path}: unreadable run lock; if no process writes {run_dir}, delete this file")
+            raise RunLockedError(
+                f"{path}: unreadable run lock; if no process writes {run_dir}, delete this file"
+            )
         if held is not None:
             if _holder_alive(held):
-                raise RunLockedError(f"{run_dir}: this run is being written by {describe_holder(held)}; wait for it "
-                                     f"or stop it (if that process is gone, delete {path})")
-            log.warning("%s: taking over the run lock of %s, which is gone (killed?)%s", run_dir,
-                        describe_holder(held), _forced_rerun_hint(str(held.get("command", ""))))
+                raise RunLockedError(
+                    f"{run_dir}: this run is being written by {describe_holder(held)}; wait for it "
+                    f"or stop it (if that process is gone, delete {path})"
+                )
+            log.warning(
+                "%s: taking over the run lock of %s, which is gone (killed?)%s",
+                run_dir,
+                describe_holder(held),
+                _forced_rerun_hint(str(held.get("command", ""))),
+            )
         tmp = temporary_path(path)
         tmp.write_text(json.dumps(record))
         os.replace(tmp, path)

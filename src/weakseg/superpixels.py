@@ -3,6 +3,7 @@
 Pure core: ``compute_superpixels(image, ...) -> int32 (H, W)`` with labels 0..n-1 (consecutive).
 Edge: ``run_superpixels`` maps it over a data store's images on the rule's threads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,15 +52,25 @@ def _seeds_near(width: int, height: int, n_segments: int):
     request can yield a third of it (150 on 128x96 gives 48; 1000 on 320x213 gives 260). Creating
     the object only sizes the grid (no image work), so try a few requests and level counts.
     """
-    candidates = (cv2.ximgproc.createSuperpixelSEEDS(width, height, 3, int(round(n_segments * factor)),
-                                                     num_levels=levels, prior=2, histogram_bins=5)
-                  for factor in (1.0, 1.25, 1.5, 2.0) for levels in (4, 3, 2))
+    candidates = (
+        cv2.ximgproc.createSuperpixelSEEDS(
+            width, height, 3, int(round(n_segments * factor)), num_levels=levels, prior=2, histogram_bins=5
+        )
+        for factor in (1.0, 1.25, 1.5, 2.0)
+        for levels in (4, 3, 2)
+    )
     return min(candidates, key=lambda sp: abs(sp.getNumberOfSuperpixels() - n_segments))
 
 
-def compute_superpixels(image: np.ndarray, method: str = "slic", n_segments: int = 200, compactness: float = 10.0,
-                        iterations: int = 10, felzenszwalb_sigma: float = 0.8,
-                        smoothing_sigma: float = 1.0) -> np.ndarray:
+def compute_superpixels(
+    image: np.ndarray,
+    method: str = "slic",
+    n_segments: int = 200,
+    compactness: float = 10.0,
+    iterations: int = 10,
+    felzenszwalb_sigma: float = 0.8,
+    smoothing_sigma: float = 1.0,
+) -> np.ndarray:
     """Superpixel label map (H, W) int32, labels 0..n-1, every pixel covered."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
@@ -72,7 +83,9 @@ def compute_superpixels(image: np.ndarray, method: str = "slic", n_segments: int
         lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
         region = max(2, int(round(math.sqrt(h * w / n_segments))))
         algo = cv2.ximgproc.SLIC if method == "slic" else cv2.ximgproc.SLICO
-        sp = cv2.ximgproc.createSuperpixelSLIC(lab, algorithm=algo, region_size=region, ruler=float(compactness))
+        sp = cv2.ximgproc.createSuperpixelSLIC(
+            lab, algorithm=algo, region_size=region, ruler=float(compactness)
+        )
         sp.iterate(iterations)
         sp.enforceLabelConnectivity(25)
         labels = sp.getLabels()
@@ -85,7 +98,9 @@ def compute_superpixels(image: np.ndarray, method: str = "slic", n_segments: int
     elif method == "skimage_slic":
         from skimage.segmentation import slic
 
-        labels = slic(image, n_segments=n_segments, compactness=compactness, max_num_iter=iterations, start_label=0)
+        labels = slic(
+            image, n_segments=n_segments, compactness=compactness, max_num_iter=iterations, start_label=0
+        )
     else:
         raise ValueError(f"superpixels.method: unknown method {method!r} (choose from {', '.join(METHODS)})")
     return relabel_consecutive(labels)
@@ -98,7 +113,9 @@ def _one_image(args, params: dict):
     return image_id, compute_superpixels(read_image(group, image_id), **params)
 
 
-def run_superpixels(config: dict, data_path, out_path, threads: int = 1, shard: int = 0, n_shards: int = 1) -> int:
+def run_superpixels(
+    config: dict, data_path, out_path, threads: int = 1, shard: int = 0, n_shards: int = 1
+) -> int:
     """Compute superpixels of every image in the data store (all splits) into ``out_path``."""
     info, _ = open_data(data_path)
     ids = store.shard_ids(list(info.ids), shard, n_shards)
@@ -109,6 +126,11 @@ def run_superpixels(config: dict, data_path, out_path, threads: int = 1, shard: 
         for image_id, labels in map_images(fn, [(str(data_path), i) for i in ids], threads, "superpixels"):
             store.put(out, store.SUPERPIXELS, image_id, labels)
             counts.append(int(labels.max()) + 1)
-    log.info("superpixels: %d images, %.1f superpixels per image on average (%s, requested %d)",
-             len(ids), np.mean(counts) if counts else 0, params["method"], params["n_segments"])
+    log.info(
+        "superpixels: %d images, %.1f superpixels per image on average (%s, requested %d)",
+        len(ids),
+        np.mean(counts) if counts else 0,
+        params["method"],
+        params["n_segments"],
+    )
     return len(ids)

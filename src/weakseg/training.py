@@ -4,6 +4,7 @@ A job killed half-way (node failure, Slurm time limit) and rerun continues from 
 checkpoint — weights, optimiser, scheduler, the batch-sampling RNG and torch's RNG included — so
 it ends with the same weights as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ import pickle
 import random
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ def select_device(preference: str = "auto") -> torch.device:
 
     cuda = torch.cuda.is_available()
     if preference == "cuda" and not cuda:
-        raise ConfigError("device: 'cuda' requested but torch finds no usable CUDA device (use 'auto' or 'cpu')")
+        raise ConfigError(
+            "device: 'cuda' requested but torch finds no usable CUDA device (use 'auto' or 'cpu')"
+        )
     device = torch.device("cuda" if preference != "cpu" and cuda else "cpu")
     if device.type == "cuda":
         log.info("device: %s (%s) -> %s", preference, "CUDA available", torch.cuda.get_device_name(device))
@@ -50,9 +53,11 @@ def check_gpu_request(preference: str, gpus: int) -> None:
     from weakseg.config import ConfigError
 
     if gpus > 0 and preference != "cpu" and not torch.cuda.is_available():
-        raise ConfigError(f"resources.gpu: this job asked for {gpus} GPU(s) but torch finds no usable CUDA device "
-                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); check the node's "
-                          "driver, or set device: cpu to run on the CPU")
+        raise ConfigError(
+            f"resources.gpu: this job asked for {gpus} GPU(s) but torch finds no usable CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); check the node's "
+            "driver, or set device: cpu to run on the CPU"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -69,7 +74,9 @@ def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float
 
 def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Polynomial decay (power 0.9), the DeepLab/IRN schedule."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, iterations - 1) / iterations) ** 0.9)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: (1 - min(it, iterations - 1) / iterations) ** 0.9
+    )
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -92,12 +99,21 @@ def _write_log(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_loop(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler,
-               next_batch: Callable[[np.random.Generator], dict],
-               compute_loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
-               iterations: int, checkpoint_every: int, out_dir: Path, seed: int, desc: str,
-               fingerprint: str = "", log_every: int = 25) -> list[dict]:
+def train_loop(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    next_batch: Callable[[np.random.Generator], dict],
+    compute_loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    iterations: int,
+    checkpoint_every: int,
+    out_dir: Path,
+    seed: int,
+    desc: str,
+    fingerprint: str = "",
+    log_every: int = 25,
+) -> list[dict]:
     """Run ``iterations`` optimisation steps, resuming from ``out_dir/checkpoints/last.pt`` if present.
 
     ``next_batch(rng)`` draws a batch with the loop's numpy Generator (whose state is checkpointed);
@@ -128,10 +144,20 @@ def train_loop(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         log.info("%s: resumed from checkpoint %s at iteration %d of %d", desc, ckpt_path, start, iterations)
 
     def save(iteration: int) -> None:
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "numpy_rng": rng.bit_generator.state,
-                           "torch_rng": torch.get_rng_state(), "iteration": iteration, "log": rows,
-                           "log_window": window, "fingerprint": fingerprint}, ckpt_path)
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "numpy_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "iteration": iteration,
+                "log": rows,
+                "log_window": window,
+                "fingerprint": fingerprint,
+            },
+            ckpt_path,
+        )
 
     model.train()
     bar = progress(range(start, iterations), desc, total=iterations - start)
@@ -149,7 +175,11 @@ def train_loop(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         done = it + 1
         if done % log_every == 0 or done == iterations:
             n = window.pop("n")
-            row = {"iteration": done, **{k: v / n for k, v in window.items()}, "lr": optimizer.param_groups[-1]["lr"]}
+            row = {
+                "iteration": done,
+                **{k: v / n for k, v in window.items()},
+                "lr": optimizer.param_groups[-1]["lr"],
+            }
             rows.append(row)
             window = {}
             set_postfix = getattr(bar, "set_postfix", None)
@@ -168,11 +198,20 @@ def config_fingerprint(*sections: dict) -> str:
     return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_model(path: Path, model: torch.nn.Module, config: dict, class_names, has_background: bool,
-               stage: str) -> None:
+def save_model(
+    path: Path, model: torch.nn.Module, config: dict, class_names, has_background: bool, stage: str
+) -> None:
     """The final model file: weights plus what is needed to rebuild and use it (config, classes)."""
-    atomic_torch_save({"model": model.state_dict(), "config": config, "class_names": list(class_names),
-                       "has_background": bool(has_background), "stage": stage}, Path(path))
+    atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "config": config,
+            "class_names": list(class_names),
+            "has_background": bool(has_background),
+            "stage": stage,
+        },
+        Path(path),
+    )
 
 
 class ModelFileError(UserError, ValueError):
@@ -208,7 +247,9 @@ def load_model_file(path, stage: str, map_location="cpu") -> dict:
     missing = [k for k in MODEL_FILE_KEYS if k not in ckpt]
     if missing:
         raise ModelFileError(f"{path}: incomplete {stage} model file: lacks {', '.join(missing)}")
-    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+    if not isinstance(ckpt["model"], dict) or not all(
+        isinstance(v, torch.Tensor) for v in ckpt["model"].values()
+    ):
         raise ModelFileError(f"{path}: its 'model' entry is not a dict of tensors")
     if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get(stage), dict):
         raise ModelFileError(f"{path}: its config lacks the '{stage}' section that describes the network")
@@ -239,10 +280,17 @@ def load_weights(model: torch.nn.Module, state: dict, path, network: str) -> Non
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [f"{len(keys)} {what} such as {', '.join(keys[:3])}"
-                for keys, what in ((missing, "missing keys"), (unexpected, "unexpected keys"),
-                                   (reshaped, "keys of another shape")) if keys]
+    problems = [
+        f"{len(keys)} {what} such as {', '.join(keys[:3])}"
+        for keys, what in (
+            (missing, "missing keys"),
+            (unexpected, "unexpected keys"),
+            (reshaped, "keys of another shape"),
+        )
+        if keys
+    ]
     if problems:
-        raise ModelFileError(f"{path}: weights do not fit the {network} network of its config: {'; '.join(problems)}")
+        raise ModelFileError(
+            f"{path}: weights do not fit the {network} network of its config: {'; '.join(problems)}"
+        )
     model.load_state_dict(state)
-

@@ -1,5 +1,6 @@
 """SEAM and the dual-branch network through the whole Snakemake workflow on the tiny synthetic
 config: their score stores feed every later stage unchanged."""
+
 from __future__ import annotations
 
 import time
@@ -9,11 +10,12 @@ import torch
 import yaml
 
 from e2e.test_workflow import TINY, check_ok, metric_stages, snakemake
-
 from weakseg import store
 
 
-@pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp")  # Snakemake's marker in directory outputs
+@pytest.mark.filterwarnings(
+    "ignore:Object at .snakemake_timestamp"
+)  # Snakemake's marker in directory outputs
 @pytest.mark.parametrize("model", ["seam", "dual"])
 def test_tiny_workflow_with_cam_model(tmp_path, model):
     config = yaml.safe_load(TINY.read_text())
@@ -30,8 +32,15 @@ def test_tiny_workflow_with_cam_model(tmp_path, model):
     assert saved["config"]["cam"]["model"] == model
     scores = store.open_store(run / "cam" / "scores.zarr", "scores")
     assert sorted(name for name, _ in scores.groups()) == [store.CAM, store.SPCAM]
-    expected = {("cam", "train"), ("spcam", "train"), ("crf", "train"), ("reliable", "train"), ("round1", "val"),
-                ("cam_gated", "val"), ("spcam_gated", "val")}
+    expected = {
+        ("cam", "train"),
+        ("spcam", "train"),
+        ("crf", "train"),
+        ("reliable", "train"),
+        ("round1", "val"),
+        ("cam_gated", "val"),
+        ("spcam_gated", "val"),
+    }
     stages = metric_stages(run / "metrics.csv")
     assert expected <= stages, f"missing metrics rows: {sorted(expected - stages)}"
     assert (run / "report" / "index.html").is_file()

@@ -1,6 +1,7 @@
 """End to end on a tiny *mapped* folder dataset: the synthetic stuff dataset (sky, ground, objects; no
 background class) with its stuff classes merged into background by dataset.class_mapping. Every stage
 must run on the mapped classes, and images left with no object are valid background-only images."""
+
 from __future__ import annotations
 
 import csv
@@ -8,19 +9,27 @@ import csv
 import numpy as np
 import yaml
 
-from .test_workflow import TINY, check_ok, snakemake
 from weakseg import store
 from weakseg.datasets import open_data
 from weakseg.datasets.synthetic import write_folder
+
+from .test_workflow import TINY, check_ok, snakemake
 
 
 def test_tiny_mapped_folder_dataset_runs_through_every_stage(tmp_path):
     tiny = yaml.safe_load(TINY.read_text())
     params = {**tiny["dataset"]["synthetic"], "n_train": 10, "n_val": 4}
     root = write_folder(params, False, tmp_path / "stuff_folder")
-    config = {**tiny, "run": "mapped",
-              "dataset": {"kind": "folder", "root": str(root), "has_background": False,
-                          "class_mapping": {"background": ["sky", "ground"]}}}
+    config = {
+        **tiny,
+        "run": "mapped",
+        "dataset": {
+            "kind": "folder",
+            "root": str(root),
+            "has_background": False,
+            "class_mapping": {"background": ["sky", "ground"]},
+        },
+    }
     configfile = tmp_path / "mapped.yaml"
     configfile.write_text(yaml.safe_dump(config))
     check_ok(snakemake(tmp_path, configfile=configfile))

@@ -1,5 +1,6 @@
 """The Snakemake workflow end to end on tests/configs/tiny.yaml: every stage runs, every rule logs,
 a rerun has nothing to do; sharded runs equal one-shard runs; a killed CAM training job resumes."""
+
 from __future__ import annotations
 
 import csv
@@ -24,13 +25,25 @@ VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = VENV_BIN / "snakemake"
 TIMEOUT_S = 600
 
-pytestmark = pytest.mark.skipif(not SNAKEMAKE.exists(), reason=f"snakemake not installed next to {sys.executable}")
+pytestmark = pytest.mark.skipif(
+    not SNAKEMAKE.exists(), reason=f"snakemake not installed next to {sys.executable}"
+)
 
 
 def snakemake_command(workdir: Path, *args: str, configfile: Path = TINY) -> list[str]:
     """Run the repository's Snakefile with ``workdir`` as working directory (results/ goes there)."""
-    return [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
-            str(configfile), "--cores", "2", *args]
+    return [
+        str(SNAKEMAKE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        *args,
+    ]
 
 
 def snakemake_env() -> dict:
@@ -39,8 +52,13 @@ def snakemake_env() -> dict:
 
 
 def snakemake(workdir: Path, *args: str, configfile: Path = TINY) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_command(workdir, *args, configfile=configfile), env=snakemake_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        snakemake_command(workdir, *args, configfile=configfile),
+        env=snakemake_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def check_ok(result: subprocess.CompletedProcess) -> str:
@@ -68,8 +86,11 @@ def store_arrays(path: Path) -> dict[str, tuple[np.ndarray, dict]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Snakemake's .snakemake_timestamp inside directory outputs
         group = zarr.open_group(str(path), mode="r")
-        return {name: (node[...], dict(node.attrs)) for name, node in group.members(max_depth=None)
-                if isinstance(node, zarr.Array)}
+        return {
+            name: (node[...], dict(node.attrs))
+            for name, node in group.members(max_depth=None)
+            if isinstance(node, zarr.Array)
+        }
 
 
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -101,9 +122,19 @@ def test_tiny_workflow_runs_every_stage(tiny_run, workdir):
     output = check_ok(result)
 
     stages = metric_stages(run / "metrics.csv")
-    expected = {("superpixel_oracle", "train"), ("cam", "train"), ("spcam", "train"), ("cleaned", "train"),
-                ("crf", "train"), ("reliable", "train"), ("round1", "train"), ("round1", "val"),
-                ("round1_crf", "val"), ("cam_gated", "val"), ("spcam_gated", "val")}
+    expected = {
+        ("superpixel_oracle", "train"),
+        ("cam", "train"),
+        ("spcam", "train"),
+        ("cleaned", "train"),
+        ("crf", "train"),
+        ("reliable", "train"),
+        ("round1", "train"),
+        ("round1", "val"),
+        ("round1_crf", "val"),
+        ("cam_gated", "val"),
+        ("spcam_gated", "val"),
+    }
     assert expected <= stages, f"missing metrics rows: {sorted(expected - stages)}"
     report = run / "report" / "index.html"
     assert report.is_file() and report.stat().st_size > 0
@@ -130,7 +161,9 @@ def test_tiny_workflow_runs_every_stage(tiny_run, workdir):
     (run / "pseudo" / "crf.zarr").rename(moved)
     try:
         dry = check_ok(snakemake(workdir, "-n"))
-        assert "Nothing to be done" not in dry and re.search(r"^(?:local)?rule crf:", dry, flags=re.M), dry[-3000:]
+        assert "Nothing to be done" not in dry and re.search(r"^(?:local)?rule crf:", dry, flags=re.M), dry[
+            -3000:
+        ]
     finally:
         moved.rename(run / "pseudo" / "crf.zarr")
 
@@ -148,14 +181,25 @@ def test_two_shards_give_the_same_stores(tiny_run, workdir):
         assert (sharded / shard_store).is_dir(), shard_store
 
     # Training is seeded and single-threaded on CPU: both runs train the same networks.
-    assert_same_weights(model_weights(run / "cam" / "model.pt"), model_weights(sharded / "cam" / "model.pt"), "CAM")
-    assert_same_weights(model_weights(run / "round1" / "model.pt"), model_weights(sharded / "round1" / "model.pt"),
-                        "round 1")
+    assert_same_weights(
+        model_weights(run / "cam" / "model.pt"), model_weights(sharded / "cam" / "model.pt"), "CAM"
+    )
+    assert_same_weights(
+        model_weights(run / "round1" / "model.pt"), model_weights(sharded / "round1" / "model.pt"), "round 1"
+    )
 
-    stores = sorted(p.relative_to(run) for p in run.rglob("*.zarr")
-                    if "shards" not in p.parts and ".tmp-" not in p.name)
-    for must in ("superpixels.zarr", "cam/scores.zarr", "pseudo/cleaned.zarr", "pseudo/crf.zarr",
-                 "pseudo/reliable.zarr", "round1/scores_val.zarr", "round1/crf_val.zarr"):
+    stores = sorted(
+        p.relative_to(run) for p in run.rglob("*.zarr") if "shards" not in p.parts and ".tmp-" not in p.name
+    )
+    for must in (
+        "superpixels.zarr",
+        "cam/scores.zarr",
+        "pseudo/cleaned.zarr",
+        "pseudo/crf.zarr",
+        "pseudo/reliable.zarr",
+        "round1/scores_val.zarr",
+        "round1/crf_val.zarr",
+    ):
         assert Path(must) in stores, must
     for rel in stores:
         one, two = store_arrays(run / rel), store_arrays(sharded / rel)
@@ -183,16 +227,25 @@ def kill_train_cam_after_first_checkpoint(workdir: Path, configfile: Path, run: 
     target = f"results/{run}/cam/model.pt"
     checkpoint = workdir / "results" / run / "cam" / "checkpoints" / "last.pt"
     with (workdir / f"{run}-killed.out").open("w") as out:
-        proc = subprocess.Popen(snakemake_command(workdir, target, "--config", f"run={run}", configfile=configfile),
-                                env=snakemake_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            snakemake_command(workdir, target, "--config", f"run={run}", configfile=configfile),
+            env=snakemake_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + TIMEOUT_S
             while not checkpoint.exists():
-                assert proc.poll() is None, f"snakemake ended before a checkpoint: {(workdir / f'{run}-killed.out').read_text()[-3000:]}"
+                assert proc.poll() is None, (
+                    f"snakemake ended before a checkpoint: {(workdir / f'{run}-killed.out').read_text()[-3000:]}"
+                )
                 assert time.monotonic() < deadline, "no checkpoint within the time limit"
                 time.sleep(0.05)
-            trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                        if "train-cam" in " ".join(p.cmdline())]
+            trainers = [
+                p
+                for p in psutil.Process(proc.pid).children(recursive=True)
+                if "train-cam" in " ".join(p.cmdline())
+            ]
             assert trainers, "no weakseg train-cam process found"
             for p in trainers:
                 os.kill(p.pid, signal.SIGKILL)
@@ -212,15 +265,26 @@ def test_killed_cam_training_resumes_to_the_uninterrupted_model(workdir):
     killed_at = kill_train_cam_after_first_checkpoint(workdir, configfile, "tiny3")
     assert 5 <= killed_at < 40
 
-    check_ok(snakemake(workdir, "results/tiny3/cam/model.pt", "--rerun-incomplete", "--config", "run=tiny3",
-                       configfile=configfile))
+    check_ok(
+        snakemake(
+            workdir,
+            "results/tiny3/cam/model.pt",
+            "--rerun-incomplete",
+            "--config",
+            "run=tiny3",
+            configfile=configfile,
+        )
+    )
     log = (workdir / "results" / "tiny3" / "logs" / "train_cam.log").read_text()
     assert "resumed from checkpoint" in log and f"at iteration {killed_at} of 40" in log, log[-2000:]
 
     check_ok(snakemake(workdir, "results/tiny4/cam/model.pt", "--config", "run=tiny4", configfile=configfile))
     assert "resumed" not in (workdir / "results" / "tiny4" / "logs" / "train_cam.log").read_text()
-    assert_same_weights(model_weights(workdir / "results" / "tiny3" / "cam" / "model.pt"),
-                        model_weights(workdir / "results" / "tiny4" / "cam" / "model.pt"), "resumed vs uninterrupted")
+    assert_same_weights(
+        model_weights(workdir / "results" / "tiny3" / "cam" / "model.pt"),
+        model_weights(workdir / "results" / "tiny4" / "cam" / "model.pt"),
+        "resumed vs uninterrupted",
+    )
 
 
 # ------------------------------------------------------------------------------------- the user's path
@@ -248,8 +312,15 @@ def labels_only_folder(root: Path) -> Path:
 def labels_only_run(workdir):
     """tiny.yaml's sizes on a labels-only folder, as a user's `field.yaml` (no run:, no results:)."""
     folder = labels_only_folder(workdir / "photos")
-    user = {k: v for k, v in yaml.safe_load(TINY.read_text()).items() if k not in ("run", "results", "dataset")}
-    user["dataset"] = {"kind": "folder", "root": "photos", "labels_file": "photos/labels.csv", "has_background": True}
+    user = {
+        k: v for k, v in yaml.safe_load(TINY.read_text()).items() if k not in ("run", "results", "dataset")
+    }
+    user["dataset"] = {
+        "kind": "folder",
+        "root": "photos",
+        "labels_file": "photos/labels.csv",
+        "has_background": True,
+    }
     configfile = workdir / "field.yaml"
     configfile.write_text(yaml.safe_dump(user))
     assert not (folder / "SegmentationClass").exists()
@@ -260,10 +331,15 @@ def test_labels_only_dataset_runs_to_the_end_without_evaluation(labels_only_run,
     run, result, user = labels_only_run
     output = check_ok(result)
     jobs = job_blocks(output)
-    evaluation = {r for r in jobs if r.startswith("evaluate") or r in ("superpixel_oracle", "reliability_curve",
-                                                                       "metrics")}
+    evaluation = {
+        r
+        for r in jobs
+        if r.startswith("evaluate") or r in ("superpixel_oracle", "reliability_curve", "metrics")
+    }
     assert not evaluation, f"evaluation jobs without masks: {sorted(evaluation)}"
-    assert {"train_cam", "crf", "reliable", "train_seg", "predict_seg", "reliable_round", "report"} <= set(jobs)
+    assert {"train_cam", "crf", "reliable", "train_seg", "predict_seg", "reliable_round", "report"} <= set(
+        jobs
+    )
     assert not (run / "metrics.csv").exists() and not (run / "gt.zarr" / "masks").exists()
     for store_path in ("pseudo/reliable.zarr", "round1/reliable_train.zarr", "round1/crf_val.zarr"):
         assert (run / store_path).is_dir(), store_path
@@ -274,7 +350,9 @@ def test_labels_only_dataset_runs_to_the_end_without_evaluation(labels_only_run,
     assert resolved["segment"]["rounds"] == user["segment"]["rounds"]
     assert not (workdir / "results" / "demo").exists()
     report = (run / "report" / "index.html").read_text()
-    assert "No ground-truth masks" in report and 'id="metrics"' not in report and 'id="plot-training"' in report
+    assert (
+        "No ground-truth masks" in report and 'id="metrics"' not in report and 'id="plot-training"' in report
+    )
     assert 'class="item"' in report
     assert f"weakseg: the report of run 'field' is {Path('results/field/report/index.html')}" in output
     # training logged loss and learning rate; the log file has plain lines, no carriage-return redraws
@@ -297,8 +375,10 @@ def test_snakemake_report_carries_every_image(tiny_run, workdir, tmp_path):
     check_ok(snakemake(workdir, "--report", str(report)))
     text = report.read_text()
     # Snakemake embeds each result as a data URI: our report page must be one, with its images inside it.
-    pages = [base64.b64decode(m.group(1)).decode() for m in
-             re.finditer(r"data:text/html;(?:[a-z]+=[^;,]*;)*base64,([A-Za-z0-9+/=]+)", text)]
+    pages = [
+        base64.b64decode(m.group(1)).decode()
+        for m in re.finditer(r"data:text/html;(?:[a-z]+=[^;,]*;)*base64,([A-Za-z0-9+/=]+)", text)
+    ]
     ours = [p for p in pages if 'name="generator" content="weakseg report"' in p]
     assert ours, "the weakseg report page is not in the Snakemake report"
     page = ours[0]
@@ -312,7 +392,9 @@ def test_snakemake_report_carries_every_image(tiny_run, workdir, tmp_path):
     dom = browser.dump_dom(extracted.as_uri(), tmp_path / "profile")
     assert 'data-loaded="1"' in dom and 'data-broken="0"' in dom and 'id="metrics"' in dom
     dom = browser.dump_dom(report.as_uri(), tmp_path / "profile")
-    assert "metrics.csv" in dom or "index.html" in dom, dom[-2000:]  # Snakemake's own page rendered its results
+    assert "metrics.csv" in dom or "index.html" in dom, dom[
+        -2000:
+    ]  # Snakemake's own page rendered its results
     own = browser.dump_dom((run / "report" / "index.html").as_uri(), tmp_path / "profile")
     assert 'data-loaded="1"' in own and 'data-broken="0"' in own and 'id="metrics"' in own
 
@@ -321,8 +403,12 @@ def readme_commands() -> list[str]:
     """Every `weakseg ...` line of the README's bash blocks, comments stripped."""
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()
-            if line.startswith("weakseg ")]
+    return [
+        line.split("  #")[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.startswith("weakseg ")
+    ]
 
 
 def test_readme_examples_run_on_a_run(tiny_run, workdir):
@@ -338,7 +424,16 @@ def test_readme_examples_run_on_a_run(tiny_run, workdir):
         if command.startswith("weakseg benchmark"):
             continue  # needs the real MSRC-21 photos (docs/results.md); benchmark tests cover it
         line = command.replace("results/demo", "results/tiny").replace("round2", "round1")
-        done = subprocess.run(line, shell=True, cwd=workdir, env=snakemake_env(), capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
+        done = subprocess.run(
+            line,
+            shell=True,
+            cwd=workdir,
+            env=snakemake_env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
         assert done.returncode == 0, f"README example failed: {command}\n{done.stderr[-3000:]}"
-    assert len(list((workdir / "predictions").glob("*.png"))) == len(list((run / "synthetic" / "JPEGImages").iterdir()))
+    assert len(list((workdir / "predictions").glob("*.png"))) == len(
+        list((run / "synthetic" / "JPEGImages").iterdir())
+    )

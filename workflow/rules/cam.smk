@@ -7,16 +7,16 @@ rule train_cam:
         sp=P(RUN.superpixels),
     output:
         P(RUN.cam_model),
-    params:
-        cfg=cfg("dataset", "cam", "superpixels", "device"),
-        out_dir=P(RUN.cam_dir),
-    threads: THREADS
     log:
         log_for("train_cam"),
     benchmark:
-        bench_for("train_cam"),
+        bench_for("train_cam")
+    threads: THREADS
     resources:
         **gpu_resources(),
+    params:
+        cfg=cfg("dataset", "cam", "superpixels", "device"),
+        out_dir=P(RUN.cam_dir),
     shell:
         # Checkpoints live in cam/checkpoints/ (not an output), so a rerun after a kill resumes.
         "weakseg train-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp}"
@@ -30,19 +30,20 @@ rule infer_cam:
         model=P(RUN.cam_model),
     output:
         directory(shard_path(RUN.scores)),
-    params:
-        cfg=cfg("dataset", "cam", "device"),
-        shard=lambda w: int(getattr(w, "shard", 0)),
-    threads: THREADS
     log:
         log_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}")),
     benchmark:
-        bench_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}")),
+        bench_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}"))
+    threads: THREADS
     resources:
         **gpu_resources(),
+    params:
+        cfg=cfg("dataset", "cam", "device"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
     shell:
         "weakseg infer-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp} --model {input.model}"
-        " --out {output} --threads {threads} --gpus {resources.gpu} --shard {params.shard} --shards " + str(N_SHARDS)
+        " --out {output} --threads {threads} --gpus {resources.gpu} --shard {params.shard} --shards "
+        + str(N_SHARDS)
         + " 2> {log}"
 
 
@@ -54,16 +55,16 @@ rule evaluate_scores:
     output:
         metrics=P(RUN.metrics_dir / "{key}_{split}.csv"),
         per_image=P(RUN.metrics_dir / "{key}_{split}_per_image.csv"),
-    wildcard_constraints:
-        key="cam|spcam",
-    params:
-        cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_{key}_{split}"),
     benchmark:
-        bench_for("evaluate_{key}_{split}"),
+        bench_for("evaluate_{key}_{split}")
+    wildcard_constraints:
+        key="cam|spcam",
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "evaluate"),
     shell:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.scores}"
         " --stage {wildcards.key} --split {wildcards.split} --out {output.metrics} --per-image {output.per_image}"
@@ -78,19 +79,21 @@ rule gate_scores_val:
         scores=P(RUN.scores),
     output:
         directory(P(RUN.cam_dir / ("{key}_gated_" + str(VAL) + ".zarr"))),
-    wildcard_constraints:
-        key="cam|spcam",
-    params:
-        cfg=cfg("dataset", "pseudo", segment=["val_labels", "label_threshold"]),
     log:
         log_for("gate_{key}_val"),
     benchmark:
-        bench_for("gate_{key}_val"),
+        bench_for("gate_{key}_val")
+    wildcard_constraints:
+        key="cam|spcam",
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "pseudo", segment=["val_labels", "label_threshold"]),
     shell:
         "weakseg decide --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {wildcards.key}"
-        " --split " + str(VAL) + " --labels-from {input.scores} --out {output} 2> {log}"
+        " --split "
+        + str(VAL)
+        + " --labels-from {input.scores} --out {output} 2> {log}"
 
 
 rule evaluate_gated_val:
@@ -101,17 +104,19 @@ rule evaluate_gated_val:
     output:
         metrics=P(RUN.metrics_dir / ("{key}_gated_" + str(VAL) + ".csv")),
         per_image=P(RUN.metrics_dir / ("{key}_gated_" + str(VAL) + "_per_image.csv")),
-    wildcard_constraints:
-        key="cam|spcam",
-    params:
-        cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_{key}_gated_val"),
     benchmark:
-        bench_for("evaluate_{key}_gated_val"),
+        bench_for("evaluate_{key}_gated_val")
+    wildcard_constraints:
+        key="cam|spcam",
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "evaluate"),
     shell:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
-        " --stage {wildcards.key}_gated --split " + str(VAL) + " --out {output.metrics} --per-image {output.per_image}"
+        " --stage {wildcards.key}_gated --split "
+        + str(VAL)
+        + " --out {output.metrics} --per-image {output.per_image}"
         " 2> {log}"

@@ -5,7 +5,13 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from weakseg.config import SEGMENT_PREDICTION, ConfigError, evaluation_splits, model_section, resolve
+from weakseg.config import (
+    SEGMENT_PREDICTION,
+    ConfigError,
+    evaluation_splits,
+    model_section,
+    resolve,
+)
 from weakseg.inspect.stages import expected_label_stages
 from weakseg.store import RunLayout
 
@@ -36,7 +42,8 @@ def P(path):
 
 def cfg(*sections, segment=None):
     """The config sections a command uses, as JSON: rules rerun only when those sections change.
-    ``segment``: the segment keys to pass ('model' = those a saved model records: training + prediction)."""
+    ``segment``: the segment keys to pass ('model' = those a saved model records: training + prediction).
+    """
     chosen = {s: config[s] for s in sections}
     if segment == "model":
         chosen["segment"] = model_section(config["segment"])
@@ -73,11 +80,19 @@ def metrics_csv(stage, split):
 # Resources: network rules may ask for a GPU (gpu 0 asks for none); CPU-only stages never do. Their
 # commands get --gpus {resources.gpu}: a job that asked for a GPU and finds none fails at once.
 def gpu_resources():
-    return dict(mem_mb=RES["train_mem_mb"], runtime=RES["train_runtime_min"], cpus_per_task=RES["cpu_threads"],
-                gpu=RES["gpu"])
+    return dict(
+        mem_mb=RES["train_mem_mb"],
+        runtime=RES["train_runtime_min"],
+        cpus_per_task=RES["cpu_threads"],
+        gpu=RES["gpu"],
+    )
 
 
-CPU_RESOURCES = dict(mem_mb=RES["cpu_mem_mb"], runtime=RES["cpu_runtime_min"], cpus_per_task=RES["cpu_threads"])
+CPU_RESOURCES = dict(
+    mem_mb=RES["cpu_mem_mb"],
+    runtime=RES["cpu_runtime_min"],
+    cpus_per_task=RES["cpu_threads"],
+)
 THREADS = RES["cpu_threads"]
 
 

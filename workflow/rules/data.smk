@@ -1,19 +1,21 @@
 # Dataset -> data.zarr + gt.zarr; superpixels; the superpixel oracle.
 
+
+rule synth:
+    output:
+        directory(P(RUN.synthetic)),
+    log:
+        log_for("synth"),
+    benchmark:
+        bench_for("synth")
+    params:
+        cfg=cfg("dataset"),
+    shell:
+        "weakseg synth --config {params.cfg:q} --out {output} 2> {log}"
+
+
+# A synthetic run generates its dataset; a folder run reads the user's.
 if config["dataset"]["kind"] == "synthetic":
-
-    rule synth:
-        output:
-            directory(P(RUN.synthetic)),
-        params:
-            cfg=cfg("dataset"),
-        log:
-            log_for("synth"),
-        benchmark:
-            bench_for("synth"),
-        shell:
-            "weakseg synth --config {params.cfg:q} --out {output} 2> {log}"
-
     DATASET_ROOT = P(RUN.synthetic)
 else:
     DATASET_ROOT = config["dataset"]["root"]
@@ -27,14 +29,14 @@ rule ingest:
     output:
         data=directory(P(RUN.data)),
         gt=directory(P(RUN.gt)),
-    params:
-        cfg=cfg("dataset"),
     log:
         log_for("ingest"),
     benchmark:
-        bench_for("ingest"),
+        bench_for("ingest")
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset"),
     shell:
         "weakseg ingest --config {params.cfg:q} --root {input} --data {output.data} --gt {output.gt} 2> {log}"
 
@@ -44,16 +46,16 @@ rule superpixels:
         P(RUN.data),
     output:
         directory(shard_path(RUN.superpixels)),
-    params:
-        cfg=cfg("superpixels"),
-        shard=lambda w: int(getattr(w, "shard", 0)),
-    threads: THREADS
     log:
         log_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}")),
     benchmark:
-        bench_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}")),
+        bench_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}"))
+    threads: THREADS
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("superpixels"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
     shell:
         "weakseg superpixels --config {params.cfg:q} --data {input} --out {output} --threads {threads}"
         " --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
@@ -69,9 +71,10 @@ rule superpixel_oracle:
     log:
         log_for("superpixel_oracle"),
     benchmark:
-        bench_for("superpixel_oracle"),
+        bench_for("superpixel_oracle")
     resources:
         **CPU_RESOURCES,
     shell:
-        "weakseg oracle --data {input.data} --gt {input.gt} --superpixels {input.sp} --split " + TRAIN
+        "weakseg oracle --data {input.data} --gt {input.gt} --superpixels {input.sp} --split "
+        + TRAIN
         + " --out {output} 2> {log}"

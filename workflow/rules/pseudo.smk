@@ -1,7 +1,11 @@
 # Pseudo-labels from score maps: cleaning -> dense CRF -> RRM reliable regions; divergence-based
 # reliability and top-K selection; their evaluation on the training split.
-SOURCE = config["pseudo"]["source"]  # which score maps feed the pseudo-labels: spcam or cam
-SELECTED_VARIANT = config["segment"]["first_round_input"]  # the variant round 1 trains on
+SOURCE = config["pseudo"][
+    "source"
+]  # which score maps feed the pseudo-labels: spcam or cam
+SELECTED_VARIANT = config["segment"][
+    "first_round_input"
+]  # the variant round 1 trains on
 
 
 rule clean:
@@ -10,16 +14,17 @@ rule clean:
         scores=P(RUN.scores),
     output:
         directory(P(RUN.cleaned)),
-    params:
-        cfg=cfg("dataset", "pseudo"),
     log:
         log_for("clean"),
     benchmark:
-        bench_for("clean"),
+        bench_for("clean")
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "pseudo"),
     shell:
-        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key " + SOURCE
+        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key "
+        + SOURCE
         + " --out {output} 2> {log}"
 
 
@@ -29,19 +34,22 @@ rule crf:
         scores=P(RUN.scores),
     output:
         directory(shard_path(RUN.crf)),
-    params:
-        cfg=cfg("dataset", "pseudo"),
-        shard=lambda w: int(getattr(w, "shard", 0)),
-    threads: THREADS
     log:
         log_for("crf" + ("" if N_SHARDS == 1 else "-{shard}")),
     benchmark:
-        bench_for("crf" + ("" if N_SHARDS == 1 else "-{shard}")),
+        bench_for("crf" + ("" if N_SHARDS == 1 else "-{shard}"))
+    threads: THREADS
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "pseudo"),
+        shard=lambda w: int(getattr(w, "shard", 0)),
     shell:
-        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key " + SOURCE
-        + " --out {output} --threads {threads} --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key "
+        + SOURCE
+        + " --out {output} --threads {threads} --shard {params.shard} --shards "
+        + str(N_SHARDS)
+        + " 2> {log}"
 
 
 rule reliable:
@@ -51,16 +59,17 @@ rule reliable:
         crf=P(RUN.crf),
     output:
         directory(P(RUN.reliable)),
-    params:
-        cfg=cfg("dataset", "pseudo"),
     log:
         log_for("reliable"),
     benchmark:
-        bench_for("reliable"),
+        bench_for("reliable")
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "pseudo"),
     shell:
-        "weakseg reliable --config {params.cfg:q} --data {input.data} --scores {input.scores} --key " + SOURCE
+        "weakseg reliable --config {params.cfg:q} --data {input.data} --scores {input.scores} --key "
+        + SOURCE
         + " --crf {input.crf} --out {output} 2> {log}"
 
 
@@ -70,14 +79,14 @@ rule reliability:
         labels=P(RUN.pseudo(SELECTED_VARIANT)),
     output:
         P(RUN.reliability),
-    params:
-        cfg=cfg("dataset", "pseudo"),
     log:
         log_for("reliability"),
     benchmark:
-        bench_for("reliability"),
+        bench_for("reliability")
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "pseudo"),
     shell:
         "weakseg reliability --config {params.cfg:q} --data {input.data} --labels {input.labels} --out {output}"
         " 2> {log}"
@@ -92,19 +101,21 @@ rule evaluate_pseudo:
     output:
         metrics=P(RUN.metrics_dir / ("{variant}_" + TRAIN + ".csv")),
         per_image=P(RUN.metrics_dir / ("{variant}_" + TRAIN + "_per_image.csv")),
-    wildcard_constraints:
-        variant="cleaned|crf|reliable",
-    params:
-        cfg=cfg("dataset", "evaluate"),
     log:
         log_for("evaluate_{variant}"),
     benchmark:
-        bench_for("evaluate_{variant}"),
+        bench_for("evaluate_{variant}")
+    wildcard_constraints:
+        variant="cleaned|crf|reliable",
     resources:
         **CPU_RESOURCES,
+    params:
+        cfg=cfg("dataset", "evaluate"),
     shell:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
-        " --stage {wildcards.variant} --split " + TRAIN + " --out {output.metrics} --per-image {output.per_image}"
+        " --stage {wildcards.variant} --split "
+        + TRAIN
+        + " --out {output.metrics} --per-image {output.per_image}"
         " --selection {input.selection} 2> {log}"
 
 
@@ -115,12 +126,12 @@ rule reliability_curve:
         reliability=P(RUN.reliability),
     output:
         P(RUN.reliability_curve),
-    params:
-        points=config["evaluate"]["reliability_curve_points"],
     log:
         log_for("reliability_curve"),
     benchmark:
-        bench_for("reliability_curve"),
+        bench_for("reliability_curve")
+    params:
+        points=config["evaluate"]["reliability_curve_points"],
     shell:
         "weakseg reliability-curve --gt {input.gt} --labels {input.labels} --reliability {input.reliability}"
         " --points {params.points} --out {output} 2> {log}"

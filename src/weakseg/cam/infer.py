@@ -12,6 +12,7 @@ Every ``cam.model`` gives its maps through ``inference_maps`` (one network pass 
 its PCM-refined maps, the dual-branch network its CNN-branch CAM (see ``cam.dual.infer_maps``);
 their SP-CAM is the superpixel pooling of those maps, so later stages see the same score store.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,15 @@ def _unflip_mean(maps: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip: bool,
-                 device: torch.device, spcam_merge: str = "max") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_scores(
+    model,
+    image: np.ndarray,
+    superpixels: np.ndarray,
+    scales,
+    flip: bool,
+    device: torch.device,
+    spcam_merge: str = "max",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (CAM, SP-CAM, label probabilities) for one image: maps (C, H, W) in [0, 1] and (C,).
 
     ``spcam_merge``: SP-CAM scores of the scales combine by ``max`` (paper) or ``mean``.
@@ -76,8 +84,17 @@ def image_scores(model, image: np.ndarray, superpixels: np.ndarray, scales, flip
     return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w), prob_sum / len(scales)
 
 
-def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_path, threads: int = 1,
-                  shard: int = 0, n_shards: int = 1, split: str | None = None) -> int:
+def run_infer_cam(
+    config: dict,
+    data_path,
+    superpixels_path,
+    model_path,
+    out_path,
+    threads: int = 1,
+    shard: int = 0,
+    n_shards: int = 1,
+    split: str | None = None,
+) -> int:
     """CAM and SP-CAM for every image of the data store (or of ``split`` only) into a scores store
     (keys cam, spcam).
 
@@ -101,17 +118,32 @@ def run_infer_cam(config: dict, data_path, superpixels_path, model_path, out_pat
     started = time.perf_counter()
     with store.writing(out_path, "scores", store.provenance("infer_cam", cam_cfg)) as out:
         for image_id in progress(ids, "infer-cam"):
-            cam, spcam, probs = image_scores(model, read_image(data, image_id),
-                                             store.get(sp_store, store.SUPERPIXELS, image_id),
-                                             cam_cfg["infer_scales"], cam_cfg["infer_flip"], device,
-                                             cam_cfg["spcam_merge"])
+            cam, spcam, probs = image_scores(
+                model,
+                read_image(data, image_id),
+                store.get(sp_store, store.SUPERPIXELS, image_id),
+                cam_cfg["infer_scales"],
+                cam_cfg["infer_flip"],
+                device,
+                cam_cfg["spcam_merge"],
+            )
             keep = np.arange(len(fg))
             if image_id in train_ids:
                 keep = np.flatnonzero(info.label_vector(image_id)[fg])
-            store.put_scores(out, store.CAM, image_id, cam[keep].cpu().numpy(), fg[keep],
-                             {"label_probabilities": [round(float(v), 4) for v in probs[keep]]})
+            store.put_scores(
+                out,
+                store.CAM,
+                image_id,
+                cam[keep].cpu().numpy(),
+                fg[keep],
+                {"label_probabilities": [round(float(v), 4) for v in probs[keep]]},
+            )
             store.put_scores(out, store.SPCAM, image_id, spcam[keep].cpu().numpy(), fg[keep])
     elapsed = time.perf_counter() - started
-    log.info("infer-cam: %d images in %.1f s (%.1f ms per image per scale)", len(ids), elapsed,
-             1000 * elapsed / max(1, len(ids)) / len(cam_cfg["infer_scales"]))
+    log.info(
+        "infer-cam: %d images in %.1f s (%.1f ms per image per scale)",
+        len(ids),
+        elapsed,
+        1000 * elapsed / max(1, len(ids)) / len(cam_cfg["infer_scales"]),
+    )
     return len(ids)

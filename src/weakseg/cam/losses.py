@@ -15,9 +15,10 @@ Dual branch (Wang, Tan, Feng 2024):
   total = soft margin(CNN) + soft margin(aux) + soft margin(ViT)
           + lambda_aux |M_cnn - M_aux|_1 + lambda_vit |M_cnn - M_vit|_1 (means over pixels and classes)
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,9 @@ def equivariance_loss(cam_of_transformed: torch.Tensor, transformed_cam: torch.T
     """SEAM's ER: mean absolute difference between the maps of the transformed image and the
     transformed maps of the original. Zero exactly when the map commutes with the transform."""
     if cam_of_transformed.shape != transformed_cam.shape:
-        raise ValueError(f"ER: maps of shapes {tuple(cam_of_transformed.shape)} and {tuple(transformed_cam.shape)}")
+        raise ValueError(
+            f"ER: maps of shapes {tuple(cam_of_transformed.shape)} and {tuple(transformed_cam.shape)}"
+        )
     return (cam_of_transformed - transformed_cam).abs().mean()
 
 
@@ -50,8 +53,9 @@ def hard_mean(differences: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean()
 
 
-def seam_loss(model, batch: dict, transform: ScaleFlip, er_weight: float, ecr_weight: float,
-              hard_fraction: float) -> tuple[torch.Tensor, dict]:
+def seam_loss(
+    model, batch: dict, transform: ScaleFlip, er_weight: float, ecr_weight: float, hard_fraction: float
+) -> tuple[torch.Tensor, dict]:
     x, y = batch["x"], batch["y"]
     out_o, out_t = model(x), model(transform(x))
     y_bg = torch.cat([torch.ones_like(y[:, :1]), y], 1)
@@ -63,22 +67,36 @@ def seam_loss(model, batch: dict, transform: ScaleFlip, er_weight: float, ecr_we
     refined_t = labelled_maps(out_t["refined"], y_bg)
     target_t = keep_top_class(with_background(cam_t.detach()))
     target_o_t = keep_top_class(with_background(cam_o_t.detach()))
-    ecr = hard_mean((refined_o_t - target_t).abs(), hard_fraction) + \
-        hard_mean((refined_t - target_o_t).abs(), hard_fraction)
+    ecr = hard_mean((refined_o_t - target_t).abs(), hard_fraction) + hard_mean(
+        (refined_t - target_o_t).abs(), hard_fraction
+    )
     cls = (soft_margin(out_o["gap_logits"], y) + soft_margin(out_t["gap_logits"], y)) / 2
     total = cls + er_weight * er + ecr_weight * ecr
-    return total, {"loss_cls": float(cls.detach()), "loss_er": float(er.detach()), "loss_ecr": float(ecr.detach())}
+    return total, {
+        "loss_cls": float(cls.detach()),
+        "loss_er": float(er.detach()),
+        "loss_ecr": float(ecr.detach()),
+    }
 
 
-def consistency_loss(cam: torch.Tensor, aux_cam: torch.Tensor, vit_cam: torch.Tensor, targets: torch.Tensor,
-                     lambda_aux: float, lambda_vit: float) -> torch.Tensor:
+def consistency_loss(
+    cam: torch.Tensor,
+    aux_cam: torch.Tensor,
+    vit_cam: torch.Tensor,
+    targets: torch.Tensor,
+    lambda_aux: float,
+    lambda_vit: float,
+) -> torch.Tensor:
     """lambda_aux |M_cnn - M_aux|_1 + lambda_vit |M_cnn - M_vit|_1 on max-normalised maps of the
     labelled classes (means over pixels and classes); the transformer maps are resized to the CNN's grid."""
     grid = tuple(cam.shape[-2:])
 
     def on_grid(maps):
-        return maps if tuple(maps.shape[-2:]) == grid else F.interpolate(maps, size=grid, mode="bilinear",
-                                                                          align_corners=False)
+        return (
+            maps
+            if tuple(maps.shape[-2:]) == grid
+            else F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+        )
 
     m_cnn = labelled_maps(cam, targets)
     m_aux, m_vit = labelled_maps(on_grid(aux_cam), targets), labelled_maps(on_grid(vit_cam), targets)
@@ -88,10 +106,14 @@ def consistency_loss(cam: torch.Tensor, aux_cam: torch.Tensor, vit_cam: torch.Te
 def dual_loss(model, batch: dict, lambda_aux: float, lambda_vit: float) -> tuple[torch.Tensor, dict]:
     y = batch["y"]
     out = model(batch["x"])
-    parts = {"loss_cnn": soft_margin(out["gap_logits"], y), "loss_aux": soft_margin(out["aux_logits"], y),
-             "loss_vit": soft_margin(out["vit_logits"], y),
-             "loss_consistency": consistency_loss(out["cam"], out["aux_cam"], out["vit_cam"], y, lambda_aux,
-                                                  lambda_vit)}
+    parts = {
+        "loss_cnn": soft_margin(out["gap_logits"], y),
+        "loss_aux": soft_margin(out["aux_logits"], y),
+        "loss_vit": soft_margin(out["vit_logits"], y),
+        "loss_consistency": consistency_loss(
+            out["cam"], out["aux_cam"], out["vit_cam"], y, lambda_aux, lambda_vit
+        ),
+    }
     return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -101,8 +123,9 @@ def training_loss(cam_cfg: dict) -> Callable[[torch.nn.Module, dict], tuple[torc
     if model == "seam":
         seam = cam_cfg["seam"]
         transform = ScaleFlip(seam["scale"])
-        return lambda m, batch: seam_loss(m, batch, transform, seam["er_weight"], seam["ecr_weight"],
-                                          seam["ecr_hard_fraction"])
+        return lambda m, batch: seam_loss(
+            m, batch, transform, seam["er_weight"], seam["ecr_weight"], seam["ecr_hard_fraction"]
+        )
     if model == "dual":
         dual = cam_cfg["dual"]
         return lambda m, batch: dual_loss(m, batch, dual["lambda_aux"], dual["lambda_vit"])

@@ -14,6 +14,7 @@ SEAM (``seam.py``) and the dual-branch network (``dual.py``) build on the same e
 model answers ``inference_maps(x01)`` with the maps inference turns into the score store (see
 ``CAMNet.inference_maps``); their training losses live in ``losses.py``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -109,22 +110,34 @@ class SPN(CAMNet):
     *scores* (C channels) rather than features (D channels): the same logits, far cheaper.
     """
 
-    def __init__(self, encoder: nn.Module, n_classes: int, channels: int = 256, upsample_layers: int = 2,
-                 upsampling: str = "transposed"):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        n_classes: int,
+        channels: int = 256,
+        upsample_layers: int = 2,
+        upsampling: str = "transposed",
+    ):
         super().__init__(encoder, n_classes)
         if upsampling not in ("transposed", "bilinear"):
             raise ValueError(f"cam.upsampling: expected 'transposed' or 'bilinear', got {upsampling!r}")
         self.upsampling = upsampling
-        self.upsample_factor = 2 ** upsample_layers
+        self.upsample_factor = 2**upsample_layers
         if upsampling == "bilinear":
             channels = encoder.out_channels
         else:
-            self.extra = nn.Sequential(nn.Conv2d(encoder.out_channels, channels, 3, padding=1, bias=False),
-                                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+            self.extra = nn.Sequential(
+                nn.Conv2d(encoder.out_channels, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            )
             ups = []
             for _ in range(upsample_layers):
-                ups += [nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1, bias=False),
-                        nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+                ups += [
+                    nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(channels),
+                    nn.ReLU(inplace=True),
+                ]
             self.upsample = nn.Sequential(*ups)
         self.sp_classifier = nn.Linear(channels, n_classes, bias=False)
 
@@ -134,7 +147,9 @@ class SPN(CAMNet):
             scores = torch.einsum("bdhw,cd->bchw", feats, self.sp_classifier.weight)
             if self.upsample_factor == 1:
                 return scores
-            return F.interpolate(scores, scale_factor=self.upsample_factor, mode="bilinear", align_corners=False)
+            return F.interpolate(
+                scores, scale_factor=self.upsample_factor, mode="bilinear", align_corners=False
+            )
         return torch.einsum("bdhw,cd->bchw", self.upsample(self.extra(feats)), self.sp_classifier.weight)
 
     def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
@@ -166,13 +181,19 @@ def build_classifier(cam_cfg: dict, n_classes: int) -> nn.Module:
     """The ``cam.model`` network on the ``cam.backbone`` encoder (frozen as ``cam.freeze_encoder`` says)."""
     if cam_cfg["model"] not in MODELS:
         raise ValueError(f"cam.model: expected one of {', '.join(MODELS)}, got {cam_cfg['model']!r}")
-    encoder = build_encoder(cam_cfg["backbone"], pretrained=cam_cfg["pretrained"], weights=cam_cfg["weights"],
-                            output_stride=cam_cfg["output_stride"])
+    encoder = build_encoder(
+        cam_cfg["backbone"],
+        pretrained=cam_cfg["pretrained"],
+        weights=cam_cfg["weights"],
+        output_stride=cam_cfg["output_stride"],
+    )
     freeze_encoder(encoder, cam_cfg["freeze_encoder"], cam_cfg["pretrained"])
     if cam_cfg["model"] == "cam":
         return CAMNet(encoder, n_classes)
     if cam_cfg["model"] == "spn":
-        return SPN(encoder, n_classes, cam_cfg["extra_channels"], cam_cfg["upsample_layers"], cam_cfg["upsampling"])
+        return SPN(
+            encoder, n_classes, cam_cfg["extra_channels"], cam_cfg["upsample_layers"], cam_cfg["upsampling"]
+        )
     if cam_cfg["model"] == "seam":  # imported here: seam.py and dual.py build on this module
         from weakseg.cam.seam import SEAMNet
 

@@ -14,6 +14,7 @@ ResNet-50's layer2 and layer3, the counterparts of the ResNet-38 conv4/conv5 SEA
 the CAM's grid. As in SEAM, neither the low-level features nor the CAM fed to the PCM carry a
 gradient: the PCM's projections learn from ECR alone.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,18 +83,25 @@ class PixelCorrelation(nn.Module):
     def __init__(self, feature_channels: tuple[int, ...], dim: int = 192):
         super().__init__()
         if len(feature_channels) != len(PCM_PROJECTIONS):
-            raise ValueError(f"PCM: expected {len(PCM_PROJECTIONS)} feature maps, got {len(feature_channels)}")
-        self.projections = nn.ModuleList(nn.Conv2d(c, p, 1, bias=False)
-                                         for c, p in zip(feature_channels, PCM_PROJECTIONS))
+            raise ValueError(
+                f"PCM: expected {len(PCM_PROJECTIONS)} feature maps, got {len(feature_channels)}"
+            )
+        self.projections = nn.ModuleList(
+            nn.Conv2d(c, p, 1, bias=False) for c, p in zip(feature_channels, PCM_PROJECTIONS)
+        )
         self.embed = nn.Conv2d(3 + sum(PCM_PROJECTIONS), dim, 1, bias=False)
         for conv in self.projections:
             nn.init.kaiming_normal_(conv.weight)
         nn.init.xavier_uniform_(self.embed.weight, gain=4)  # SEAM's init: a peaked affinity from the start
 
-    def embedding(self, image: torch.Tensor, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def embedding(
+        self, image: torch.Tensor, features: list[torch.Tensor], size: tuple[int, int]
+    ) -> torch.Tensor:
         parts = [F.interpolate(image, size=size, mode="area")]
-        parts += [torch.relu(project(F.interpolate(f, size=size, mode="area")))
-                  for project, f in zip(self.projections, features)]
+        parts += [
+            torch.relu(project(F.interpolate(f, size=size, mode="area")))
+            for project, f in zip(self.projections, features)
+        ]
         return self.embed(torch.cat(parts, 1))
 
     def forward(self, maps: torch.Tensor, image: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ Each batch: one size drawn from ``cam.train_sizes``; every image is padded to a 
 is excluded from superpixel pooling), resized to that size, flipped at random. Superpixel maps
 follow the image through pad/resize/flip with nearest-neighbour sampling.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,23 +19,31 @@ from weakseg import store
 from weakseg.cam.losses import training_loss
 from weakseg.cam.models import build_classifier, resolve_cam_config
 from weakseg.datasets import open_data, read_image
-from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, seed_everything,
-                              select_device, train_loop)
+from weakseg.training import (
+    config_fingerprint,
+    make_optimizer,
+    poly_schedule,
+    save_model,
+    seed_everything,
+    select_device,
+    train_loop,
+)
 
 log = logging.getLogger("weakseg")
 
 
-def square_resize(image: np.ndarray, superpixels: np.ndarray, size: int, flip: bool,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def square_resize(
+    image: np.ndarray, superpixels: np.ndarray, size: int, flip: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Pad image (edge-mean colour) and superpixels (-1) to a square at a random offset, resize, flip."""
     h, w = image.shape[:2]
     side = max(h, w)
     oy, ox = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[:] = image.reshape(-1, 3).mean(0).astype(np.uint8)
-    canvas[oy:oy + h, ox:ox + w] = image
+    canvas[oy : oy + h, ox : ox + w] = image
     sp = np.full((side, side), -1, np.int32)
-    sp[oy:oy + h, ox:ox + w] = superpixels
+    sp[oy : oy + h, ox : ox + w] = superpixels
     canvas = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_LINEAR)
     sp = cv2.resize(sp, (size, size), interpolation=cv2.INTER_NEAREST)
     if flip:
@@ -56,19 +65,33 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     fg = info.fg_classes
     # With a background class an image without foreground labels is a negative for every class; without
     # one it carries no label to learn from.
-    ids = [i for i in info.split(config["dataset"]["train_split"])
-           if info.has_background or info.label_vector(i)[fg].any()]
+    ids = [
+        i
+        for i in info.split(config["dataset"]["train_split"])
+        if info.has_background or info.label_vector(i)[fg].any()
+    ]
     if not any(info.label_vector(i)[fg].any() for i in ids):
         raise ValueError(f"{data_path}: no training image has a foreground label")
     targets = {i: torch.from_numpy(info.label_vector(i)[fg].astype(np.float32)) for i in ids}
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_classifier(cam_cfg, len(fg)).to(device)
-    optimizer = make_optimizer(cam_cfg["optimizer"], model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
-                               cam_cfg["lr"], cam_cfg["weight_decay"])
+    optimizer = make_optimizer(
+        cam_cfg["optimizer"],
+        model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
+        cam_cfg["lr"],
+        cam_cfg["weight_decay"],
+    )
     scheduler = poly_schedule(optimizer, cam_cfg["iterations"])
-    log.info("train-cam: %s/%s on %d images, %d classes, %d iterations, device %s", cam_cfg["model"],
-             cam_cfg["backbone"], len(ids), len(fg), cam_cfg["iterations"], device)
+    log.info(
+        "train-cam: %s/%s on %d images, %d classes, %d iterations, device %s",
+        cam_cfg["model"],
+        cam_cfg["backbone"],
+        len(ids),
+        len(fg),
+        cam_cfg["iterations"],
+        device,
+    )
 
     def next_batch(rng: np.random.Generator) -> dict:
         size = int(rng.choice(cam_cfg["train_sizes"]))
@@ -76,17 +99,34 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         images, sps, ys = [], [], []
         for k in chosen:
             image_id = ids[k]
-            img, sp = square_resize(read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id),
-                                    size, bool(rng.integers(2)), rng)
+            img, sp = square_resize(
+                read_image(data, image_id),
+                store.get(sp_store, store.SUPERPIXELS, image_id),
+                size,
+                bool(rng.integers(2)),
+                rng,
+            )
             images.append(img), sps.append(sp), ys.append(targets[image_id])
-        return {"x": to_tensor01(images).to(device), "sp": torch.from_numpy(np.stack(sps)).long().to(device),
-                "y": torch.stack(ys).to(device)}
+        return {
+            "x": to_tensor01(images).to(device),
+            "sp": torch.from_numpy(np.stack(sps)).long().to(device),
+            "y": torch.stack(ys).to(device),
+        }
 
-    train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
-               compute_loss=training_loss(cam_cfg), iterations=cam_cfg["iterations"],
-               checkpoint_every=cam_cfg["checkpoint_every"], out_dir=Path(out_dir), seed=cam_cfg["seed"],
-               desc="train-cam", fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]),
-               log_every=cam_cfg["log_every"])
+    train_loop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        next_batch=next_batch,
+        compute_loss=training_loss(cam_cfg),
+        iterations=cam_cfg["iterations"],
+        checkpoint_every=cam_cfg["checkpoint_every"],
+        out_dir=Path(out_dir),
+        seed=cam_cfg["seed"],
+        desc="train-cam",
+        fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]),
+        log_every=cam_cfg["log_every"],
+    )
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "cam")
     return model_path

@@ -3,6 +3,7 @@
 Ingest (``weakseg.datasets.ingest``) writes ``data.zarr`` (images + image-level labels) and
 ``gt.zarr`` (masks, evaluation only). Training-side stages read ``DatasetInfo`` and images only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,10 +53,15 @@ class DatasetInfo:
         return {i: r for r, i in enumerate(self.ids)}
 
     @classmethod
-    def from_store(cls, group) -> "DatasetInfo":
+    def from_store(cls, group) -> DatasetInfo:
         a = group.attrs
-        return cls(tuple(a["class_names"]), bool(a["has_background"]), tuple(a["ids"]), dict(a["splits"]),
-                   group["labels"][...])
+        return cls(
+            tuple(a["class_names"]),
+            bool(a["has_background"]),
+            tuple(a["ids"]),
+            dict(a["splits"]),
+            group["labels"][...],
+        )
 
 
 def open_data(path: str | Path):

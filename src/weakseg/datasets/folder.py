@@ -16,6 +16,7 @@ Images are decoded strictly (``read_image_file``, also used by ``weakseg predict
 file is an error, never an image padded with grey. EXIF orientation is applied, so an image is
 stored as viewers show it; masks carry no orientation and must match the rotated image.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,9 @@ def read_classes(root: Path) -> list[str]:
     if dupes:
         raise DatasetError(f"{path}: duplicate class names {dupes}")
     if len(names) > 255:
-        raise DatasetError(f"{path}: at most 255 classes fit a uint8 label map (255 = ignore), found {len(names)}")
+        raise DatasetError(
+            f"{path}: at most 255 classes fit a uint8 label map (255 = ignore), found {len(names)}"
+        )
     return names
 
 
@@ -61,8 +64,9 @@ def split_file(root: Path, split: str) -> Path:
     for path in (root / f"{split}.txt", root / "ImageSets" / "Segmentation" / f"{split}.txt"):
         if path.is_file():
             return path
-    raise DatasetError(f"{root}: no list for split '{split}' (expected {split}.txt or "
-                       f"ImageSets/Segmentation/{split}.txt)")
+    raise DatasetError(
+        f"{root}: no list for split '{split}' (expected {split}.txt or ImageSets/Segmentation/{split}.txt)"
+    )
 
 
 def read_split(root: Path, split: str) -> list[str]:
@@ -73,8 +77,10 @@ def read_split(root: Path, split: str) -> list[str]:
         raise DatasetError(f"{path}: split '{split}' is empty; expected one image id per line")
     repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
     if repeated:
-        raise DatasetError(f"{path}: {len(repeated)} image ids are listed more than once, e.g. {_some(repeated)}; "
-                           "expected each id once (a repeated image would weigh double in training)")
+        raise DatasetError(
+            f"{path}: {len(repeated)} image ids are listed more than once, e.g. {_some(repeated)}; "
+            "expected each id once (a repeated image would weigh double in training)"
+        )
     return ids
 
 
@@ -101,8 +107,10 @@ def image_path(root: Path, image_id: str) -> Path:
         path = root / "JPEGImages" / f"{image_id}{ext}"
         if path.is_file():
             return path
-    raise DatasetError(f"{root / 'JPEGImages' / image_id}.jpg: image file not found "
-                       f"(tried extensions {', '.join(IMAGE_EXTENSIONS)})")
+    raise DatasetError(
+        f"{root / 'JPEGImages' / image_id}.jpg: image file not found "
+        f"(tried extensions {', '.join(IMAGE_EXTENSIONS)})"
+    )
 
 
 def read_image_file(path: str | os.PathLike) -> np.ndarray:
@@ -123,8 +131,9 @@ def read_image_file(path: str | os.PathLike) -> np.ndarray:
     except DatasetError:
         raise
     except Exception as exc:  # Pillow raises OSError for most damage, other types for some
-        raise DatasetError(f"{path}: unreadable image ({_damage(path, exc)}); expected a complete JPEG, PNG or "
-                           "BMP image") from exc
+        raise DatasetError(
+            f"{path}: unreadable image ({_damage(path, exc)}); expected a complete JPEG, PNG or BMP image"
+        ) from exc
 
 
 def _damage(path: Path, exc: Exception) -> str:
@@ -155,18 +164,26 @@ def read_mask_file(path: Path, shape: tuple[int, int], n_classes: int) -> np.nda
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise DatasetError(f"{path}: mask mode {im.mode}; expected a palette or single-channel index PNG")
+                raise DatasetError(
+                    f"{path}: mask mode {im.mode}; expected a palette or single-channel index PNG"
+                )
             mask = np.array(im)
     except (OSError, SyntaxError) as exc:
         raise DatasetError(f"{path}: unreadable mask ({first_line(exc)})") from exc
     if mask.shape != shape:
-        hint = ("; masks are not rotated by EXIF orientation, so draw them on the image as viewers show it"
-                if mask.shape == shape[::-1] else "")
-        raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                           f"{shape[1]}x{shape[0]}{hint}")
+        hint = (
+            "; masks are not rotated by EXIF orientation, so draw them on the image as viewers show it"
+            if mask.shape == shape[::-1]
+            else ""
+        )
+        raise DatasetError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}{hint}"
+        )
     bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(n_classes), IGNORE])
     if bad.size:
-        raise DatasetError(f"{path}: mask values {bad[:5].tolist()} are not class indices 0..{n_classes - 1} or 255")
+        raise DatasetError(
+            f"{path}: mask values {bad[:5].tolist()} are not class indices 0..{n_classes - 1} or 255"
+        )
     return mask.astype(np.uint8)
 
 
@@ -184,8 +201,9 @@ def read_labels_file(path: Path, class_names: list[str]) -> dict[str, np.ndarray
             names = [n.strip() for n in (row["labels"] or "").split(";") if n.strip()]
             unknown = [n for n in names if n not in index]
             if unknown:
-                raise DatasetError(f"{path}:{line}: class {unknown[0]!r} is not in classes.txt "
-                                   f"({', '.join(class_names)})")
+                raise DatasetError(
+                    f"{path}:{line}: class {unknown[0]!r} is not in classes.txt ({', '.join(class_names)})"
+                )
             out[row["id"]] = np.array([index[n] for n in names], np.int64)
     return out
 
@@ -197,8 +215,10 @@ def check_disjoint_splits(root: Path, splits: list[tuple[str, list[str]]]) -> No
     (train, train_ids), (val, val_ids) = splits
     shared = sorted(set(train_ids) & set(val_ids))
     if shared:
-        raise DatasetError(f"{split_file(root, train)} and {split_file(root, val)}: {len(shared)} image ids are in "
-                           f"both the '{train}' and '{val}' splits, e.g. {_some(shared)}; expected disjoint splits")
+        raise DatasetError(
+            f"{split_file(root, train)} and {split_file(root, val)}: {len(shared)} image ids are in "
+            f"both the '{train}' and '{val}' splits, e.g. {_some(shared)}; expected disjoint splits"
+        )
 
 
 def labels_from_mask(mask: np.ndarray, n_classes: int) -> np.ndarray:
@@ -218,27 +238,42 @@ def ingest(root: str | os.PathLike, dataset_cfg: dict, data_path, gt_path, prov:
         raise DatasetError(str(exc)) from exc
     names = list(mapping.class_names)
     n_classes = len(names)
-    split_names = [dataset_cfg["train_split"]] + ([dataset_cfg["val_split"]] if dataset_cfg["val_split"] else [])
+    split_names = [dataset_cfg["train_split"]] + (
+        [dataset_cfg["val_split"]] if dataset_cfg["val_split"] else []
+    )
     full_splits = [(split, read_split(root, split)) for split in split_names]
     check_disjoint_splits(root, full_splits)
     limit = dataset_cfg["max_images"]
     splits = {split: ids[:limit] if limit else ids for split, ids in full_splits}
     all_ids = list(dict.fromkeys(i for ids in splits.values() for i in ids))
     # The labels file names the classes of classes.txt; they go through the same mapping as the masks.
-    file_labels = (read_labels_file(Path(dataset_cfg["labels_file"]), source_names)
-                   if dataset_cfg["labels_file"] else None)
+    file_labels = (
+        read_labels_file(Path(dataset_cfg["labels_file"]), source_names)
+        if dataset_cfg["labels_file"]
+        else None
+    )
     has_bg = mapping.has_background
     labels = np.zeros((len(all_ids), n_classes), np.uint8)
     n_masks = 0
-    attrs = {"class_names": names, "has_background": has_bg, "ids": all_ids, "splits": splits,
-             "source": str(root), "source_class_names": list(source_names)}
-    with store.writing(data_path, "data", prov, attrs) as data, \
-            store.writing(gt_path, "gt", prov, {"class_names": names, "has_background": has_bg}) as gt:
+    attrs = {
+        "class_names": names,
+        "has_background": has_bg,
+        "ids": all_ids,
+        "splits": splits,
+        "source": str(root),
+        "source_class_names": list(source_names),
+    }
+    with (
+        store.writing(data_path, "data", prov, attrs) as data,
+        store.writing(gt_path, "gt", prov, {"class_names": names, "has_background": has_bg}) as gt,
+    ):
         for row, image_id in enumerate(progress(all_ids, "ingest")):
             image = read_image_file(image_path(root, image_id))
             store.put(data, store.IMAGES, image_id, image)
             mask_file = root / "SegmentationClass" / f"{image_id}.png"
-            mask = read_mask_file(mask_file, image.shape[:2], len(source_names)) if mask_file.is_file() else None
+            mask = (
+                read_mask_file(mask_file, image.shape[:2], len(source_names)) if mask_file.is_file() else None
+            )
             if mask is not None:
                 mask = mapping.map_mask(mask)
             if mask is not None:
@@ -251,20 +286,28 @@ def ingest(root: str | os.PathLike, dataset_cfg: dict, data_path, gt_path, prov:
             elif mask is not None:
                 present = labels_from_mask(mask, n_classes)
             else:
-                raise DatasetError(f"{mask_file}: missing, and no labels file is configured "
-                                   "(dataset.labels_file) to give this image's labels")
+                raise DatasetError(
+                    f"{mask_file}: missing, and no labels file is configured "
+                    "(dataset.labels_file) to give this image's labels"
+                )
             if not len(present) and not has_bg:
                 source = dataset_cfg["labels_file"] if file_labels is not None else mask_file
-                raise DatasetError(f"{source}: image '{image_id}' has no labels; without a background class "
-                                   "(dataset.has_background: false) every image needs at least one class")
+                raise DatasetError(
+                    f"{source}: image '{image_id}' has no labels; without a background class "
+                    "(dataset.has_background: false) every image needs at least one class"
+                )
             labels[row, present] = 1
             if has_bg:
                 labels[row, 0] = 1  # every image has background in the VOC convention
-        empty = [i for i, r in zip(all_ids, labels) if not r[1 if has_bg else 0:].any()]
+        empty = [i for i, r in zip(all_ids, labels) if not r[1 if has_bg else 0 :].any()]
         if empty:
             log.info("%d images have no foreground label (all background), e.g. %s", len(empty), empty[:3])
         data.create_array("labels", shape=labels.shape, dtype=np.uint8, chunks=labels.shape)[...] = labels
-    summary = {"images": len(all_ids), "masks": n_masks, "classes": n_classes,
-               **{f"split_{k}": len(v) for k, v in splits.items()}}
+    summary = {
+        "images": len(all_ids),
+        "masks": n_masks,
+        "classes": n_classes,
+        **{f"split_{k}": len(v) for k, v in splits.items()},
+    }
     log.info("ingested %s", summary)
     return summary

@@ -15,6 +15,7 @@ With a non-empty ``background`` the run has a background class whatever ``datase
 says; if ``classes.txt`` already starts with a background class (``has_background: true``), the merged
 classes join it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ class ClassMapping:
     @property
     def is_identity(self) -> bool:
         return self.class_names == self.source_names and bool(
-            np.array_equal(self.lut[:len(self.source_names)], np.arange(len(self.source_names))))
+            np.array_equal(self.lut[: len(self.source_names)], np.arange(len(self.source_names)))
+        )
 
     def map_mask(self, mask: np.ndarray) -> np.ndarray:
         """A mask of original class indices (255 = ignore) -> mapped indices."""
@@ -63,11 +65,15 @@ def build_mapping(source_names, has_background: bool, mapping: dict | None) -> C
     for key, listed in (("background", background), ("drop", drop), ("rename", list(rename))):
         unknown = [n for n in listed if n not in names]
         if unknown:
-            raise ClassMappingError(f"dataset.class_mapping.{key}: class {unknown[0]!r} is not in classes.txt "
-                                    f"({', '.join(names)})")
+            raise ClassMappingError(
+                f"dataset.class_mapping.{key}: class {unknown[0]!r} is not in classes.txt "
+                f"({', '.join(names)})"
+            )
     twice = sorted(set(background) & set(drop))
     if twice:
-        raise ClassMappingError(f"dataset.class_mapping: {twice[0]!r} is both merged into background and dropped")
+        raise ClassMappingError(
+            f"dataset.class_mapping: {twice[0]!r} is both merged into background and dropped"
+        )
 
     lut = np.full(256, IGNORE, np.uint8)
     new_names: list[str] = []
@@ -88,5 +94,7 @@ def build_mapping(source_names, has_background: bool, mapping: dict | None) -> C
     if dupes:
         raise ClassMappingError(f"dataset.class_mapping.rename: two classes are named {dupes[0]!r}")
     if len(new_names) < 2:
-        raise ClassMappingError(f"dataset.class_mapping: leaves {len(new_names)} class(es); at least 2 are needed")
+        raise ClassMappingError(
+            f"dataset.class_mapping: leaves {len(new_names)} class(es); at least 2 are needed"
+        )
     return ClassMapping(tuple(names), tuple(new_names), with_background, lut)

@@ -12,13 +12,15 @@ may be missing: its column is skipped; small images are upscaled so text stays r
 ``select_ids`` picks images (ids / class / worst at a stage) and ``run_inspect`` writes
 ``<out_dir>/<id>.png``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -52,6 +54,7 @@ HEAT_ALPHA = 0.5  # weight of the jet colour map over the image
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 FONT_SCALE = 0.4
+
 
 class SelectionError(ValueError):
     """An image id, class or stage asked for does not exist; the message lists the valid choices."""
@@ -129,7 +132,9 @@ def superpixel_overlay(image: np.ndarray, superpixels: np.ndarray) -> np.ndarray
     """The image with superpixel boundaries drawn in ``BOUNDARY_COLOUR``."""
     _check_image(image)
     if superpixels.shape != image.shape[:2]:
-        raise ValueError(f"superpixel map shape {superpixels.shape} differs from image shape {image.shape[:2]}")
+        raise ValueError(
+            f"superpixel map shape {superpixels.shape} differs from image shape {image.shape[:2]}"
+        )
     out = image.copy()
     out[superpixel_boundaries(superpixels)] = BOUNDARY_COLOUR
     return out
@@ -175,12 +180,17 @@ def grid_shape(n_tiles: int, per_row: int = PER_ROW) -> tuple[int, int]:
     return -(-n_tiles // cols), cols
 
 
-def panel_shape(image_hw: tuple[int, int], n_tiles: int, n_legend_rows: int,
-                per_row: int = PER_ROW) -> tuple[int, int]:
+def panel_shape(
+    image_hw: tuple[int, int], n_tiles: int, n_legend_rows: int, per_row: int = PER_ROW
+) -> tuple[int, int]:
     """(height, width) of a panel of ``n_tiles`` tiles of a (H, W) image."""
     h, w = image_hw
     rows, cols = grid_shape(n_tiles, per_row)
-    height = GAP + rows * (TITLE_HEIGHT + h + GAP) + (n_legend_rows * LEGEND_ROW_HEIGHT + GAP if n_legend_rows else 0)
+    height = (
+        GAP
+        + rows * (TITLE_HEIGHT + h + GAP)
+        + (n_legend_rows * LEGEND_ROW_HEIGHT + GAP if n_legend_rows else 0)
+    )
     return height, cols * w + (cols + 1) * GAP
 
 
@@ -190,8 +200,13 @@ def tile_origin(index: int, image_hw: tuple[int, int], per_row: int = PER_ROW) -
     return GAP + row * (TITLE_HEIGHT + image_hw[0] + GAP) + TITLE_HEIGHT, GAP + col * (image_hw[1] + GAP)
 
 
-def render_panel(image: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], legend: Legend = (),
-                 title: str = "image", per_row: int = PER_ROW) -> np.ndarray:
+def render_panel(
+    image: np.ndarray,
+    columns: Sequence[tuple[str, np.ndarray]],
+    legend: Legend = (),
+    title: str = "image",
+    per_row: int = PER_ROW,
+) -> np.ndarray:
     """A grid of titled tiles, ``per_row`` a row — ``image`` first, then each (title, RGB (H, W, 3))
     column — above a legend of (name, RGB, None for the ignore hatch, or COLOUR_BAR) entries, wrapped
     to the panel width. Returns uint8 RGB of shape ``panel_shape(...) + (3,)``."""
@@ -208,7 +223,7 @@ def render_panel(image: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], l
     canvas[:] = PANEL_BACKGROUND
     for index, (name, tile) in enumerate(tiles):
         y, x = tile_origin(index, hw, per_row)
-        canvas[y:y + hw[0], x:x + hw[1]] = tile
+        canvas[y : y + hw[0], x : x + hw[1]] = tile
         _put_text(canvas, _fit_text(name, hw[1]), x, y - TITLE_HEIGHT, TITLE_HEIGHT)
     y = height - (len(legend_rows) * LEGEND_ROW_HEIGHT + GAP if legend_rows else 0)
     for row in legend_rows:
@@ -216,9 +231,11 @@ def render_panel(image: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], l
         for x, name, colour in row:
             mark = COLOUR_BAR_WIDTH if colour == COLOUR_BAR else SWATCH
             if colour == COLOUR_BAR:
-                canvas[sy:sy + SWATCH, x:x + mark] = jet(np.linspace(0, 1, mark))[None]
+                canvas[sy : sy + SWATCH, x : x + mark] = jet(np.linspace(0, 1, mark))[None]
             else:
-                canvas[sy:sy + SWATCH, x:x + SWATCH] = hatch((SWATCH, SWATCH)) if colour is None else colour
+                canvas[sy : sy + SWATCH, x : x + SWATCH] = (
+                    hatch((SWATCH, SWATCH)) if colour is None else colour
+                )
             cv2.rectangle(canvas, (x, sy), (x + mark - 1, sy + SWATCH - 1), TEXT_COLOUR, 1)
             _put_text(canvas, name, x + mark + 3, y, LEGEND_ROW_HEIGHT)
         y += LEGEND_ROW_HEIGHT
@@ -230,7 +247,9 @@ def legend_for(label_maps: Sequence[np.ndarray], class_names: Sequence[str], pal
     present: set[int] = set()
     for labels in label_maps:
         present.update(int(v) for v in np.unique(labels))
-    entries = [(class_names[c], tuple(int(v) for v in palette[c])) for c in sorted(present) if c < len(class_names)]
+    entries = [
+        (class_names[c], tuple(int(v) for v in palette[c])) for c in sorted(present) if c < len(class_names)
+    ]
     unknown = sorted(c for c in present if len(class_names) <= c != IGNORE)
     if unknown:
         raise ValueError(f"label values {unknown} are not classes (dataset has {len(class_names)} classes)")
@@ -295,7 +314,9 @@ class RunPanels:
 
         self.layout = store.RunLayout(run_dir)
         self.info, self.data = open_data(self.layout.data)
-        self.config = run_config(self.layout) or validate({"dataset": {"train_split": next(iter(self.info.splits))}})
+        self.config = run_config(self.layout) or validate(
+            {"dataset": {"train_split": next(iter(self.info.splits))}}
+        )
         self.palette = np.asarray(class_palette(self.info.n_classes), np.uint8)
         self.gt = _open_optional(self.layout.gt, "gt")
         self.superpixels = _open_optional(self.layout.superpixels, "superpixels")
@@ -313,8 +334,10 @@ class RunPanels:
 
     def check_id(self, image_id: str) -> None:
         if image_id not in self.info.ids:
-            raise SelectionError(f"image id '{image_id}' is not in {self.layout.data} "
-                           f"({len(self.info.ids)} ids, e.g. {', '.join(self.info.ids[:5])})")
+            raise SelectionError(
+                f"image id '{image_id}' is not in {self.layout.data} "
+                f"({len(self.info.ids)} ids, e.g. {', '.join(self.info.ids[:5])})"
+            )
 
     def _has(self, group, key: str, image_id: str) -> bool:
         return group is not None and f"{key}/{image_id}" in group
@@ -343,8 +366,9 @@ class RunPanels:
         def read(group, key: str, title: str) -> np.ndarray:
             array = store.get(group, key, image_id)
             if array.shape[-2:] != hw:
-                raise ValueError(f"{title} of image '{image_id}': shape {array.shape} does not match the "
-                                 f"image's {hw}")
+                raise ValueError(
+                    f"{title} of image '{image_id}': shape {array.shape} does not match the image's {hw}"
+                )
             return array
 
         def add_labels(title: str, labels: np.ndarray) -> None:
@@ -355,8 +379,13 @@ class RunPanels:
             add_labels("ground truth", read(self.gt, store.MASKS, "ground truth"))
         if self._has(self.superpixels, store.SUPERPIXELS, image_id):
             sp = read(self.superpixels, store.SUPERPIXELS, "superpixels")
-            columns.append(Column(f"superpixels ({len(np.unique(sp))})", superpixel_overlay(big, upscale(sp, scale)),
-                                  "superpixels"))
+            columns.append(
+                Column(
+                    f"superpixels ({len(np.unique(sp))})",
+                    superpixel_overlay(big, upscale(sp, scale)),
+                    "superpixels",
+                )
+            )
         heat: dict[str, tuple[np.ndarray, list[int]]] = {}
         for key, label in ((store.CAM, "CAM"), (store.SPCAM, "SP-CAM")):
             if self._has(self.scores, key, image_id):
@@ -411,7 +440,9 @@ def read_per_image(path: Path) -> pd.Series:
     table = pd.read_csv(path, dtype={"id": str})
     missing = {"id", "miou"} - set(table.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected id, miou, pixel_acc)")
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(sorted(missing))} (expected id, miou, pixel_acc)"
+        )
     return table.set_index("id")["miou"].astype(float)
 
 
@@ -430,11 +461,16 @@ def compute_per_image(path: Path, gt_path: Path, stage: str, info, ids: Sequence
     return per_image.set_index("id")["miou"].astype(float)
 
 
-def stage_miou(layout: store.RunLayout, stage: str, info, ids: Sequence[str], config: dict | None = None) -> pd.Series:
+def stage_miou(
+    layout: store.RunLayout, stage: str, info, ids: Sequence[str], config: dict | None = None
+) -> pd.Series:
     """Per-image mIoU of ``stage`` (on every split that has it): from its per-image CSVs, else computed
     from its labels stores."""
-    config = config or run_config(layout) or {"dataset": {"train_split": next(iter(info.splits))},
-                                              "segment": {"annotation": "reliable"}}
+    config = (
+        config
+        or run_config(layout)
+        or {"dataset": {"train_split": next(iter(info.splits))}, "segment": {"annotation": "reliable"}}
+    )
     files = {key: p for key, p in per_image_files(layout, info.splits).items() if key[0] == stage}
     if files:
         return pd.concat([read_per_image(p) for p in files.values()])
@@ -443,19 +479,29 @@ def stage_miou(layout: store.RunLayout, stage: str, info, ids: Sequence[str], co
         return pd.concat([compute_per_image(s.path, layout.gt, stage, info, ids) for s in stores])
     computable = {s.name for s in found_stages(layout, config)} if layout.gt.exists() else set()
     valid = sorted(set(per_image_stages(layout, info.splits)) | computable)
-    raise SelectionError(f"stage '{stage}' has no per-image scores in {layout.root} "
-                         f"(valid stages: {', '.join(valid) or 'none — the run has no ground-truth masks'})")
+    raise SelectionError(
+        f"stage '{stage}' has no per-image scores in {layout.root} "
+        f"(valid stages: {', '.join(valid) or 'none — the run has no ground-truth masks'})"
+    )
 
 
-def select_ids(layout: store.RunLayout, info, ids: Sequence[str] | None = None, worst: int | None = None,
-               stage: str | None = None, class_name: str | None = None) -> list[str]:
+def select_ids(
+    layout: store.RunLayout,
+    info,
+    ids: Sequence[str] | None = None,
+    worst: int | None = None,
+    stage: str | None = None,
+    class_name: str | None = None,
+) -> list[str]:
     """The images to inspect: ``ids`` (default all), narrowed to those labelled ``class_name``, then
     the ``worst`` N by per-image mIoU at ``stage`` (images without a score at that stage are dropped)."""
     if ids:
         unknown = [i for i in ids if i not in info.ids]
         if unknown:
-            raise SelectionError(f"unknown image id(s) {', '.join(unknown)} — not in {layout.data} "
-                           f"({len(info.ids)} ids, e.g. {', '.join(info.ids[:5])})")
+            raise SelectionError(
+                f"unknown image id(s) {', '.join(unknown)} — not in {layout.data} "
+                f"({len(info.ids)} ids, e.g. {', '.join(info.ids[:5])})"
+            )
         chosen = list(dict.fromkeys(ids))
     else:
         chosen = list(info.ids)
@@ -475,14 +521,24 @@ def select_ids(layout: store.RunLayout, info, ids: Sequence[str] | None = None, 
     return chosen
 
 
-def run_inspect(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ids: Sequence[str] | None = None,
-                worst: int | None = None, stage: str | None = None, class_name: str | None = None) -> list[Path]:
+def run_inspect(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ids: Sequence[str] | None = None,
+    worst: int | None = None,
+    stage: str | None = None,
+    class_name: str | None = None,
+) -> list[Path]:
     """Write ``<out_dir>/<id>.png`` panels for the selected images (see ``select_ids``); return the paths."""
     panels = RunPanels(run_dir)
     missing = panels.missing_stages()
     if missing:
-        log.warning("inspect: %d expected stage(s) not (yet) computed in %s: %s", len(missing), panels.layout.root,
-                    ", ".join(f"{s.name} ({s.split})" for s in missing))
+        log.warning(
+            "inspect: %d expected stage(s) not (yet) computed in %s: %s",
+            len(missing),
+            panels.layout.root,
+            ", ".join(f"{s.name} ({s.split})" for s in missing),
+        )
     chosen = select_ids(panels.layout, panels.info, ids, worst, stage, class_name)
     if not chosen:
         log.warning("inspect: no image matches the selection")

@@ -10,6 +10,7 @@ Jinja2 templates in ``templates/`` and written atomically.
 Core: ``stage_table``, ``per_class_table``, ``timing_table``, ``gallery_order`` and the ``plot_*``
 functions (tables in, table or figure out). Edge: ``write_report``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,9 +21,9 @@ import os
 import re
 import subprocess
 import uuid
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -56,7 +57,9 @@ def read_metrics(path: Path) -> pd.DataFrame | None:
 def stage_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per (stage, split), in the order stages first appear; columns ``TABLE_METRICS``."""
     whole = metrics[(metrics["class"] == "") & metrics["metric"].isin(TABLE_METRICS)]
-    table = whole.pivot_table(index=["stage", "split"], columns="metric", values="value", aggfunc="last", sort=False)
+    table = whole.pivot_table(
+        index=["stage", "split"], columns="metric", values="value", aggfunc="last", sort=False
+    )
     return table.reindex(columns=[m for m in TABLE_METRICS if m in table.columns])
 
 
@@ -69,7 +72,9 @@ def images_evaluated(metrics: pd.DataFrame) -> dict[tuple[str, str], str]:
     whole = metrics[metrics["class"] == ""]
     n = whole[whole["metric"] == "n_images"].groupby(["stage", "split"], sort=False)["value"].last()
     total = whole[whole["metric"] == "split_images"].groupby(["stage", "split"], sort=False)["value"].last()
-    return {key: f"{int(v)} of {int(total[key])}" if key in total.index else f"{int(v)}" for key, v in n.items()}
+    return {
+        key: f"{int(v)} of {int(total[key])}" if key in total.index else f"{int(v)}" for key, v in n.items()
+    }
 
 
 # What each stage is compared with, to say in one line what it added (train: the pseudo-label chain;
@@ -109,8 +114,9 @@ def per_class_table(metrics: pd.DataFrame) -> pd.DataFrame:
     per_class = metrics[(metrics["metric"] == "iou") & (metrics["class"] != "")]
     if per_class.empty:
         return pd.DataFrame()
-    table = per_class.pivot_table(index="class", columns=["stage", "split"], values="value", aggfunc="last",
-                                  sort=False)
+    table = per_class.pivot_table(
+        index="class", columns=["stage", "split"], values="value", aggfunc="last", sort=False
+    )
     return table.reindex(index=list(dict.fromkeys(per_class["class"])))
 
 
@@ -121,15 +127,23 @@ def timing_table(benchmarks: dict[str, pd.DataFrame]) -> pd.DataFrame:
         if table.empty or "s" not in table.columns:
             continue
         rss = table["max_rss"].iloc[-1] if "max_rss" in table.columns else float("nan")
-        rows.append({"job": job, "seconds": float(table["s"].iloc[-1]),
-                     "max_rss_mb": pd.to_numeric(pd.Series([rss]), errors="coerce").iloc[0]})
+        rows.append(
+            {
+                "job": job,
+                "seconds": float(table["s"].iloc[-1]),
+                "max_rss_mb": pd.to_numeric(pd.Series([rss]), errors="coerce").iloc[0],
+            }
+        )
     return pd.DataFrame(rows, columns=["job", "seconds", "max_rss_mb"])
 
 
 def final_stages(metrics: pd.DataFrame | None, per_image: Sequence[tuple[str, str]]) -> dict[str, str]:
     """{split: the last stage, in metrics (pipeline) order, that has per-image scores on that split}."""
-    order = {key: i for i, key in enumerate(dict.fromkeys(zip(metrics["stage"], metrics["split"])))} \
-        if metrics is not None else {}
+    order = (
+        {key: i for i, key in enumerate(dict.fromkeys(zip(metrics["stage"], metrics["split"])))}
+        if metrics is not None
+        else {}
+    )
     final: dict[str, tuple[int, str]] = {}
     for stage, split in per_image:
         rank = order.get((stage, split), -1)
@@ -150,7 +164,9 @@ def gallery_order(miou: pd.Series | None, ids: Sequence[str], n: int) -> list[st
     """``n`` ids spread evenly over the mIoU ranking (worst, ..., best) so the gallery shows failures
     and successes; when fewer than ``n`` images have a score, the rest are spread over the others."""
     known = set(ids)
-    ranked = [i for i in miou.dropna().sort_values(kind="stable").index if i in known] if miou is not None else []
+    ranked = (
+        [i for i in miou.dropna().sort_values(kind="stable").index if i in known] if miou is not None else []
+    )
     chosen = _spread(ranked, n)
     taken = set(chosen)
     return chosen + _spread([i for i in ids if i not in taken], n - len(chosen))
@@ -193,7 +209,9 @@ def plot_sweeps(sweeps: dict[str, pd.DataFrame]):
     for name, sweep in sweeps.items():
         ax.plot(sweep["threshold"], sweep["miou"], marker="o", label=f"{name} mIoU")
         if "mean_class_acc" in sweep.columns:
-            ax.plot(sweep["threshold"], sweep["mean_class_acc"], linestyle="--", label=f"{name} mean class acc")
+            ax.plot(
+                sweep["threshold"], sweep["mean_class_acc"], linestyle="--", label=f"{name} mean class acc"
+            )
     ax.set(xlabel="background threshold", ylabel="score", title="background-threshold sweep")
     ax.legend(fontsize=8)
     return fig
@@ -206,8 +224,11 @@ def plot_reliability_curve(curve: pd.DataFrame | None):
     ax.plot(curve["fraction"], curve["miou"], marker="o")
     for k, f, m in curve[["k", "fraction", "miou"]].itertuples(index=False):
         ax.annotate(str(int(k)), (f, m), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
-    ax.set(xlabel="fraction of annotations kept (most reliable first; labels: k)", ylabel="mIoU",
-           title="reliability curve")
+    ax.set(
+        xlabel="fraction of annotations kept (most reliable first; labels: k)",
+        ylabel="mIoU",
+        title="reliability curve",
+    )
     return fig
 
 
@@ -251,8 +272,11 @@ def figure_uri(fig) -> str:
 
 def image_uri(rgb: np.ndarray, lossless: bool) -> str:
     """An RGB uint8 image as a PNG (lossless) or JPEG data URI."""
-    ext, params, mime = (".png", [], "image/png") if lossless else \
-        (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY], "image/jpeg")
+    ext, params, mime = (
+        (".png", [], "image/png")
+        if lossless
+        else (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY], "image/jpeg")
+    )
     ok, encoded = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
     if not ok:
         raise ValueError(f"could not encode a {rgb.shape} image as {ext}")
@@ -266,15 +290,19 @@ def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame | None:
     table = pd.read_csv(path, dtype={"id": str} if "id" in required else None)
     missing = set(required) - set(table.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected {', '.join(required)})")
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(sorted(missing))} (expected {', '.join(required)})"
+        )
     return table
 
 
 def read_sweeps(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
     if not layout.metrics_dir.is_dir():
         return {}
-    return {p.name[: -len("_sweep.csv")]: _read_csv(p, ("threshold", "miou"))
-            for p in sorted(layout.metrics_dir.glob("*_sweep.csv"))}
+    return {
+        p.name[: -len("_sweep.csv")]: _read_csv(p, ("threshold", "miou"))
+        for p in sorted(layout.metrics_dir.glob("*_sweep.csv"))
+    }
 
 
 def read_training_logs(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
@@ -299,12 +327,20 @@ def read_benchmarks(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
 def git_commit(path: Path) -> str | None:
     """The git commit (and '+changes' when the work tree differs) of the checkout holding ``path``."""
     try:
-        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return commit.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -341,15 +377,24 @@ def render_page(context: dict) -> str:
     import jinja2
 
     folder = resources.files("weakseg.inspect").joinpath("templates")
-    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
-                             loader=jinja2.FunctionLoader(lambda name: folder.joinpath(name).read_text()))
-    return env.get_template("report.html.j2").render(css=folder.joinpath("report.css").read_text(),
-                                                    script=folder.joinpath("report.js").read_text(), **context)
+    env = jinja2.Environment(
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        loader=jinja2.FunctionLoader(lambda name: folder.joinpath(name).read_text()),
+    )
+    return env.get_template("report.html.j2").render(
+        css=folder.joinpath("report.css").read_text(),
+        script=folder.joinpath("report.js").read_text(),
+        **context,
+    )
 
 
 # -------------------------------------------------------------------------------------------- edge
-def write_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None,
-                 gallery_images: int | None = None) -> Path:
+def write_report(
+    run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None, gallery_images: int | None = None
+) -> Path:
     """Write the self-contained report page ``out_html`` (default ``<run>/report/index.html``)
     atomically. ``gallery_images`` defaults to the run's ``inspect.gallery_images``. Returns the path."""
     layout = store.RunLayout(run_dir)
@@ -380,16 +425,28 @@ def report_context(layout: store.RunLayout, config: dict | None, gallery_images:
     from weakseg import __version__
 
     metrics = read_metrics(layout.metrics)
-    meta = [("run", layout.root.name), ("run folder", str(layout.root.resolve())), ("weakseg version", __version__),
-            ("report written", _dt.datetime.now().astimezone().isoformat(timespec="seconds"))]
+    meta = [
+        ("run", layout.root.name),
+        ("run folder", str(layout.root.resolve())),
+        ("weakseg version", __version__),
+        ("report written", _dt.datetime.now().astimezone().isoformat(timespec="seconds")),
+    ]
     commit = git_commit(Path(__file__).parent)
     if commit:
         meta.append(("git commit", commit))
-    context = {"title": f"weakseg report: {layout.root.name}", "meta": meta, "missing": [], "metrics": None,
-               "gains": [],
-               "per_class": None, "timings": None, "plots": [], "gallery": None,
-               "evaluation": "No data store yet: the run has not ingested its dataset.",
-               "config_text": layout.resolved_config.read_text() if layout.resolved_config.is_file() else None}
+    context = {
+        "title": f"weakseg report: {layout.root.name}",
+        "meta": meta,
+        "missing": [],
+        "metrics": None,
+        "gains": [],
+        "per_class": None,
+        "timings": None,
+        "plots": [],
+        "gallery": None,
+        "evaluation": "No data store yet: the run has not ingested its dataset.",
+        "config_text": layout.resolved_config.read_text() if layout.resolved_config.is_file() else None,
+    }
     if config is not None:
         dataset = config["dataset"]
         meta.append(("dataset", dataset["kind"] + (f" {dataset['root']}" if dataset["root"] else "")))
@@ -399,37 +456,70 @@ def report_context(layout: store.RunLayout, config: dict | None, gallery_images:
         counts = mask_counts(layout, run.info)
         meta.append(("images", ", ".join(f"{split} {n}" for split, (_, n) in counts.items())))
         if not any(m for m, _ in counts.values()):
-            context["evaluation"] = ("No ground-truth masks: nothing is evaluated. The report shows every stage's "
-                                     "pictures and the training curves, without scores.")
+            context["evaluation"] = (
+                "No ground-truth masks: nothing is evaluated. The report shows every stage's "
+                "pictures and the training curves, without scores."
+            )
         else:
-            context["evaluation"] = "Ground-truth masks (evaluation only): " + ", ".join(
-                f"{split} {m} of {n} images" for split, (m, n) in counts.items()) + ". Scores cover those images."
+            context["evaluation"] = (
+                "Ground-truth masks (evaluation only): "
+                + ", ".join(f"{split} {m} of {n} images" for split, (m, n) in counts.items())
+                + ". Scores cover those images."
+            )
     if metrics is not None:
         table = stage_table(metrics)
         evaluated = images_evaluated(metrics)
-        context["metrics"] = {"columns": list(table.columns), "rows": [
-            {"stage": stage, "split": split, "values": [_fmt(v) for v in values],
-             "images": evaluated.get((stage, split), "")} for (stage, split), values in table.iterrows()]}
+        context["metrics"] = {
+            "columns": list(table.columns),
+            "rows": [
+                {
+                    "stage": stage,
+                    "split": split,
+                    "values": [_fmt(v) for v in values],
+                    "images": evaluated.get((stage, split), ""),
+                }
+                for (stage, split), values in table.iterrows()
+            ],
+        }
         context["gains"] = stage_gains(table, config["dataset"]["train_split"] if config else "train")
         per_class = per_class_table(metrics)
         if not per_class.empty:
-            context["per_class"] = {"columns": list(per_class.columns),
-                                    "rows": [(name, [_fmt(v, 3) for v in values]) for name, values in per_class.iterrows()]}
+            context["per_class"] = {
+                "columns": list(per_class.columns),
+                "rows": [(name, [_fmt(v, 3) for v in values]) for name, values in per_class.iterrows()],
+            }
     timings = timing_table(read_benchmarks(layout))
     if not timings.empty:
-        context["timings"] = {"rows": [{"job": r.job, "seconds": f"{r.seconds:.1f}", "hms": _hms(r.seconds),
-                                        "rss": _fmt(r.max_rss_mb, 0)} for r in timings.itertuples()],
-                              "total": f"{timings['seconds'].sum():.1f}", "total_hms": _hms(timings["seconds"].sum())}
+        context["timings"] = {
+            "rows": [
+                {
+                    "job": r.job,
+                    "seconds": f"{r.seconds:.1f}",
+                    "hms": _hms(r.seconds),
+                    "rss": _fmt(r.max_rss_mb, 0),
+                }
+                for r in timings.itertuples()
+            ],
+            "total": f"{timings['seconds'].sum():.1f}",
+            "total_hms": _hms(timings["seconds"].sum()),
+        }
     table = stage_table(metrics) if metrics is not None else None
     curve = _read_csv(layout.reliability_curve, ("k", "fraction", "miou"))
     figures = [
-        ("stage_miou", "mIoU per stage", plot_stage_miou(table) if table is not None and not table.empty else None),
+        (
+            "stage_miou",
+            "mIoU per stage",
+            plot_stage_miou(table) if table is not None and not table.empty else None,
+        ),
         ("threshold_sweep", "Background-threshold sweep", plot_sweeps(read_sweeps(layout))),
         ("reliability_curve", "Reliability curve", plot_reliability_curve(curve)),
         ("training", "Training loss and learning rate", plot_training_logs(read_training_logs(layout))),
     ]
-    context["plots"] = [{"name": name, "title": title, "src": figure_uri(fig)} for name, title, fig in figures
-                        if fig is not None]
+    context["plots"] = [
+        {"name": name, "title": title, "src": figure_uri(fig)}
+        for name, title, fig in figures
+        if fig is not None
+    ]
     if run is not None:
         context["gallery"] = gallery_context(run, metrics, gallery_images)
     return context
@@ -446,9 +536,14 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
     stages = sorted({stage for stage, _ in files}, key=lambda s: (order.get(s, len(order)), s))
     miou: dict[str, pd.Series] = {}
     for (stage, _), path in files.items():
-        miou[stage] = pd.concat([miou[stage], pn.read_per_image(path)]) if stage in miou else pn.read_per_image(path)
-    final_miou = pd.concat([pn.read_per_image(files[(stage, split)]) for split, stage in final.items()]) \
-        if final else None
+        miou[stage] = (
+            pd.concat([miou[stage], pn.read_per_image(path)]) if stage in miou else pn.read_per_image(path)
+        )
+    final_miou = (
+        pd.concat([pn.read_per_image(files[(stage, split)]) for split, stage in final.items()])
+        if final
+        else None
+    )
     divergence = image_divergence(run.layout)
     chosen = gallery_order(final_miou, list(info.ids), n_images)
     split_of = {i: split for split, ids in info.splits.items() for i in ids}
@@ -460,19 +555,32 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
         legend = pn.legend_for([*label_maps, labelled], info.class_names, run.palette)
         div = divergence.get(image_id) if divergence is not None else None
         div = None if div is None or pd.isna(div) else float(div)
-        scores = {s: float(m[image_id]) for s, m in miou.items() if image_id in m.index and not pd.isna(m[image_id])}
+        scores = {
+            s: float(m[image_id]) for s, m in miou.items() if image_id in m.index and not pd.isna(m[image_id])
+        }
         final_stage = final.get(split_of.get(image_id, ""))
-        items.append({
-            "id": image_id, "split": split_of.get(image_id, ""),
-            "classes": [info.class_names[c] for c in info.image_labels(image_id)],
-            "final_iou": _attr_value(scores.get(final_stage)), "divergence_attr": _attr_value(div),
-            "iou_attrs": [(_iou_attr(s), _attr_value(scores.get(s))) for s in stages],
-            "scores": [f"mIoU {s} {_fmt(v)}" for s, v in scores.items()] + ([f"divergence {_fmt(div)}"] if div else []),
-            "tiles": [{"title": image_id, "kind": "image", "src": image_uri(image, lossless=False)}] + [
-                {"title": c.title, "kind": c.kind, "src": image_uri(c.tile, lossless=c.kind == "labels")}
-                for c in columns],
-            "legend": [(name, None if colour is None else "rgb({},{},{})".format(*colour)) for name, colour in legend],
-            "has_heat": any(c.kind == "heat" for c in columns)})
+        items.append(
+            {
+                "id": image_id,
+                "split": split_of.get(image_id, ""),
+                "classes": [info.class_names[c] for c in info.image_labels(image_id)],
+                "final_iou": _attr_value(scores.get(final_stage)),
+                "divergence_attr": _attr_value(div),
+                "iou_attrs": [(_iou_attr(s), _attr_value(scores.get(s))) for s in stages],
+                "scores": [f"mIoU {s} {_fmt(v)}" for s, v in scores.items()]
+                + ([f"divergence {_fmt(div)}"] if div else []),
+                "tiles": [{"title": image_id, "kind": "image", "src": image_uri(image, lossless=False)}]
+                + [
+                    {"title": c.title, "kind": c.kind, "src": image_uri(c.tile, lossless=c.kind == "labels")}
+                    for c in columns
+                ],
+                "legend": [
+                    (name, None if colour is None else "rgb({},{},{})".format(*colour))
+                    for name, colour in legend
+                ],
+                "has_heat": any(c.kind == "heat" for c in columns),
+            }
+        )
     sort_options = []
     if final:
         names = ", ".join(f"{stage} ({split})" for split, stage in final.items())
@@ -480,11 +588,23 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
         sort_options.append(("data-iou|desc", "mIoU at the final stage, best first"))
     sort_options.append(("id|asc", "image id"))
     for stage in stages:
-        sort_options += [(f"{_iou_attr(stage)}|asc", f"mIoU {stage}, worst first"),
-                         (f"{_iou_attr(stage)}|desc", f"mIoU {stage}, best first")]
-    sort_options += [("data-divergence|desc", "divergence, highest first"),
-                     ("data-divergence|asc", "divergence, lowest first")]
-    note = (f"{len(items)} of {len(info.ids)} images, spread from worst to best at the final stage."
-            if final else f"{len(items)} of {len(info.ids)} images.")
-    return {"items": items, "sort_options": sort_options, "classes": list(info.class_names), "note": note,
-            "tile_width": tile_width}
+        sort_options += [
+            (f"{_iou_attr(stage)}|asc", f"mIoU {stage}, worst first"),
+            (f"{_iou_attr(stage)}|desc", f"mIoU {stage}, best first"),
+        ]
+    sort_options += [
+        ("data-divergence|desc", "divergence, highest first"),
+        ("data-divergence|asc", "divergence, lowest first"),
+    ]
+    note = (
+        f"{len(items)} of {len(info.ids)} images, spread from worst to best at the final stage."
+        if final
+        else f"{len(items)} of {len(info.ids)} images."
+    )
+    return {
+        "items": items,
+        "sort_options": sort_options,
+        "classes": list(info.class_names),
+        "note": note,
+        "tile_width": tile_width,
+    }

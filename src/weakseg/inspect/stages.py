@@ -13,15 +13,18 @@ Metrics add rows without a labels store: superpixel_oracle, cam and spcam (score
 val (the network's argmax), and <stage>_selected (the images the reliability selection keeps).
 This module is light (no numpy, no stores) so that ``--help`` can quote it.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGE_HELP = ("superpixel_oracle, cam, spcam, cleaned, crf, reliable, round<r> (train); cam_gated, spcam_gated, "
-              "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable "
-              "(train, a round's steps before its annotation)")
+STAGE_HELP = (
+    "superpixel_oracle, cam, spcam, cleaned, crf, reliable, round<r> (train); cam_gated, spcam_gated, "
+    "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable "
+    "(train, a round's steps before its annotation)"
+)
 PSEUDO_VARIANTS = ("cleaned", "crf", "reliable")
 CAM_KEYS = ("cam", "spcam")
 _ROUND_STORE = re.compile(r"^(cleaned|crf|reliable)_(.+)$")
@@ -53,12 +56,24 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
     for r in range(1, seg["rounds"] + 1):
         # The workflow makes a round's train annotation and what it needs: reliable regions need the CRF.
         variants = ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)
-        stages += [Stage(round_stage_name(r, v, train, train, seg["annotation"]), train,
-                         layout.round_labels(r, f"{v}_{train}")) for v in variants]
+        stages += [
+            Stage(
+                round_stage_name(r, v, train, train, seg["annotation"]),
+                train,
+                layout.round_labels(r, f"{v}_{train}"),
+            )
+            for v in variants
+        ]
         if val:
             variants = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
-            stages += [Stage(round_stage_name(r, v, val, train, seg["annotation"]), val,
-                             layout.round_labels(r, f"{v}_{val}")) for v in variants]
+            stages += [
+                Stage(
+                    round_stage_name(r, v, val, train, seg["annotation"]),
+                    val,
+                    layout.round_labels(r, f"{v}_{val}"),
+                )
+                for v in variants
+            ]
     return stages
 
 
@@ -74,7 +89,9 @@ def found_label_stages(layout, train_split: str, annotation: str) -> list[Stage]
             found = _ROUND_STORE.match(path.stem)
             if found:  # scores_<split>.zarr are not labels stores
                 variant, split = found.groups()
-                stages.append(Stage(round_stage_name(r, variant, split, train_split, annotation), split, path))
+                stages.append(
+                    Stage(round_stage_name(r, variant, split, train_split, annotation), split, path)
+                )
     return stages
 
 

@@ -5,15 +5,16 @@ Each stage module has a pure core (arrays in, a uint8 (H, W) label map out, 255 
 they hand to worker processes, reading one image's scores with the checks every stage needs, and
 writing a labels store while logging throughput.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def job_scores(job: ImageJob) -> tuple[np.ndarray, np.ndarray]:
     if missing:
         raise store.StoreError(
             f"{job.scores_path}: '{job.key}/{job.image_id}' has scores for classes {classes.tolist()} but the "
-            f"image is labelled with {missing} too (was this scores store made from another data store?)")
+            f"image is labelled with {missing} too (was this scores store made from another data store?)"
+        )
     return scores, classes
 
 
@@ -67,15 +69,24 @@ def job_labels(job: ImageJob) -> np.ndarray:
     return store.get(opened(job.labels_path, "labels"), store.LABELS, job.image_id)
 
 
-def split_ids(config: dict, info: DatasetInfo, group, key: str, shard: int = 0, n_shards: int = 1,
-              split: str | None = None) -> list[str]:
+def split_ids(
+    config: dict,
+    info: DatasetInfo,
+    group,
+    key: str,
+    shard: int = 0,
+    n_shards: int = 1,
+    split: str | None = None,
+) -> list[str]:
     """Sorted ids of ``split`` (default: the train split) that have a ``key`` array in ``group``, one shard."""
     present = set(store.ids_in(group, key))
     ids = sorted(i for i in info.split(split or config["dataset"]["train_split"]) if i in present)
     return store.shard_ids(ids, shard, n_shards)
 
 
-def known_labels(config: dict, info: DatasetInfo, image_id: str, split: str | None, labels_from=None) -> np.ndarray:
+def known_labels(
+    config: dict, info: DatasetInfo, image_id: str, split: str | None, labels_from=None
+) -> np.ndarray:
     """Image labels a stage may use. On the train split: the real ones. On any other split (val, test)
     labels are unknown at test time: every class, or — with segment.val_labels 'predicted' and a CAM
     scores store ``labels_from`` — the classes its classifier predicts present."""
@@ -84,35 +95,72 @@ def known_labels(config: dict, info: DatasetInfo, image_id: str, split: str | No
     if labels_from is None or config["segment"]["val_labels"] == "all":
         return np.arange(info.n_classes)
     attrs = store.get_attrs(labels_from, store.CAM, image_id)
-    return label_rules.predicted_labels(attrs["label_probabilities"], attrs["classes"], config["segment"]["label_threshold"],
-                            info.has_background)
+    return label_rules.predicted_labels(
+        attrs["label_probabilities"],
+        attrs["classes"],
+        config["segment"]["label_threshold"],
+        info.has_background,
+    )
 
 
-def make_jobs(config: dict, data_path, scores_path, key: str, params: dict, shard: int, n_shards: int,
-              with_image: bool = False, labels_path=None, split: str | None = None,
-              labels_from=None) -> tuple[DatasetInfo, list[ImageJob]]:
+def make_jobs(
+    config: dict,
+    data_path,
+    scores_path,
+    key: str,
+    params: dict,
+    shard: int,
+    n_shards: int,
+    with_image: bool = False,
+    labels_path=None,
+    split: str | None = None,
+    labels_from=None,
+) -> tuple[DatasetInfo, list[ImageJob]]:
     """One job per image of ``split`` (default train) present in the scores store (one shard of them).
     ``labels_from``: a CAM scores store whose classifier predictions stand in for unknown image labels."""
     info, _ = open_data(data_path)
     scores_group = store.open_store(scores_path, "scores")
     ids = split_ids(config, info, scores_group, key, shard, n_shards, split)
     if not ids:
-        log.warning("%s: no train image has a '%s' array (shard %d/%d); writing an empty store",
-                    scores_path, key, shard, n_shards)
+        log.warning(
+            "%s: no train image has a '%s' array (shard %d/%d); writing an empty store",
+            scores_path,
+            key,
+            shard,
+            n_shards,
+        )
     predicted = store.open_store(labels_from, "scores") if labels_from is not None else None
     threshold = None
-    if ids and label_rules.implicit_background(store.get_attrs(scores_group, key, ids[0])["classes"],
-                                               info.has_background):
+    if ids and label_rules.implicit_background(
+        store.get_attrs(scores_group, key, ids[0])["classes"], info.has_background
+    ):
         threshold = label_rules.store_threshold(config, scores_path, key, data_path)
-    jobs = [ImageJob(i, known_labels(config, info, i, split, predicted), info.has_background, threshold,
-                     os.fspath(scores_path), key, params,
-                     os.fspath(data_path) if with_image else None,
-                     os.fspath(labels_path) if labels_path is not None else None) for i in ids]
+    jobs = [
+        ImageJob(
+            i,
+            known_labels(config, info, i, split, predicted),
+            info.has_background,
+            threshold,
+            os.fspath(scores_path),
+            key,
+            params,
+            os.fspath(data_path) if with_image else None,
+            os.fspath(labels_path) if labels_path is not None else None,
+        )
+        for i in ids
+    ]
     return info, jobs
 
 
-def write_labels(out_path, stage: str, config: dict, worker: Callable[[ImageJob], tuple[str, np.ndarray, Counter]],
-                 jobs: Sequence[ImageJob], threads: int = 1, **prov_extra) -> Counter:
+def write_labels(
+    out_path,
+    stage: str,
+    config: dict,
+    worker: Callable[[ImageJob], tuple[str, np.ndarray, Counter]],
+    jobs: Sequence[ImageJob],
+    threads: int = 1,
+    **prov_extra,
+) -> Counter:
     """Run ``worker`` over the jobs and write each returned label map into a new labels store.
 
     Workers return (image id, labels, counters); the counters are summed so that a stage can log
@@ -127,6 +175,13 @@ def write_labels(out_path, stage: str, config: dict, worker: Callable[[ImageJob]
             store.put(out, store.LABELS, image_id, labels)
             totals.update(counts)
     elapsed = time.perf_counter() - start
-    log.info("%s: %d images in %.1f s (%.2f images/s, %d threads) -> %s", stage, len(jobs), elapsed,
-             len(jobs) / elapsed if elapsed > 0 else float("inf"), max(threads, 1), out_path)
+    log.info(
+        "%s: %d images in %.1f s (%.2f images/s, %d threads) -> %s",
+        stage,
+        len(jobs),
+        elapsed,
+        len(jobs) / elapsed if elapsed > 0 else float("inf"),
+        max(threads, 1),
+        out_path,
+    )
     return totals

@@ -10,6 +10,7 @@ calibrated background rule decides, and the pixels in its uncertain band are ign
 of the one rule in ``weakseg.labels`` — used for round annotations and for val predictions, where
 the competing classes are the image's labels or those the CAM classifier predicts present.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,13 +25,22 @@ from weakseg.pseudo import ImageJob, job_scores, make_jobs, write_labels
 log = logging.getLogger("weakseg")
 
 
-def clean_annotation(scores: np.ndarray, classes: np.ndarray, image_labels: np.ndarray, ratio: float,
-                     has_background: bool, threshold: float | None = None, margin: float = 0.0) -> np.ndarray:
+def clean_annotation(
+    scores: np.ndarray,
+    classes: np.ndarray,
+    image_labels: np.ndarray,
+    ratio: float,
+    has_background: bool,
+    threshold: float | None = None,
+    margin: float = 0.0,
+) -> np.ndarray:
     """Pixel labels (uint8 (H, W), 255 = ignore) from (K, H, W) scores of ``classes``: the SPN
     fraction-of-peak rule, or, with an implicit background, the confident labels of the calibrated
     background rule (``threshold``, ``margin``)."""
     if label_rules.implicit_background(classes, has_background):
-        return label_rules.confident_labels(scores, classes, image_labels, has_background, 1.0, threshold, margin)
+        return label_rules.confident_labels(
+            scores, classes, image_labels, has_background, 1.0, threshold, margin
+        )
     return label_rules.fraction_of_peak(scores, classes, image_labels, ratio, has_background)
 
 
@@ -42,47 +52,98 @@ def empty_labelled_maps(scores: np.ndarray, classes: np.ndarray, image_labels: n
 
 def _clean_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
-    labels = clean_annotation(scores, classes, job.image_labels, job.params["ratio"], job.has_background,
-                              job.background_threshold, job.params["margin"])
-    counts = Counter(pixels=labels.size, ignored=int(np.count_nonzero(labels == IGNORE)),
-                     background=int(np.count_nonzero(labels == label_rules.BACKGROUND)) if job.has_background else 0,
-                     empty_maps=empty_labelled_maps(scores, classes, job.image_labels),
-                     labelled_maps=int(label_rules.labelled_channels(classes, job.image_labels).size))
+    labels = clean_annotation(
+        scores,
+        classes,
+        job.image_labels,
+        job.params["ratio"],
+        job.has_background,
+        job.background_threshold,
+        job.params["margin"],
+    )
+    counts = Counter(
+        pixels=labels.size,
+        ignored=int(np.count_nonzero(labels == IGNORE)),
+        background=int(np.count_nonzero(labels == label_rules.BACKGROUND)) if job.has_background else 0,
+        empty_maps=empty_labelled_maps(scores, classes, job.image_labels),
+        labelled_maps=int(label_rules.labelled_channels(classes, job.image_labels).size),
+    )
     return job.image_id, labels, counts
 
 
 def _decide_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
-    labels = label_rules.decide(scores, classes, job.image_labels, job.has_background, job.background_threshold)
+    labels = label_rules.decide(
+        scores, classes, job.image_labels, job.has_background, job.background_threshold
+    )
     return job.image_id, labels, Counter(pixels=labels.size, ignored=int(np.count_nonzero(labels == IGNORE)))
 
 
-def run_clean(config: dict, data_path, scores_path, key: str, out_path, ratio: float | None = None,
-              shard: int = 0, n_shards: int = 1, split: str | None = None, labels_from=None) -> None:
+def run_clean(
+    config: dict,
+    data_path,
+    scores_path,
+    key: str,
+    out_path,
+    ratio: float | None = None,
+    shard: int = 0,
+    n_shards: int = 1,
+    split: str | None = None,
+    labels_from=None,
+) -> None:
     """Clean the ``key`` scores of the images of ``split`` (default train; one shard) into a labels
     store at ``out_path``. Outside the train split the labels are unknown: all classes, or those
     predicted by the classifier of the CAM scores store ``labels_from`` (see ``known_labels``)."""
     ratio = config["pseudo"]["clean_ratio"] if ratio is None else ratio
     margin = config["pseudo"]["background"]["margin"]
-    _, jobs = make_jobs(config, data_path, scores_path, key, {"ratio": ratio, "margin": margin}, shard, n_shards,
-                        split=split, labels_from=labels_from)
+    _, jobs = make_jobs(
+        config,
+        data_path,
+        scores_path,
+        key,
+        {"ratio": ratio, "margin": margin},
+        shard,
+        n_shards,
+        split=split,
+        labels_from=labels_from,
+    )
     threshold = jobs[0].background_threshold if jobs else None
-    counts = write_labels(out_path, "clean", config, _clean_one, jobs, key=key, ratio=ratio,
-                          background_threshold=threshold)
+    counts = write_labels(
+        out_path, "clean", config, _clean_one, jobs, key=key, ratio=ratio, background_threshold=threshold
+    )
     if counts["empty_maps"]:
-        log.warning("clean: %d of %d labelled class score maps are all zero; those classes label no pixel",
-                    counts["empty_maps"], counts["labelled_maps"])
+        log.warning(
+            "clean: %d of %d labelled class score maps are all zero; those classes label no pixel",
+            counts["empty_maps"],
+            counts["labelled_maps"],
+        )
     pixels = max(counts["pixels"], 1)
-    log.info("clean: %.1f%% of pixels background, %.1f%% ignored", 100.0 * counts["background"] / pixels,
-             100.0 * counts["ignored"] / pixels)
+    log.info(
+        "clean: %.1f%% of pixels background, %.1f%% ignored",
+        100.0 * counts["background"] / pixels,
+        100.0 * counts["ignored"] / pixels,
+    )
 
 
-def run_decide(config: dict, data_path, scores_path, key: str, out_path, shard: int = 0, n_shards: int = 1,
-               split: str | None = None, labels_from=None) -> None:
+def run_decide(
+    config: dict,
+    data_path,
+    scores_path,
+    key: str,
+    out_path,
+    shard: int = 0,
+    n_shards: int = 1,
+    split: str | None = None,
+    labels_from=None,
+) -> None:
     """Dense labels (``weakseg.labels.decide``) of the ``key`` scores of the images of ``split`` (default
     train): the argmax over the image's labels (train) or the classes the CAM classifier of
     ``labels_from`` predicts present (``segment.val_labels``), background by the calibrated threshold."""
-    _, jobs = make_jobs(config, data_path, scores_path, key, {}, shard, n_shards, split=split, labels_from=labels_from)
+    _, jobs = make_jobs(
+        config, data_path, scores_path, key, {}, shard, n_shards, split=split, labels_from=labels_from
+    )
     threshold = jobs[0].background_threshold if jobs else None
-    counts = write_labels(out_path, "decide", config, _decide_one, jobs, key=key, background_threshold=threshold)
+    counts = write_labels(
+        out_path, "decide", config, _decide_one, jobs, key=key, background_threshold=threshold
+    )
     log.info("decide: %.1f%% of pixels unlabelled", 100.0 * counts["ignored"] / max(counts["pixels"], 1))

@@ -4,6 +4,7 @@ Scores become per-pixel class probabilities over the image's labelled classes (p
 channel derived from low scores when the scores carry none), -log of them is the unary, and a
 Gaussian (smoothness) plus a bilateral (colour) kernel pull labels onto image edges.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,12 +18,24 @@ from weakseg.pseudo import ImageJob, job_image, job_scores, make_jobs, write_lab
 
 log = logging.getLogger("weakseg")
 
-CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat",
-            "unary_floor")
+CRF_KEYS = (
+    "iterations",
+    "gaussian_sxy",
+    "gaussian_compat",
+    "bilateral_sxy",
+    "bilateral_srgb",
+    "bilateral_compat",
+    "unary_floor",
+)
 
 
-def crf_probabilities(scores: np.ndarray, classes: np.ndarray, image_labels: np.ndarray, has_background: bool,
-                      background_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+def crf_probabilities(
+    scores: np.ndarray,
+    classes: np.ndarray,
+    image_labels: np.ndarray,
+    has_background: bool,
+    background_threshold: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (K', H, W) float32 summing to 1 per pixel, and their class indices (K',).
 
     The channels are those of ``weakseg.labels.with_background``: the image's labelled classes (for
@@ -31,11 +44,14 @@ def crf_probabilities(scores: np.ndarray, classes: np.ndarray, image_labels: np.
     rule's label. Each pixel is then normalised over the channels; a pixel where all are 0 gets a
     uniform distribution.
     """
-    kept, kept_classes = label_rules.with_background(scores, classes, image_labels, has_background,
-                                                     background_threshold)
+    kept, kept_classes = label_rules.with_background(
+        scores, classes, image_labels, has_background, background_threshold
+    )
     if len(kept_classes) == 0:
-        raise ValueError(f"crf: none of the score classes {np.asarray(classes).tolist()} is among the image labels "
-                         f"{np.asarray(image_labels).tolist()}, and there is no background to fall back on")
+        raise ValueError(
+            f"crf: none of the score classes {np.asarray(classes).tolist()} is among the image labels "
+            f"{np.asarray(image_labels).tolist()}, and there is no background to fall back on"
+        )
     total = kept.sum(axis=0, keepdims=True)
     probs = np.where(total > 0, kept / np.maximum(total, np.finfo(np.float32).tiny), 1.0 / len(kept))
     return probs.astype(np.float32), kept_classes.astype(np.int64)
@@ -58,17 +74,25 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, crf_params: dict) -> np.ndar
         return np.ones_like(probs)  # nothing to decide
     # pydensecrf reads raw buffers: it needs C-contiguous uint8 RGB and float32 (K, H*W) energies.
     image = np.ascontiguousarray(image, dtype=np.uint8)
-    unary = np.ascontiguousarray(-np.log(np.clip(probs, crf_params["unary_floor"], 1.0)).reshape(n_classes, -1))
+    unary = np.ascontiguousarray(
+        -np.log(np.clip(probs, crf_params["unary_floor"], 1.0)).reshape(n_classes, -1)
+    )
     crf = dcrf.DenseCRF2D(width, height, n_classes)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=crf_params["gaussian_sxy"], compat=crf_params["gaussian_compat"])
-    crf.addPairwiseBilateral(sxy=crf_params["bilateral_sxy"], srgb=crf_params["bilateral_srgb"], rgbim=image,
-                             compat=crf_params["bilateral_compat"])
+    crf.addPairwiseBilateral(
+        sxy=crf_params["bilateral_sxy"],
+        srgb=crf_params["bilateral_srgb"],
+        rgbim=image,
+        compat=crf_params["bilateral_compat"],
+    )
     marginals = crf.inference(int(crf_params["iterations"]))
     return np.asarray(marginals, dtype=np.float32).reshape(n_classes, height, width)
 
 
-def crf_labels(image: np.ndarray, probs: np.ndarray, prob_classes: np.ndarray, crf_params: dict) -> np.ndarray:
+def crf_labels(
+    image: np.ndarray, probs: np.ndarray, prob_classes: np.ndarray, crf_params: dict
+) -> np.ndarray:
     """uint8 (H, W) labels: at each pixel the class (from ``prob_classes``) of the highest CRF marginal,
     for probabilities made by ``crf_probabilities``."""
     marginals = dense_crf(image, probs, crf_params)
@@ -79,26 +103,59 @@ def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
     image = job_image(job)
     if image.shape[:2] != scores.shape[1:]:
-        raise ValueError(f"{job.scores_path}: '{job.key}/{job.image_id}' scores are {scores.shape[1:]} but the "
-                         f"image is {image.shape[:2]}")
-    probs, prob_classes = crf_probabilities(scores, classes, job.image_labels, job.has_background,
-                                            job.background_threshold)
+        raise ValueError(
+            f"{job.scores_path}: '{job.key}/{job.image_id}' scores are {scores.shape[1:]} but the "
+            f"image is {image.shape[:2]}"
+        )
+    probs, prob_classes = crf_probabilities(
+        scores, classes, job.image_labels, job.has_background, job.background_threshold
+    )
     labels = crf_labels(image, probs, prob_classes, job.params["crf"])
     # How far the CRF moved labels from the argmax of its own input, for the log.
     changed = int(np.count_nonzero(labels != prob_classes[probs.argmax(axis=0)]))
     return job.image_id, labels, Counter(pixels=labels.size, changed=changed)
 
 
-def run_crf(config: dict, data_path, scores_path, key: str, out_path, threads: int, shard: int = 0,
-            n_shards: int = 1, split: str | None = None, labels_from=None) -> None:
+def run_crf(
+    config: dict,
+    data_path,
+    scores_path,
+    key: str,
+    out_path,
+    threads: int,
+    shard: int = 0,
+    n_shards: int = 1,
+    split: str | None = None,
+    labels_from=None,
+) -> None:
     """CRF-refine the ``key`` scores of the images of ``split`` (default train; one shard) into a labels
     store at ``out_path``, on ``threads`` worker processes; logs images/s. Outside the train split
     image labels are unknown: every class in the scores competes, or those the classifier of the CAM
     scores store ``labels_from`` predicts present (see ``known_labels``)."""
     params = {"crf": dict(config["pseudo"]["crf"])}
-    _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, with_image=True,
-                        split=split, labels_from=labels_from)
-    counts = write_labels(out_path, "crf", config, _crf_one, jobs, threads, key=key,
-                          background_threshold=jobs[0].background_threshold if jobs else None)
-    log.info("crf: %.1f%% of pixels changed from the argmax of the scores",
-             100.0 * counts["changed"] / max(counts["pixels"], 1))
+    _, jobs = make_jobs(
+        config,
+        data_path,
+        scores_path,
+        key,
+        params,
+        shard,
+        n_shards,
+        with_image=True,
+        split=split,
+        labels_from=labels_from,
+    )
+    counts = write_labels(
+        out_path,
+        "crf",
+        config,
+        _crf_one,
+        jobs,
+        threads,
+        key=key,
+        background_threshold=jobs[0].background_threshold if jobs else None,
+    )
+    log.info(
+        "crf: %.1f%% of pixels changed from the argmax of the scores",
+        100.0 * counts["changed"] / max(counts["pixels"], 1),
+    )

@@ -6,6 +6,7 @@ fragmented ones, typical of wrong pseudo-labels, score high. Per class, the k an
 divergence (or a fraction of them) are selected, and an image is selected when it is selected for
 at least one class.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,18 @@ from weakseg.pseudo import split_ids
 
 log = logging.getLogger("weakseg")
 
-CSV_COLUMNS = ["id", "class", "class_name", "area", "perimeter", "divergence", "rank", "selected",
-               "image_selected", "image_divergence"]
+CSV_COLUMNS = [
+    "id",
+    "class",
+    "class_name",
+    "area",
+    "perimeter",
+    "divergence",
+    "rank",
+    "selected",
+    "image_selected",
+    "image_divergence",
+]
 NO_CLASS, NO_CLASS_NAME = -1, "none"  # the row of an image whose annotation labels none of its classes
 
 
@@ -88,20 +99,25 @@ def select_top_k(table: pd.DataFrame, k: int | None, fraction: float) -> pd.Data
     out.loc[order.index, "rank"] = order.groupby("class").cumcount().to_numpy()
     sizes = out.loc[scored].groupby("class")["id"].transform("size")
     quota = sizes.apply(lambda n: k if k is not None else math.ceil(fraction * n))
-    out.loc[scored, "selected"] = ((out.loc[scored, "rank"] < quota)
-                                   & np.isfinite(out.loc[scored, "divergence"])).to_numpy()
+    out.loc[scored, "selected"] = (
+        (out.loc[scored, "rank"] < quota) & np.isfinite(out.loc[scored, "divergence"])
+    ).to_numpy()
     if k is not None:
         short = sorted(int(c) for c, n in out.loc[scored].groupby("class").size().items() if n < k)
         if short:
-            log.info("reliability: classes %s have fewer than top_k = %d annotations; all of them are kept",
-                     short, k)
+            log.info(
+                "reliability: classes %s have fewer than top_k = %d annotations; all of them are kept",
+                short,
+                k,
+            )
     out["rank"] = out["rank"].astype(np.int64)
     out["selected"] = out["selected"].astype(bool)
     return out
 
 
-def reliability_table(annotations: dict[str, dict[int, tuple[int, int, float]]], class_names, k: int | None,
-                      fraction: float) -> pd.DataFrame:
+def reliability_table(
+    annotations: dict[str, dict[int, tuple[int, int, float]]], class_names, k: int | None, fraction: float
+) -> pd.DataFrame:
     """The tidy per-annotation table (columns CSV_COLUMNS) from {id: class_divergences(...)}."""
     rows = []
     for image_id, per_class in annotations.items():
@@ -110,8 +126,15 @@ def reliability_table(annotations: dict[str, dict[int, tuple[int, int, float]]],
         for c, (area, perimeter, divergence) in per_class.items():
             rows.append((image_id, c, class_names[c], area, perimeter, divergence))
     table = pd.DataFrame(rows, columns=CSV_COLUMNS[:6]).astype(
-        {"id": str, "class": np.int64, "class_name": str, "area": np.int64, "perimeter": np.int64,
-         "divergence": np.float64})
+        {
+            "id": str,
+            "class": np.int64,
+            "class_name": str,
+            "area": np.int64,
+            "perimeter": np.int64,
+            "divergence": np.float64,
+        }
+    )
     table = select_top_k(table, k, fraction)
     by_image = table.groupby("id")
     table["image_selected"] = by_image["selected"].transform("any").astype(bool)
@@ -139,13 +162,23 @@ def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFra
 
     empty = int((table["class"] == NO_CLASS).sum())
     if empty:
-        log.warning("reliability: %d of %d images label none of their classes (divergence inf, never selected)",
-                    empty, len(ids))
+        log.warning(
+            "reliability: %d of %d images label none of their classes (divergence inf, never selected)",
+            empty,
+            len(ids),
+        )
     if missing_classes:
-        log.info("reliability: %d labelled (image, class) pairs have no pixel in %s", missing_classes, labels_path)
+        log.info(
+            "reliability: %d labelled (image, class) pairs have no pixel in %s", missing_classes, labels_path
+        )
     n_selected = table.loc[table["image_selected"], "id"].nunique()
-    log.info("reliability: %d annotations of %d images; %d images selected -> %s", int((table["class"] >= 0).sum()),
-             len(ids), n_selected, out_csv)
+    log.info(
+        "reliability: %d annotations of %d images; %d images selected -> %s",
+        int((table["class"] >= 0).sum()),
+        len(ids),
+        n_selected,
+        out_csv,
+    )
     return table
 
 

@@ -2,6 +2,7 @@
 label only where a confident reading of the raw scores agrees with it; everything else is ignored (255),
 so that segmentation training sees fewer but cleaner labels.
 """
+
 from __future__ import annotations
 
 import logging
@@ -9,24 +10,34 @@ from collections import Counter
 
 import numpy as np
 
-from weakseg.datasets import IGNORE
 from weakseg import labels as label_rules
+from weakseg.datasets import IGNORE
 from weakseg.pseudo import ImageJob, job_labels, job_scores, make_jobs, write_labels
 
 log = logging.getLogger("weakseg")
 
 
-def reliable_regions(crf_labels: np.ndarray, scores: np.ndarray, classes: np.ndarray, image_labels: np.ndarray,
-                     has_background: bool, confidence: float, background_threshold: float | None = None,
-                     margin: float = 0.0) -> np.ndarray:
+def reliable_regions(
+    crf_labels: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    image_labels: np.ndarray,
+    has_background: bool,
+    confidence: float,
+    background_threshold: float | None = None,
+    margin: float = 0.0,
+) -> np.ndarray:
     """uint8 (H, W): the CRF label where it equals the confident label of the scores
     (``weakseg.labels.confident_labels``), else 255."""
-    confident = label_rules.confident_labels(scores, classes, image_labels, has_background, confidence,
-                                             background_threshold, margin)
+    confident = label_rules.confident_labels(
+        scores, classes, image_labels, has_background, confidence, background_threshold, margin
+    )
     crf_labels = np.asarray(crf_labels)
     if crf_labels.shape != confident.shape:
-        raise ValueError(f"reliable regions: CRF labels of shape {crf_labels.shape} do not match scores of "
-                         f"size {confident.shape}")
+        raise ValueError(
+            f"reliable regions: CRF labels of shape {crf_labels.shape} do not match scores of "
+            f"size {confident.shape}"
+        )
     # Where the scores are unsure the confident label is 255, so the pixel stays 255 either way.
     return np.where(crf_labels == confident, crf_labels, IGNORE).astype(np.uint8)
 
@@ -34,19 +45,40 @@ def reliable_regions(crf_labels: np.ndarray, scores: np.ndarray, classes: np.nda
 def _reliable_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
     crf = job_labels(job)
-    labels = reliable_regions(crf, scores, classes, job.image_labels, job.has_background,
-                              job.params["confidence"], job.background_threshold, job.params["margin"])
+    labels = reliable_regions(
+        crf,
+        scores,
+        classes,
+        job.image_labels,
+        job.has_background,
+        job.params["confidence"],
+        job.background_threshold,
+        job.params["margin"],
+    )
     return job.image_id, labels, Counter(pixels=labels.size, kept=int(np.count_nonzero(labels != IGNORE)))
 
 
-def run_reliable(config: dict, data_path, scores_path, key: str, crf_path, out_path, shard: int = 0,
-                 n_shards: int = 1, confidence: float | None = None) -> None:
+def run_reliable(
+    config: dict,
+    data_path,
+    scores_path,
+    key: str,
+    crf_path,
+    out_path,
+    shard: int = 0,
+    n_shards: int = 1,
+    confidence: float | None = None,
+) -> None:
     """Keep the CRF labels (store ``crf_path``) of the train images (one shard) that agree with confident
     ``key`` scores; writes a labels store at ``out_path``. ``confidence`` overrides the config's."""
-    params = {"confidence": config["pseudo"]["reliable"]["confidence"],
-              "margin": config["pseudo"]["background"]["margin"]}
+    params = {
+        "confidence": config["pseudo"]["reliable"]["confidence"],
+        "margin": config["pseudo"]["background"]["margin"],
+    }
     if confidence is not None:
         params["confidence"] = confidence
     _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, labels_path=crf_path)
     counts = write_labels(out_path, "reliable", config, _reliable_one, jobs, key=key)
-    log.info("reliable: %.1f%% of pixels keep their CRF label", 100.0 * counts["kept"] / max(counts["pixels"], 1))
+    log.info(
+        "reliable: %.1f%% of pixels keep their CRF label", 100.0 * counts["kept"] / max(counts["pixels"], 1)
+    )

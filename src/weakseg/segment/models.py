@@ -8,6 +8,7 @@ Both share one interface so that training and prediction never branch on the mod
 * ``param_groups(lr, encoder_lr_mult)`` -> optimizer groups (pretrained encoder at a smaller rate).
 * buffer ``label_prior`` (n_classes,): class frequencies of the training pixel labels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,9 @@ class Segmenter(nn.Module):
         self.n_classes = n_classes
         self.has_background = has_background
         # Classes a classifier predicts: all but background (class 0) when there is one.
-        self.register_buffer("fg_classes", torch.arange(1 if has_background else 0, n_classes), persistent=False)
+        self.register_buffer(
+            "fg_classes", torch.arange(1 if has_background else 0, n_classes), persistent=False
+        )
         # Class frequencies of the pixel labels the net was trained on (set by training, saved with the
         # weights): prediction can divide them out (segment.prior_adjustment). Uniform = no adjustment.
         self.register_buffer("label_prior", torch.full((n_classes,), 1.0 / n_classes))
@@ -55,27 +58,37 @@ class Segmenter(nn.Module):
         encoder_ids = {id(p) for p in self.encoder.parameters()}
         encoder = trainable(self.encoder)
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
-        return [{"params": encoder, "lr": lr * encoder_lr_mult, "name": "encoder"},
-                {"params": head, "lr": lr, "name": "head"}]
+        return [
+            {"params": encoder, "lr": lr * encoder_lr_mult, "name": "encoder"},
+            {"params": head, "lr": lr, "name": "head"},
+        ]
 
     def _check_labels(self, out: dict, pixel_labels: Tensor, image_labels: Tensor) -> None:
         batch, _, height, width = out["logits"].shape
         if pixel_labels.shape != (batch, height, width):
-            raise ValueError(f"segment loss: pixel_labels must be (B, H, W) = {(batch, height, width)}, "
-                             f"got {tuple(pixel_labels.shape)}")
+            raise ValueError(
+                f"segment loss: pixel_labels must be (B, H, W) = {(batch, height, width)}, "
+                f"got {tuple(pixel_labels.shape)}"
+            )
         if image_labels.shape != (batch, self.n_classes):
-            raise ValueError(f"segment loss: image_labels must be (B, n_classes) = {(batch, self.n_classes)}, "
-                             f"got {tuple(image_labels.shape)}")
+            raise ValueError(
+                f"segment loss: image_labels must be (B, n_classes) = {(batch, self.n_classes)}, "
+                f"got {tuple(image_labels.shape)}"
+            )
         labelled = pixel_labels[pixel_labels != IGNORE]
         if labelled.numel() and (int(labelled.min()) < 0 or int(labelled.max()) >= self.n_classes):
-            raise ValueError(f"segment loss: pixel labels must be 0..{self.n_classes - 1} or {IGNORE}, "
-                             f"found {int(labelled.min())}..{int(labelled.max())}")
+            raise ValueError(
+                f"segment loss: pixel labels must be 0..{self.n_classes - 1} or {IGNORE}, "
+                f"found {int(labelled.min())}..{int(labelled.max())}"
+            )
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                                   bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class ASPP(nn.Module):
@@ -87,10 +100,13 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, rates=ASPP_RATES):
         super().__init__()
-        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, channels)]
-                                      + [_conv_bn_relu(in_channels, channels, 3, r) for r in rates])
-        self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1),
-                                     nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(in_channels, channels)]
+            + [_conv_bn_relu(in_channels, channels, 3, r) for r in rates]
+        )
+        self.pooling = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True)
+        )
         self.project = nn.Sequential(_conv_bn_relu((len(rates) + 2) * channels, channels), nn.Dropout(0.1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,9 +119,11 @@ class DeepLab(Segmenter):
 
     def __init__(self, encoder: nn.Module, n_classes: int, has_background: bool):
         super().__init__(encoder, n_classes, has_background)
-        self.head = nn.Sequential(ASPP(encoder.out_channels, ASPP_CHANNELS),
-                                  _conv_bn_relu(ASPP_CHANNELS, ASPP_CHANNELS, 3),
-                                  nn.Conv2d(ASPP_CHANNELS, n_classes, 1))
+        self.head = nn.Sequential(
+            ASPP(encoder.out_channels, ASPP_CHANNELS),
+            _conv_bn_relu(ASPP_CHANNELS, ASPP_CHANNELS, 3),
+            nn.Conv2d(ASPP_CHANNELS, n_classes, 1),
+        )
 
     def forward(self, x01: Tensor, image_labels: Tensor | None = None) -> dict:
         """``image_labels`` is accepted for interface parity with DecoupledNet and not used."""
@@ -153,8 +171,11 @@ class DecoupledNet(Segmenter):
         self.bridge = nn.Conv2d(channels, BRIDGE_CHANNELS, 1, bias=False)
         layers, cin = [nn.BatchNorm2d(BRIDGE_CHANNELS), nn.ReLU(inplace=True)], BRIDGE_CHANNELS
         for cout in DECODER_CHANNELS:
-            layers += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
             cin = cout
         layers.append(nn.Conv2d(cin, 1, 1))
         self.decoder = nn.Sequential(*layers)
@@ -180,16 +201,20 @@ class DecoupledNet(Segmenter):
             decoded = torch.ones(batch, self.n_fg, dtype=torch.bool, device=x01.device)
         else:
             if image_labels.shape != (batch, self.n_classes):
-                raise ValueError(f"decoupled: image_labels must be (B, n_classes) = {(batch, self.n_classes)}, "
-                                 f"got {tuple(image_labels.shape)}")
+                raise ValueError(
+                    f"decoupled: image_labels must be (B, n_classes) = {(batch, self.n_classes)}, "
+                    f"got {tuple(image_labels.shape)}"
+                )
             decoded = image_labels[:, self.fg_classes] > 0.5
         rows, cols = decoded.nonzero(as_tuple=True)
-        mask_logits = torch.full((batch, self.n_fg, height, width), self.NOT_DECODED, dtype=features.dtype,
-                                 device=features.device)
+        mask_logits = torch.full(
+            (batch, self.n_fg, height, width), self.NOT_DECODED, dtype=features.dtype, device=features.device
+        )
         if rows.numel():
             attended = self.bridge(features)[rows] * self.attention(features)[rows, cols].unsqueeze(1)
-            masks = F.interpolate(self.decoder(attended), size=(height, width), mode="bilinear",
-                                  align_corners=False)
+            masks = F.interpolate(
+                self.decoder(attended), size=(height, width), mode="bilinear", align_corners=False
+            )
             mask_logits = mask_logits.index_put((rows, cols), masks[:, 0].to(mask_logits.dtype))
         scores = torch.sigmoid(mask_logits) * torch.sigmoid(cls)[:, :, None, None]
         if self.has_background:
@@ -204,19 +229,25 @@ class DecoupledNet(Segmenter):
         cls_loss = F.multilabel_soft_margin_loss(out["cls"], fg_labels)
         rows, cols = (fg_labels > 0.5).nonzero(as_tuple=True)
         if not bool(out["decoded"][rows, cols].all()):
-            raise ValueError("decoupled loss: forward did not decode every labelled class; "
-                             "call forward(x01, image_labels) with the same image_labels (or without any)")
+            raise ValueError(
+                "decoupled loss: forward did not decode every labelled class; "
+                "call forward(x01, image_labels) with the same image_labels (or without any)"
+            )
         targets = pixel_labels[rows]
         valid = targets != IGNORE
         if valid.any():
             class_of_pair = self.fg_classes[cols][:, None, None]
-            seg_loss = F.binary_cross_entropy_with_logits(out["mask_logits"][rows, cols][valid],
-                                                          (targets == class_of_pair)[valid].float())
+            seg_loss = F.binary_cross_entropy_with_logits(
+                out["mask_logits"][rows, cols][valid], (targets == class_of_pair)[valid].float()
+            )
         else:  # no labelled class or no labelled pixel: keep the graph, contribute nothing
             seg_loss = out["mask_logits"].sum() * 0.0
         loss = seg_loss + cls_loss
-        return loss, {"loss": float(loss.detach()), "seg_bce": float(seg_loss.detach()),
-                      "cls": float(cls_loss.detach())}
+        return loss, {
+            "loss": float(loss.detach()),
+            "seg_bce": float(seg_loss.detach()),
+            "cls": float(cls_loss.detach()),
+        }
 
 
 MODELS = {"deeplab": DeepLab, "decoupled": DecoupledNet}
@@ -227,7 +258,11 @@ def build_segmenter(seg_config: dict, n_classes: int, has_background: bool) -> S
     name = seg_config["model"]
     if name not in MODELS:
         raise ValueError(f"segment.model: expected one of {', '.join(MODELS)}, got '{name}'")
-    encoder = build_encoder(seg_config["backbone"], pretrained=seg_config["pretrained"],
-                            weights=seg_config["weights"], output_stride=OUTPUT_STRIDE)
+    encoder = build_encoder(
+        seg_config["backbone"],
+        pretrained=seg_config["pretrained"],
+        weights=seg_config["weights"],
+        output_stride=OUTPUT_STRIDE,
+    )
     freeze_encoder(encoder, seg_config["freeze_encoder"], seg_config["pretrained"])
     return MODELS[name](encoder, n_classes, has_background)

@@ -6,12 +6,13 @@ Edges: ``run_predict_store`` (a split of a data store -> scores store, key 'seg'
 writes into a folder of its inputs, replaces existing outputs only when asked, and skips images it
 cannot read (one line each) so that one damaged file does not stop the others.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -47,8 +48,9 @@ class SkippedImagesError(UserError):
         self.written = written
 
 
-def load_segmenter(model_path: str | os.PathLike, device: torch.device | str,
-                   class_names: Sequence[str] | None = None) -> tuple[Segmenter, dict]:
+def load_segmenter(
+    model_path: str | os.PathLike, device: torch.device | str, class_names: Sequence[str] | None = None
+) -> tuple[Segmenter, dict]:
     """Rebuild a segmentation network from a training checkpoint; returns (model in eval mode, checkpoint).
 
     With ``class_names``, a checkpoint trained on another class set is refused.
@@ -56,24 +58,34 @@ def load_segmenter(model_path: str | os.PathLike, device: torch.device | str,
     path = Path(model_path)
     ckpt = load_model_file(path, "segment")
     if class_names is not None and list(class_names) != list(ckpt["class_names"]):
-        raise ModelFileError(f"{path}: checkpoint was trained on classes {list(ckpt['class_names'])}, "
-                             f"but the data has {list(class_names)}")
+        raise ModelFileError(
+            f"{path}: checkpoint was trained on classes {list(ckpt['class_names'])}, "
+            f"but the data has {list(class_names)}"
+        )
     # The state dict replaces every weight, so never fetch ImageNet weights here.
     seg_config = {**ckpt["config"]["segment"], "pretrained": False, "weights": None}
     try:
         model = build_segmenter(seg_config, len(ckpt["class_names"]), bool(ckpt["has_background"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: its segment config does not describe a network weakseg can build "
-                             f"({type(exc).__name__}: {exc})") from exc
+        raise ModelFileError(
+            f"{path}: its segment config does not describe a network weakseg can build "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     # Models saved before the class prior was recorded: keep the uniform prior (no adjustment).
     state = {"label_prior": model.label_prior, **ckpt["model"]}
     load_weights(model, state, path, f"'{seg_config.get('model')}' / '{seg_config.get('backbone')}'")
     return model.to(device).eval(), ckpt
 
 
-def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Sequence[float], flip: bool,
-                          device: torch.device | str, classes: Sequence[int] | None = None,
-                          prior_adjustment: float = 0.0) -> np.ndarray:
+def predict_probabilities(
+    model: Segmenter,
+    image_uint8: np.ndarray,
+    scales: Sequence[float],
+    flip: bool,
+    device: torch.device | str,
+    classes: Sequence[int] | None = None,
+    prior_adjustment: float = 0.0,
+) -> np.ndarray:
     """(n_classes, H, W) float32 softmax probabilities of one (H, W, 3) uint8 RGB image, averaged over
     ``scales`` and (with ``flip``) horizontal flips, at image resolution.
 
@@ -83,8 +95,9 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
     2021): tau = 1 is the Bayes decision for mean class accuracy, 0 leaves the network's distribution.
     """
     if image_uint8.ndim != 3 or image_uint8.shape[2] != 3 or image_uint8.dtype != np.uint8:
-        raise ValueError(f"predict: expected an (H, W, 3) uint8 RGB image, got {image_uint8.dtype} "
-                         f"{image_uint8.shape}")
+        raise ValueError(
+            f"predict: expected an (H, W, 3) uint8 RGB image, got {image_uint8.dtype} {image_uint8.shape}"
+        )
     if not len(scales):
         raise ValueError("predict: no inference scales given")
     height, width = image_uint8.shape[:2]
@@ -94,8 +107,10 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
     if classes is not None:
         classes = torch.as_tensor(np.asarray(classes, dtype=np.int64), device=image.device)
         if classes.numel() == 0 or int(classes.min()) < 0 or int(classes.max()) >= model.n_classes:
-            raise ValueError(f"predict: classes must be a non-empty subset of 0..{model.n_classes - 1}, "
-                             f"got {classes.tolist()}")
+            raise ValueError(
+                f"predict: classes must be a non-empty subset of 0..{model.n_classes - 1}, "
+                f"got {classes.tolist()}"
+            )
         allowed = torch.zeros_like(allowed).index_fill(0, classes, True)
     log_prior = model.label_prior.to(image.device).log()[None, :, None, None] * float(prior_adjustment)
     batch = 2 if flip else 1
@@ -108,8 +123,11 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
         with torch.inference_mode():
             for scale in scales:
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                x = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
-                                                                        align_corners=False)
+                x = (
+                    image
+                    if size == (height, width)
+                    else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+                )
                 if flip:
                     x = torch.cat([x, x.flip(-1)])
                 logits = model(x, image_labels)["logits"].float()
@@ -126,8 +144,16 @@ def predict_probabilities(model: Segmenter, image_uint8: np.ndarray, scales: Seq
     return probs.cpu().numpy().astype(np.float32)
 
 
-def run_predict_store(config: dict, data_path: str | os.PathLike, model_path: str | os.PathLike, split: str,
-                      out_path: str | os.PathLike, shard: int = 0, n_shards: int = 1, threads: int = 1) -> Path:
+def run_predict_store(
+    config: dict,
+    data_path: str | os.PathLike,
+    model_path: str | os.PathLike,
+    split: str,
+    out_path: str | os.PathLike,
+    shard: int = 0,
+    n_shards: int = 1,
+    threads: int = 1,
+) -> Path:
     """Write segmentation probabilities of one shard of ``split`` to a scores store (key 'seg').
 
     Train-split images keep only their labelled classes (background included when the dataset has one),
@@ -140,24 +166,35 @@ def run_predict_store(config: dict, data_path: str | os.PathLike, model_path: st
     device = select_device(config["device"])
     model, _ = load_segmenter(model_path, device, info.class_names)
     if model.has_background != info.has_background:
-        raise ModelFileError(f"{model_path}: checkpoint has_background={model.has_background}, "
-                         f"but {data_path} has has_background={info.has_background}")
+        raise ModelFileError(
+            f"{model_path}: checkpoint has_background={model.has_background}, "
+            f"but {data_path} has has_background={info.has_background}"
+        )
     seg = config["segment"]
     clean_with_labels = split == config["dataset"]["train_split"]
     all_classes = np.arange(info.n_classes)
-    prov = store.provenance("segment_predict", seg, model=str(model_path), split=split, shard=shard,
-                            n_shards=n_shards)
+    prov = store.provenance(
+        "segment_predict", seg, model=str(model_path), split=split, shard=shard, n_shards=n_shards
+    )
     attrs = {"class_names": list(info.class_names), "has_background": info.has_background, "split": split}
     log.info("predicting %d %s images (shard %d/%d) on %s", len(ids), split, shard, n_shards, device)
     with store.writing(out_path, "scores", prov, attrs) as out:
         for image_id in progress(ids, desc=f"predict {split}", total=len(ids)):
             classes = info.image_labels(image_id) if clean_with_labels else all_classes
             if not len(classes):
-                log.warning("%s: image '%s' has no image-level labels; keeping all classes", data_path, image_id)
+                log.warning(
+                    "%s: image '%s' has no image-level labels; keeping all classes", data_path, image_id
+                )
                 classes = all_classes
-            probs = predict_probabilities(model, read_image(data, image_id), seg["infer_scales"],
-                                          seg["infer_flip"], device, classes=classes,
-                                          prior_adjustment=seg["prior_adjustment"])
+            probs = predict_probabilities(
+                model,
+                read_image(data, image_id),
+                seg["infer_scales"],
+                seg["infer_flip"],
+                device,
+                classes=classes,
+                prior_adjustment=seg["prior_adjustment"],
+            )
             store.put_scores(out, SEG, image_id, probs, classes)
     return Path(out_path)
 
@@ -170,7 +207,9 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                raise FileNotFoundError(
+                    f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                )
             paths += found
         elif item.is_file():
             paths.append(item)
@@ -191,11 +230,15 @@ def check_output_folder(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> N
     for item in map(Path, inputs):
         folder = item.resolve() if item.is_dir() else item.resolve().parent
         if out == folder or (item.is_dir() and folder in out.parents):
-            raise InputError(f"{out_dir}: output folder is {'inside ' if out != folder else ''}the folder of the "
-                            f"input {item}; expected an --out outside the input folders")
+            raise InputError(
+                f"{out_dir}: output folder is {'inside ' if out != folder else ''}the folder of the "
+                f"input {item}; expected an --out outside the input folders"
+            )
 
 
-def planned_outputs(paths: Sequence[Path], out_dir: Path, probabilities: bool, overlay: bool) -> dict[Path, Path]:
+def planned_outputs(
+    paths: Sequence[Path], out_dir: Path, probabilities: bool, overlay: bool
+) -> dict[Path, Path]:
     """Every file ``predict_files`` will write -> the input it comes from; two inputs that would
     write the same file are refused."""
     planned: dict[Path, Path] = {}
@@ -214,8 +257,9 @@ def planned_outputs(paths: Sequence[Path], out_dir: Path, probabilities: bool, o
     return planned
 
 
-def overlay_labels(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
-                   alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def overlay_labels(
+    image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> np.ndarray:
     """The image under its label map's class colours: (H, W, 3) uint8 RGB."""
     from weakseg.inspect.panels import colorize_labels
 
@@ -232,8 +276,11 @@ def render_legend(entries: Sequence[tuple[str, tuple[int, int, int]]]) -> np.nda
     draw = ImageDraw.Draw(canvas)
     for row, (name, colour) in enumerate(entries):
         top = row * LEGEND_ROW + (LEGEND_ROW - LEGEND_SWATCH) // 2
-        draw.rectangle([LEGEND_MARGIN, top, LEGEND_MARGIN + LEGEND_SWATCH - 1, top + LEGEND_SWATCH - 1],
-                       fill=tuple(colour), outline=(0, 0, 0))
+        draw.rectangle(
+            [LEGEND_MARGIN, top, LEGEND_MARGIN + LEGEND_SWATCH - 1, top + LEGEND_SWATCH - 1],
+            fill=tuple(colour),
+            outline=(0, 0, 0),
+        )
         draw.text((text_x, row * LEGEND_ROW + LEGEND_ROW // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
     return np.asarray(canvas)
 
@@ -257,13 +304,22 @@ def _save_npy(array: np.ndarray):
     def write(tmp: Path) -> None:
         with tmp.open("wb") as fh:
             np.save(fh, array)
+
     return write
 
 
-def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  probabilities: bool = False, class_names: Sequence[str] | None = None,
-                  device: str = "auto", prior_adjustment: float | None = None, overwrite: bool = False,
-                  strict: bool = False, overlay: bool = False) -> list[Path]:
+def predict_files(
+    model_path: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    probabilities: bool = False,
+    class_names: Sequence[str] | None = None,
+    device: str = "auto",
+    prior_adjustment: float | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    overlay: bool = False,
+) -> list[Path]:
     """Segment image files: writes ``<out_dir>/<stem>.png`` (palette PNG, pixel value = class index) per
     image and, with ``probabilities``, ``<stem>.npy`` ((n_classes, H, W) float32); with ``overlay``,
     ``<stem>_overlay.png`` (the image under its label colours) and ``legend.png`` (colours and names of
@@ -282,7 +338,9 @@ def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathL
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise InputError(f"{existing[0]}: output file exists{more}; give --overwrite to replace, or another --out")
+        raise InputError(
+            f"{existing[0]}: output file exists{more}; give --overwrite to replace, or another --out"
+        )
     torch_device = select_device(device)
     model, ckpt = load_segmenter(model_path, torch_device, class_names)
     seg = ckpt["config"]["segment"]
@@ -299,16 +357,20 @@ def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathL
             log.warning("skipped %s", exc)
             skipped.append(path)
             continue
-        probs = predict_probabilities(model, image, seg["infer_scales"], seg["infer_flip"], torch_device,
-                                      prior_adjustment=tau)
+        probs = predict_probabilities(
+            model, image, seg["infer_scales"], seg["infer_flip"], torch_device, prior_adjustment=tau
+        )
         labels = probs.argmax(axis=0).astype(np.uint8)
         png = out_dir / f"{path.stem}.png"
-        written.append(_write_atomically(png, lambda tmp: save_palette_png(tmp, labels, palette)))
+        written.append(
+            _write_atomically(png, lambda tmp, labels=labels: save_palette_png(tmp, labels, palette))
+        )
         if probabilities:
             _write_atomically(out_dir / f"{path.stem}.npy", _save_npy(probs))
         if overlay:
-            _write_atomically(out_dir / f"{path.stem}_overlay.png",
-                              _save_rgb_png(overlay_labels(image, labels, palette)))
+            _write_atomically(
+                out_dir / f"{path.stem}_overlay.png", _save_rgb_png(overlay_labels(image, labels, palette))
+            )
             present.update(np.unique(labels).tolist())
     if overlay and written:
         from weakseg.inspect.panels import legend_for
@@ -316,7 +378,12 @@ def predict_files(model_path: str | os.PathLike, inputs: Sequence[str | os.PathL
         entries = legend_for([np.asarray(sorted(present), np.uint8)], ckpt["class_names"], palette)
         _write_atomically(out_dir / LEGEND_FILE, _save_rgb_png(render_legend(entries)))
     if skipped:
-        names = ", ".join(str(p) for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        raise SkippedImagesError(f"skipped {len(skipped)} of {len(paths)} images that could not be read ({names}); "
-                                 f"wrote {len(written)} label maps to {out_dir}", written)
+        names = ", ".join(str(p) for p in skipped[:3]) + (
+            f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        )
+        raise SkippedImagesError(
+            f"skipped {len(skipped)} of {len(paths)} images that could not be read ({names}); "
+            f"wrote {len(written)} label maps to {out_dir}",
+            written,
+        )
     return written

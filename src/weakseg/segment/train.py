@@ -4,6 +4,7 @@ Every round starts from ImageNet weights (never from the previous round's networ
 retrains from scratch so a round does not inherit the previous round's bias). Batches are random
 scale + crop + flip of the selected images; label pixels 255 (unreliable / padding) are ignored.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,15 +20,23 @@ from weakseg.config import training_section
 from weakseg.datasets import IGNORE, open_data, read_image
 from weakseg.pseudo.reliability import selected_ids
 from weakseg.segment.models import build_segmenter
-from weakseg.training import (config_fingerprint, make_optimizer, poly_schedule, save_model, seed_everything,
-                              select_device, train_loop)
+from weakseg.training import (
+    config_fingerprint,
+    make_optimizer,
+    poly_schedule,
+    save_model,
+    seed_everything,
+    select_device,
+    train_loop,
+)
 
 log = logging.getLogger("weakseg")
 PRIOR_FLOOR = 0.01  # smallest prior, as a fraction of the uniform 1 / n_classes
 
 
-def random_crop(image: np.ndarray, labels: np.ndarray, crop: int, scale: float, flip: bool,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_crop(
+    image: np.ndarray, labels: np.ndarray, crop: int, scale: float, flip: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Rescale image (bilinear) and labels (nearest), pad to the crop (labels 255), crop at random, flip."""
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -40,7 +49,7 @@ def random_crop(image: np.ndarray, labels: np.ndarray, crop: int, scale: float, 
         labels = cv2.copyMakeBorder(labels, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE)
     y = int(rng.integers(0, image.shape[0] - crop + 1))
     x = int(rng.integers(0, image.shape[1] - crop + 1))
-    image, labels = image[y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop]
+    image, labels = image[y : y + crop, x : x + crop], labels[y : y + crop, x : x + crop]
     if flip:
         image, labels = image[:, ::-1], labels[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
@@ -56,8 +65,10 @@ def label_prior(label_maps, n_classes: int) -> np.ndarray:
     for labels in label_maps:
         labelled = labels[labels != IGNORE]
         if labelled.size and int(labelled.max()) >= n_classes:
-            raise ValueError(f"label_prior: pixel label {int(labelled.max())} is not a class 0..{n_classes - 1} "
-                             f"or {IGNORE}")
+            raise ValueError(
+                f"label_prior: pixel label {int(labelled.max())} is not a class 0..{n_classes - 1} "
+                f"or {IGNORE}"
+            )
         counts += np.bincount(labelled, minlength=n_classes)
     if counts.sum() == 0:
         return np.full(n_classes, 1.0 / n_classes)
@@ -90,13 +101,26 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
 
     prior = label_prior(read_annotations(), info.n_classes)
     model.label_prior.copy_(torch.from_numpy(prior))
-    log.info("train-seg: class prior of the labelled pixels: %s",
-             ", ".join(f"{name} {p:.3f}" for name, p in zip(info.class_names, prior)))
-    optimizer = make_optimizer(seg["optimizer"], model.param_groups(seg["lr"], seg["encoder_lr_mult"]), seg["lr"],
-                               seg["weight_decay"])
+    log.info(
+        "train-seg: class prior of the labelled pixels: %s",
+        ", ".join(f"{name} {p:.3f}" for name, p in zip(info.class_names, prior)),
+    )
+    optimizer = make_optimizer(
+        seg["optimizer"],
+        model.param_groups(seg["lr"], seg["encoder_lr_mult"]),
+        seg["lr"],
+        seg["weight_decay"],
+    )
     scheduler = poly_schedule(optimizer, seg["iterations"])
-    log.info("train-seg: %s/%s on %d selected images (of %d annotated), %d iterations, device %s", seg["model"],
-             seg["backbone"], len(ids), len(available), seg["iterations"], device)
+    log.info(
+        "train-seg: %s/%s on %d selected images (of %d annotated), %d iterations, device %s",
+        seg["model"],
+        seg["backbone"],
+        len(ids),
+        len(available),
+        seg["iterations"],
+        device,
+    )
     lo, hi = seg["scale_range"]
 
     def next_batch(rng: np.random.Generator) -> dict:
@@ -104,24 +128,43 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
         images, targets, image_labels = [], [], []
         for k in chosen:
             image_id = ids[k]
-            img, lab = random_crop(read_image(data, image_id), store.get(labels_store, store.LABELS, image_id),
-                                   seg["crop_size"], float(rng.uniform(lo, hi)), bool(rng.integers(2)), rng)
+            img, lab = random_crop(
+                read_image(data, image_id),
+                store.get(labels_store, store.LABELS, image_id),
+                seg["crop_size"],
+                float(rng.uniform(lo, hi)),
+                bool(rng.integers(2)),
+                rng,
+            )
             images.append(img), targets.append(lab)
             image_labels.append(info.label_vector(image_id).astype(np.float32))
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-        return {"x": x.to(device), "y": torch.from_numpy(np.stack(targets)).long().to(device),
-                "labels": torch.from_numpy(np.stack(image_labels)).to(device)}
+        return {
+            "x": x.to(device),
+            "y": torch.from_numpy(np.stack(targets)).long().to(device),
+            "labels": torch.from_numpy(np.stack(image_labels)).to(device),
+        }
 
     def compute_loss(m, batch):
         # Image labels let the decoupled net decode only the labelled classes (DeepLab ignores them).
         return m.loss(m(batch["x"], batch["labels"]), batch["y"], batch["labels"])
 
-    train_loop(model=model, optimizer=optimizer, scheduler=scheduler, next_batch=next_batch,
-               compute_loss=compute_loss, iterations=seg["iterations"], checkpoint_every=seg["checkpoint_every"],
-               out_dir=Path(out_dir), seed=seg["seed"], desc="train-seg",
-               fingerprint=config_fingerprint(training_section(seg), config["dataset"], ids,
-                                             labels_digest.hexdigest()),
-               log_every=seg["log_every"])
+    train_loop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        next_batch=next_batch,
+        compute_loss=compute_loss,
+        iterations=seg["iterations"],
+        checkpoint_every=seg["checkpoint_every"],
+        out_dir=Path(out_dir),
+        seed=seg["seed"],
+        desc="train-seg",
+        fingerprint=config_fingerprint(
+            training_section(seg), config["dataset"], ids, labels_digest.hexdigest()
+        ),
+        log_every=seg["log_every"],
+    )
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
     return model_path
