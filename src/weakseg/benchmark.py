@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from weakseg import store
+from weakseg import store, timing
 
 log = logging.getLogger("weakseg")
 SUPERPIXEL_METHODS = ("slic", "slico", "seeds", "felzenszwalb", "skimage_slic")
@@ -133,14 +133,29 @@ def bytes_per_image(run_dir: Path) -> pd.DataFrame:
 
 
 def stage_times(run_dir: Path) -> pd.DataFrame:
-    """Wall seconds per Snakemake job from the rules' benchmark files."""
+    """Per Snakemake job: wall seconds (the rule's benchmark file), kernel seconds (the compute kernels
+    alone, from the kernel line of the job's log, see ``weakseg.timing``; NaN for jobs without
+    kernels), the ratio job / kernel (the overhead to remove) and which kernels they were."""
+    layout = store.RunLayout(run_dir)
     rows = []
-    for tsv in sorted((Path(run_dir) / "benchmarks").glob("*.tsv")):
+    for tsv in sorted(layout.benchmarks_dir.glob("*.tsv")):
         t = pd.read_csv(tsv, sep="\t")
+        seconds = float(t["s"].iloc[0])
+        kernels = timing.read_kernel_seconds(layout.logs_dir / f"{tsv.stem}.log") or {}
+        kernel_s = sum(kernels.values()) if kernels else np.nan
         rows.append(
-            {"job": tsv.stem, "seconds": float(t["s"].iloc[0]), "max_rss_mb": float(t["max_rss"].iloc[0])}
+            {
+                "job": tsv.stem,
+                "seconds": seconds,
+                "kernel_s": kernel_s,
+                "job_per_kernel": seconds / kernel_s if kernel_s else np.nan,
+                "kernels": " ".join(f"{k}={v:.1f}" for k, v in kernels.items()),
+                "max_rss_mb": float(t["max_rss"].iloc[0]),
+            }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        rows, columns=["job", "seconds", "kernel_s", "job_per_kernel", "kernels", "max_rss_mb"]
+    )
 
 
 def quality_table(metrics_csv: Path) -> pd.DataFrame:
@@ -186,7 +201,10 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
         times,
         out_dir / f"{cfg['run']}_times.csv",
     )
-    print(f"sum of job times: {times['seconds'].sum():.0f} s")
+    print(
+        f"sum of job times: {times['seconds'].sum():.0f} s, of which kernels {times['kernel_s'].sum():.0f} s "
+        "(kernel seconds of multi-process jobs are summed over their workers)"
+    )
     _print_table(
         f"{cfg['run']}: quality per stage",
         quality_table(run / "metrics.csv"),

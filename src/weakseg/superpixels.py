@@ -13,7 +13,7 @@ from functools import partial
 import cv2
 import numpy as np
 
-from weakseg import store
+from weakseg import store, timing
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import map_images
 
@@ -110,7 +110,9 @@ def _one_image(args, params: dict):
     data_path, image_id = args
     cv2.setNumThreads(1)  # parallelism is across images
     _, group = open_data(data_path)
-    return image_id, compute_superpixels(read_image(group, image_id), **params)
+    image = read_image(group, image_id)
+    with timing.kernel("superpixels"):
+        return image_id, compute_superpixels(image, **params)
 
 
 def run_superpixels(
@@ -133,4 +135,5 @@ def run_superpixels(
         params["method"],
         params["n_segments"],
     )
+    timing.log_kernel_seconds()
     return len(ids)

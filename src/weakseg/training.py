@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from weakseg import store
+from weakseg import store, timing
 from weakseg.errors import UserError, first_line
 from weakseg.parallel import progress
 
@@ -163,10 +163,11 @@ def train_loop(
     bar = progress(range(start, iterations), desc, total=iterations - start)
     for it in bar:
         batch = next_batch(rng)
-        loss, parts = compute_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with timing.kernel("train_step"):  # forward, backward and update on a ready batch
+            loss, parts = compute_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         # Sums over the iterations since the last log row (kept in the checkpoint: a resumed run logs the same).
         for key, value in {"loss": float(loss.detach()), **parts}.items():
@@ -190,6 +191,7 @@ def train_loop(
             save(done)
     model.eval()
     _write_log(rows, log_path)
+    timing.log_kernel_seconds()
     return rows
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg import store
+from weakseg import store, timing
 from weakseg.cam.models import build_classifier, max_normalise
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import progress
@@ -66,7 +66,8 @@ def image_scores(
         size = (max(8, round(w * s)), max(8, round(h * s)))
         x = torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
         x = _flip_batch(x[None].float().div(255).to(device), flip)
-        maps = model.inference_maps(x)
+        with timing.kernel("forward"):
+            maps = model.inference_maps(x)
         cam = F.interpolate(maps["cam"].clamp(min=0), size=(h, w), mode="bilinear", align_corners=False)
         cam = _unflip_mean(cam, flip)
         cam_total = cam if cam_total is None else cam_total + cam
@@ -146,4 +147,5 @@ def run_infer_cam(
         elapsed,
         1000 * elapsed / max(1, len(ids)) / len(cam_cfg["infer_scales"]),
     )
+    timing.log_kernel_seconds()
     return len(ids)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from weakseg import store
+from weakseg import store, timing
 from weakseg.datasets import open_data, read_image
 from weakseg.datasets.folder import DatasetError, read_image_file
 from weakseg.errors import InputError, UserError
@@ -130,7 +130,8 @@ def predict_probabilities(
                 )
                 if flip:
                     x = torch.cat([x, x.flip(-1)])
-                logits = model(x, image_labels)["logits"].float()
+                with timing.kernel("forward"):
+                    logits = model(x, image_labels)["logits"].float()
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
                 if flip:
                     logits[1] = logits[1].flip(-1)
@@ -196,6 +197,7 @@ def run_predict_store(
                 prior_adjustment=seg["prior_adjustment"],
             )
             store.put_scores(out, SEG, image_id, probs, classes)
+    timing.log_kernel_seconds()
     return Path(out_path)
 
 
