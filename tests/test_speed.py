@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from test_training import CHECKPOINT_EVERY, ITERATIONS, cam_inputs  # noqa: F401
 
 import weakseg.cam.train as cam_train
 from weakseg import store
+from weakseg.cam.backbones import normalise
 from weakseg.cam.infer import image_scores, run_infer_cam
 from weakseg.cam.models import build_classifier
 from weakseg.datasets import open_data, read_image
@@ -89,3 +92,45 @@ def test_predict_store_equals_the_reference_path(tmp_path):
             )
             np.testing.assert_allclose(stored, expected, atol=QUANTUM + 1e-4, rtol=0)
             assert float(stored.max()) > 0.3  # not a comparison of empty maps
+
+
+@pytest.mark.parametrize("factor_layers", [0, 2])
+def test_weighted_pooling_gives_the_reference_sp_logits_and_gradients(factor_layers):
+    """The bilinear SP branch as one weighted pooling of coarse features: the same logits and the same
+    gradients as upsampling the score map and pooling it inside every superpixel, on superpixels that
+    are irregular, differ in number between images and include padding (-1)."""
+    from weakseg.cam.backbones import build_encoder
+    from weakseg.cam.models import SPN, mean_per_image, superpixel_pool
+
+    torch.manual_seed(0)
+    model = SPN(
+        build_encoder("efficientnet_lite0", pretrained=False),
+        5,
+        upsample_layers=factor_layers,
+        upsampling="bilinear",
+    )
+    model.train()
+    x = torch.rand(3, 3, 48, 80)
+    rng = np.random.default_rng(1)
+    sp = torch.from_numpy(rng.integers(0, 40, (3, 48, 80)) // np.array([1, 3, 7])[:, None, None]).long()
+    sp[1, :, 60:] = -1  # square padding
+    sp[2] = 5  # one superpixel
+    torch.manual_seed(1)
+    fast = model(x, sp)["sp_logits"]
+    params = [model.sp_classifier.weight, next(model.encoder.layers()[-1].parameters())]
+    fast_grads = torch.autograd.grad(fast.square().sum(), params)
+
+    def reference_logits():
+        torch.manual_seed(1)  # the same stochastic depth draws
+        feats = model.encoder(normalise(x, model.encoder))
+        fine = model._sp_scores(feats)
+        fine_sp = F.interpolate(sp[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
+        pooled, owner = superpixel_pool(fine, fine_sp)
+        return mean_per_image(pooled, owner, 3)
+
+    reference = reference_logits()
+    reference_grads = torch.autograd.grad(reference.square().sum(), params)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-4, atol=1e-6)
+        assert float(fast_grad.abs().sum()) > 0

@@ -47,6 +47,35 @@ def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[
     return sums / counts[:, None], present // span
 
 
+def superpixel_pool_weights(superpixels: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
+    """(B, h * w) weights on the coarse ``grid`` such that, for any maps m (B, C, h, w),
+    ``einsum("bcp,bp->bc", m.flatten(2), weights)`` is each image's mean over its superpixels of the
+    mean of m inside each superpixel, m upsampled bilinearly ``factor`` times first (the SP branch with
+    bilinear upsampling; ``superpixels`` (B, H, W), -1 = padding, are resized to the fine grid by
+    nearest neighbour as in ``SPN.forward``).
+
+    Upsampling and pooling are linear, so their composition is one weighted sum over the coarse grid:
+    the weights are the adjoint of the separable bilinear upsampling applied to the per-pixel pooling
+    weights 1 / (superpixels of the image x pixels of the superpixel).
+    """
+    b, (h, w) = superpixels.shape[0], grid
+    fine = F.interpolate(superpixels[:, None].float(), size=(h * factor, w * factor), mode="nearest")
+    ids = fine[:, 0].long().reshape(b, -1)
+    valid = ids >= 0
+    span = int(ids.max().clamp(min=0)) + 1
+    global_ids = torch.arange(b, device=ids.device)[:, None] * span + ids.clamp(min=0)
+    counts = torch.bincount(global_ids[valid], minlength=b * span).reshape(b, span)
+    present = (counts > 0).sum(1).clamp(min=1)
+    per_pixel = 1.0 / (counts.reshape(-1)[global_ids].clamp(min=1) * present[:, None])
+    per_pixel = (per_pixel * valid).reshape(b, h * factor, w * factor).float()
+
+    def upsampling(n: int) -> torch.Tensor:  # (n, n * factor): weight of coarse row i in fine row y
+        eye = torch.eye(n, device=superpixels.device)[None]
+        return F.interpolate(eye, scale_factor=factor, mode="linear", align_corners=False)[0]
+
+    return torch.einsum("iy,byx,jx->bij", upsampling(h), per_pixel, upsampling(w)).reshape(b, h * w)
+
+
 def max_normalise(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """ReLU, then divide each map (the last two dimensions) by its maximum -> [0, 1]."""
     maps = maps.clamp(min=0)
@@ -155,7 +184,11 @@ class SPN(CAMNet):
     def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
         feats = self.encoder(normalise(x01, self.encoder))
         out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
-        if superpixels is not None:
+        if superpixels is not None and self.upsampling == "bilinear":
+            # classifier, upsampling and pooling are linear: one weighted pooling of the coarse features
+            weights = superpixel_pool_weights(superpixels, tuple(feats.shape[-2:]), self.upsample_factor)
+            out["sp_logits"] = self.sp_classifier(torch.einsum("bdp,bp->bd", feats.flatten(2), weights))
+        elif superpixels is not None:
             fine = self._sp_scores(feats)
             # Superpixel maps follow the image: nearest-neighbour resize to the fine grid.
             sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
