@@ -134,3 +134,57 @@ def test_weighted_pooling_gives_the_reference_sp_logits_and_gradients(factor_lay
     for fast_grad, reference_grad in zip(fast_grads, reference_grads):
         torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-4, atol=1e-6)
         assert float(fast_grad.abs().sum()) > 0
+
+
+def test_prefetched_batches_are_the_seeded_sequence_and_drawn_during_the_step_before(tmp_path):
+    """train_loop draws batch k + 1 while step k computes, in order, from the seeded generator: the
+    batches are those of drawing one after the other."""
+    import threading
+
+    from test_training import draw_batch, tiny_model
+
+    from weakseg.training import make_optimizer, poly_schedule, train_loop
+
+    drawn, events = [], []
+    step_running = threading.Event()
+
+    def next_batch(rng):
+        events.append(("draw", len(drawn), step_running.is_set(), threading.current_thread().name))
+        batch = draw_batch(rng)
+        drawn.append(batch["x"])
+        return batch
+
+    def loss(model, batch):
+        step_running.set()
+        events.append(("step", None, None, None))
+        # give the prefetch thread time to draw the next batch while this step "computes"
+        deadline = len(events) + 1
+        for _ in range(200):
+            if len(events) > deadline or len(drawn) == 5:
+                break
+            threading.Event().wait(0.005)
+        out = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        step_running.clear()
+        return out, {}
+
+    model = tiny_model()
+    optimizer = make_optimizer("adam", [{"params": model.parameters()}], 0.01, 0.0)
+    train_loop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=poly_schedule(optimizer, 5),
+        next_batch=next_batch,
+        compute_loss=loss,
+        iterations=5,
+        checkpoint_every=5,
+        out_dir=tmp_path,
+        seed=7,
+        desc="prefetch",
+    )
+    rng = np.random.default_rng(7)
+    for batch in drawn:
+        torch.testing.assert_close(batch, draw_batch(rng)["x"], rtol=0, atol=0)
+    assert len(drawn) == 5  # no batch beyond the last iteration
+    draws = [e for e in events if e[0] == "draw"]
+    assert all(name.startswith("prefetch") for *_, name in draws)
+    assert sum(during for _, _, during, _ in draws[1:]) >= 3  # batches 2..5 mostly drawn during a step
