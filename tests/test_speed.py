@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from test_training import CHECKPOINT_EVERY, ITERATIONS, cam_inputs  # noqa: F401
 
 import weakseg.cam.train as cam_train
 from weakseg import store
-from weakseg.cam.backbones import normalise
 from weakseg.cam.infer import image_scores, run_infer_cam
 from weakseg.cam.models import build_classifier
 from weakseg.datasets import open_data, read_image
@@ -100,7 +98,7 @@ def test_weighted_pooling_gives_the_reference_sp_logits_and_gradients(factor_lay
     gradients as upsampling the score map and pooling it inside every superpixel, on superpixels that
     are irregular, differ in number between images and include padding (-1)."""
     from weakseg.cam.backbones import build_encoder
-    from weakseg.cam.models import SPN, mean_per_image, superpixel_pool
+    from weakseg.cam.models import SPN
 
     torch.manual_seed(0)
     model = SPN(
@@ -122,11 +120,11 @@ def test_weighted_pooling_gives_the_reference_sp_logits_and_gradients(factor_lay
 
     def reference_logits():
         torch.manual_seed(1)  # the same stochastic depth draws
-        feats = model.encoder(normalise(x, model.encoder))
-        fine = model._sp_scores(feats)
-        fine_sp = F.interpolate(sp[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
-        pooled, owner = superpixel_pool(fine, fine_sp)
-        return mean_per_image(pooled, owner, 3)
+        model.weighted_pooling = False
+        try:
+            return model(x, sp)["sp_logits"]
+        finally:
+            del model.weighted_pooling
 
     reference = reference_logits()
     reference_grads = torch.autograd.grad(reference.square().sum(), params)

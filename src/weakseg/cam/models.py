@@ -136,8 +136,14 @@ class SPN(CAMNet):
     the SP classifier, so it trains in the few hundred iterations a CPU affords (on MSRC-21 the
     learned module still lagged the GAP branch after 300 iterations: SP-CAM 50.0 vs 61.7 mIoU).
     Since the classifier, interpolation and pooling are all linear, the SP branch pools class
-    *scores* (C channels) rather than features (D channels): the same logits, far cheaper.
+    *scores* (C channels) rather than features (D channels): the same logits, far cheaper. With
+    bilinear upsampling, training goes one step further (``weighted_pooling``): the whole branch is
+    one weighted pooling of the coarse features (``superpixel_pool_weights``).
     """
+
+    # False: upsample the score map and pool it inside every superpixel, the reference path that the
+    # weighted pooling equals (kept for the tests and `weakseg benchmark speed`).
+    weighted_pooling = True
 
     def __init__(
         self,
@@ -184,7 +190,7 @@ class SPN(CAMNet):
     def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
         feats = self.encoder(normalise(x01, self.encoder))
         out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
-        if superpixels is not None and self.upsampling == "bilinear":
+        if superpixels is not None and self.upsampling == "bilinear" and self.weighted_pooling:
             # classifier, upsampling and pooling are linear: one weighted pooling of the coarse features
             weights = superpixel_pool_weights(superpixels, tuple(feats.shape[-2:]), self.upsample_factor)
             out["sp_logits"] = self.sp_classifier(torch.einsum("bdp,bp->bd", feats.flatten(2), weights))
