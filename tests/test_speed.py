@@ -186,3 +186,26 @@ def test_prefetched_batches_are_the_seeded_sequence_and_drawn_during_the_step_be
     draws = [e for e in events if e[0] == "draw"]
     assert all(name.startswith("prefetch") for *_, name in draws)
     assert sum(during for _, _, during, _ in draws[1:]) >= 3  # batches 2..5 mostly drawn during a step
+
+
+def test_folded_batchnorm_gives_the_same_outputs_without_batchnorm_layers():
+    from weakseg.cam.backbones import fold_batchnorm
+    from weakseg.config import load
+    from weakseg.segment.models import build_segmenter
+
+    torch.manual_seed(0)
+    net = build_segmenter(load({"segment": {"pretrained": False}})["segment"], 4, True)
+    for module in net.modules():  # running statistics far from the identity, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    x = torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        expected = net(x)["logits"]
+        folded = fold_batchnorm(net)
+        got = folded(x)["logits"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.encoder.modules())
+    assert float(expected.std()) > 1e-3  # outputs that depend on the input, not a constant
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

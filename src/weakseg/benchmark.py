@@ -9,6 +9,9 @@
     weakseg benchmark methods       every CAM generator (cam, spn, seam, dual) trained and inferred on
                                     the same data and iteration budget: map quality, over- and
                                     under-activation, quality after the CRF, training and inference time
+    weakseg benchmark speed         the fast paths of issue 18 against their reference paths, run
+                                    alternately in one process on the same real images: ms per unit
+                                    and the ratio (a shared machine's load hits both alike)
 
 Benchmarks measure; tests assert. Apart from the row summary of ``benchmark methods``
 (``method_row``), nothing here is run by the test suite.
@@ -431,6 +434,165 @@ def bench_methods(
     return table
 
 
+SPEED_COLUMNS = ["path", "unit", "units", "reference_ms", "fast_ms", "fast_over_reference"]
+
+
+def interleaved(units, reference, fast) -> tuple[float, float]:
+    """Mean seconds per unit of ``reference(unit)`` and ``fast(unit)``, run alternately on every unit
+    (which runs first swaps from unit to unit), so that load changes hit both alike."""
+    seconds = [0.0, 0.0]
+    for k, unit in enumerate(units):
+        order = ((0, reference), (1, fast)) if k % 2 == 0 else ((1, fast), (0, reference))
+        for which, fn in order:
+            started = time.perf_counter()
+            fn(unit)
+            seconds[which] += time.perf_counter() - started
+    return seconds[0] / len(units), seconds[1] / len(units)
+
+
+def bench_speed(
+    config_path: str, out_dir: Path, threads: int, n_images: int = 40, steps: int = 8
+) -> pd.DataFrame:
+    """Reference against fast path, alternately on the same units, with the config's networks (ImageNet
+    encoder, untrained heads: the times do not depend on the head weights): CAM inference per image
+    (every class upsampled on a plain network, against the kept classes on a channels-last one with
+    BatchNorm folded), segmentation prediction per image (plain against channels-last and folded
+    BatchNorm) and the CAM training step per
+    batch (superpixel pooling of the upsampled scores against the weighted pooling); plus the batch
+    preparation a training step waits for without the prefetch thread. Images: every k-th of the
+    data store, so train and val mix as in the run."""
+    import copy
+
+    import torch
+
+    from weakseg.cam.backbones import fold_batchnorm
+    from weakseg.cam.infer import image_scores
+    from weakseg.cam.losses import training_loss
+    from weakseg.cam.models import build_classifier
+    from weakseg.cam.train import square_resize, to_tensor01
+    from weakseg.config import load, run_dir
+    from weakseg.datasets import open_data, read_image
+    from weakseg.segment.models import build_segmenter
+    from weakseg.segment.predict import predict_probabilities
+
+    torch.set_num_threads(max(1, threads))
+    cfg = load(config_path)
+    shared = store.RunLayout(run_dir(cfg).with_name(f"{cfg['run']}_speed"))
+    _prepare_inputs(cfg, shared, threads)
+    info, data = open_data(shared.data)
+    sp_store = store.open_store(shared.superpixels, "superpixels")
+    cam_cfg, seg = cfg["cam"], cfg["segment"]
+    fg, train = info.fg_classes, set(info.split(cfg["dataset"]["train_split"]))
+    step = max(1, len(info.ids) // n_images)
+    units = []
+    for image_id in list(info.ids)[::step][:n_images]:
+        labelled = image_id in train
+        units.append(
+            {
+                "image": read_image(data, image_id),
+                "sp": store.get(sp_store, store.SUPERPIXELS, image_id),
+                "keep": np.flatnonzero(info.label_vector(image_id)[fg]) if labelled else np.arange(len(fg)),
+                "classes": info.image_labels(image_id) if labelled else None,
+            }
+        )
+    cpu, rows = torch.device("cpu"), []
+
+    def row(path: str, unit: str, n: int, reference_s: float, fast_s: float) -> None:
+        rows.append(
+            {
+                "path": path,
+                "unit": unit,
+                "units": n,
+                "reference_ms": 1000 * reference_s,
+                "fast_ms": 1000 * fast_s,
+                "fast_over_reference": fast_s / reference_s if reference_s else np.nan,
+            }
+        )
+        print(f"{path}: {1000 * reference_s:.1f} -> {1000 * fast_s:.1f} ms per {unit}", flush=True)
+
+    cam_net = build_classifier(cam_cfg, len(fg)).eval()
+    cam_fast = fold_batchnorm(copy.deepcopy(cam_net).to(memory_format=torch.channels_last))
+    scales, flip, merge = cam_cfg["infer_scales"], cam_cfg["infer_flip"], cam_cfg["spcam_merge"]
+
+    def cam_reference(u):
+        cam, spcam, probs = image_scores(cam_net, u["image"], u["sp"], scales, flip, cpu, merge)
+        return cam[u["keep"]], spcam[u["keep"]], probs[u["keep"]]
+
+    def cam_fast_path(u):
+        return image_scores(cam_fast, u["image"], u["sp"], scales, flip, cpu, merge, keep=u["keep"])
+
+    row("infer-cam", "image", len(units), *interleaved(units, cam_reference, cam_fast_path))
+
+    seg_net = build_segmenter(seg, info.n_classes, info.has_background).eval()
+    seg_fast = fold_batchnorm(copy.deepcopy(seg_net).to(memory_format=torch.channels_last))
+
+    def predict(model):
+        return lambda u: predict_probabilities(
+            model,
+            u["image"],
+            seg["infer_scales"],
+            seg["infer_flip"],
+            cpu,
+            u["classes"],
+            seg["prior_adjustment"],
+        )
+
+    row("predict-seg", "image", len(units), *interleaved(units, predict(seg_net), predict(seg_fast)))
+
+    rng = np.random.default_rng(0)
+    ids = sorted(train)
+
+    def draw_batch(_=None):
+        size = int(rng.choice(cam_cfg["train_sizes"]))
+        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
+        images, sps, ys = [], [], []
+        for k in chosen:
+            img, sp = square_resize(
+                read_image(data, ids[k]),
+                store.get(sp_store, store.SUPERPIXELS, ids[k]),
+                size,
+                bool(rng.integers(2)),
+                rng,
+            )
+            images.append(img), sps.append(sp), ys.append(info.label_vector(ids[k])[fg].astype(np.float32))
+        return {
+            "x": to_tensor01(images),
+            "sp": torch.from_numpy(np.stack(sps)).long(),
+            "y": torch.from_numpy(np.stack(ys)),
+        }
+
+    started = time.perf_counter()
+    batches = [draw_batch() for _ in range(steps)]
+    prep_s = (time.perf_counter() - started) / steps
+    compute_loss = training_loss(cam_cfg)
+    nets = []
+    for weighted in (False, True):
+        net = build_classifier(cam_cfg, len(fg)).train()
+        net.weighted_pooling = weighted  # only the SPN with bilinear upsampling has another path
+        nets.append((net, torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)))
+
+    def train_step(net_and_optimizer):
+        net, optimizer = net_and_optimizer
+
+        def run(batch):
+            loss, _ = compute_loss(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    row("train-cam step", "batch", steps, *interleaved(batches, train_step(nets[0]), train_step(nets[1])))
+    row("train-cam batch preparation (overlapped by the prefetch thread)", "batch", steps, prep_s, 0.0)
+    table = pd.DataFrame(rows, columns=SPEED_COLUMNS)
+    _print_table(
+        f"{cfg['run']}: fast against reference paths ({threads} threads)",
+        table,
+        out_dir / f"speed_{cfg['run']}.csv",
+    )
+    return table
+
+
 def run_benchmark(
     what: str,
     root: str,
@@ -462,3 +624,5 @@ def run_benchmark(
         )
     elif what == "methods":
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
+    elif what == "speed":
+        bench_speed(config_path, out_dir, threads)

@@ -577,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV"
     )
     p.add_argument(
-        "what", choices=["superpixels", "crf", "pipeline", "bytes", "methods"], help="what to measure"
+        "what",
+        choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed"],
+        help="what to measure",
     )
     p.add_argument("--root", default="../shared/data/msrc21", help="dataset folder")
     p.add_argument(
