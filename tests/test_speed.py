@@ -209,3 +209,85 @@ def test_folded_batchnorm_gives_the_same_outputs_without_batchnorm_layers():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.encoder.modules())
     assert float(expected.std()) > 1e-3  # outputs that depend on the input, not a constant
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["spn", "cam"])
+def test_cached_frozen_features_give_the_same_loss_and_gradients(model_name):
+    """The training step from the frozen layers' output equals the step on the images for the same
+    batch: loss and every trainable parameter's gradient."""
+    from weakseg.cam.losses import training_loss
+    from weakseg.config import load
+
+    cam_cfg = load(
+        {"cam": {"model": model_name, "pretrained": False, "freeze_encoder": 9, "upsampling": "bilinear"}}
+    )["cam"]
+    torch.manual_seed(0)
+    model = build_classifier(cam_cfg, 4)
+    # Calibrate every BatchNorm on random images first: at random init the eval-mode frozen layers make
+    # vanishing features, which the trainable layers' batch statistics would blow up with float noise.
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for module in batchnorms:
+        module.momentum = None
+        module.train()
+    with torch.no_grad():
+        model.encoder.body(torch.rand(6, 3, 64, 64))
+    model.train()
+    assert model.encoder.frozen_layers == 9
+    x = torch.rand(3, 3, 64, 64)
+    sp = torch.from_numpy(np.random.default_rng(0).integers(0, 12, (3, 64, 64))).long()
+    sp[0, :, 50:] = -1
+    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
+    compute_loss = training_loss(cam_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        torch.manual_seed(1)  # the same stochastic depth draws in the trainable blocks
+        loss, _ = compute_loss(model, batch)
+        return loss, torch.autograd.grad(loss, params)
+
+    loss, grads = loss_and_grads({"x": x, "sp": sp, "y": y})
+    frozen = model.frozen_features(x)  # the cache computes each image alone; the same numbers up to rounding
+    assert not frozen.requires_grad and frozen.shape[1] != 3  # features, not images
+    cached_loss, cached_grads = loss_and_grads({"frozen": frozen, "sp": sp, "y": y})
+    torch.testing.assert_close(cached_loss, loss, rtol=1e-6, atol=1e-7)
+    assert len(grads) > 4 and all(float(g.abs().sum()) > 0 for g in grads[-2:])
+    for cached, reference in zip(cached_grads, grads):
+        torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-8)
+
+
+def test_training_with_the_cache_equals_training_that_recomputes_every_variant(
+    tmp_path, cam_inputs, caplog, monkeypatch
+):
+    """A cache large enough for every variant and one that keeps nothing give the same model: cached
+    features are exactly what recomputing gives (so a resumed run, whose cache starts empty, matches)."""
+    import logging
+
+    from test_training import assert_same_state
+
+    config, data, sp = cam_inputs
+    cam = {
+        **config["cam"],
+        "freeze_encoder": 9,
+        "upsampling": "bilinear",
+        "iterations": 8,
+        "train_offsets": 2,
+    }
+    config = {**config, "cam": {**cam, "feature_cache_mb": 64}}
+    with caplog.at_level(logging.INFO, logger="weakseg"):
+        kept = load_model_file(cam_train.run_train_cam(config, data, sp, tmp_path / "kept"), "cam")
+    hits = int(caplog.text.split("frozen-feature cache: ")[1].split(" hits")[0])
+    assert hits > 0  # 8 batches of 2 over few variants: some are drawn again
+
+    class KeepsNothing(cam_train.FrozenFeatureCache):
+        def __init__(self, model, max_bytes):
+            super().__init__(model, 0)
+
+    monkeypatch.setattr(cam_train, "FrozenFeatureCache", KeepsNothing)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="weakseg"):
+        recomputed = load_model_file(
+            cam_train.run_train_cam(config, data, sp, tmp_path / "recomputed"), "cam"
+        )
+    assert "frozen-feature cache: 0 hits" in caplog.text  # every variant recomputed
+    assert "0 variants kept" in caplog.text
+    assert_same_state(kept["model"], recomputed["model"])

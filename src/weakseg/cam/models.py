@@ -97,9 +97,31 @@ class CAMNet(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Conv2d(encoder.out_channels, n_classes, 1, bias=False)
 
-    def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
-        feats = self.encoder(normalise(x01, self.encoder))
+    def forward(
+        self,
+        x01: torch.Tensor | None,
+        superpixels: torch.Tensor | None = None,
+        frozen: torch.Tensor | None = None,
+    ) -> dict:
+        feats = self.encode(x01, frozen)
         return {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+
+    def frozen_features(self, x01: torch.Tensor) -> torch.Tensor:
+        """The output of the encoder's frozen layers (``freeze_encoder`` N), without autograd: what a
+        feature cache keeps; ``forward(None, ..., frozen=...)`` continues from it."""
+        x = normalise(x01, self.encoder)
+        with torch.no_grad():
+            for layer in self.encoder.layers()[: self.encoder.frozen_layers]:
+                x = layer(x)
+        return x
+
+    def encode(self, x01: torch.Tensor | None, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder features of images in [0, 1], or of the frozen layers' output ``frozen``."""
+        if frozen is None:
+            return self.encoder(normalise(x01, self.encoder))
+        for layer in self.encoder.layers()[self.encoder.frozen_layers :]:
+            frozen = layer(frozen)
+        return frozen
 
     def cam(self, x01: torch.Tensor) -> torch.Tensor:
         """Class activation maps (B, C, h, w) at the encoder's resolution (before ReLU)."""
@@ -187,8 +209,13 @@ class SPN(CAMNet):
             )
         return torch.einsum("bdhw,cd->bchw", self.upsample(self.extra(feats)), self.sp_classifier.weight)
 
-    def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
-        feats = self.encoder(normalise(x01, self.encoder))
+    def forward(
+        self,
+        x01: torch.Tensor | None,
+        superpixels: torch.Tensor | None = None,
+        frozen: torch.Tensor | None = None,
+    ) -> dict:
+        feats = self.encode(x01, frozen)
         out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
         if superpixels is not None and self.upsampling == "bilinear" and self.weighted_pooling:
             # classifier, upsampling and pooling are linear: one weighted pooling of the coarse features
@@ -199,7 +226,7 @@ class SPN(CAMNet):
             # Superpixel maps follow the image: nearest-neighbour resize to the fine grid.
             sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
             sp_scores, image_index = superpixel_pool(fine, sp)
-            out["sp_logits"] = mean_per_image(sp_scores, image_index, x01.shape[0])
+            out["sp_logits"] = mean_per_image(sp_scores, image_index, feats.shape[0])
         return out
 
 
