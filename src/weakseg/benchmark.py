@@ -450,6 +450,20 @@ def interleaved(units, reference, fast) -> tuple[float, float]:
     return seconds[0] / len(units), seconds[1] / len(units)
 
 
+def cache_hits(n_images: int, cam_cfg: dict, iterations: int) -> dict:
+    """Draws and cache hits of the frozen-feature cache over ``iterations`` batches, from the same random
+    draws as ``cam.train``'s cached batches (size, images, flip, padding position), without computing."""
+    rng = np.random.default_rng(cam_cfg["seed"])
+    seen, draws, hits = set(), 0, 0
+    for _ in range(iterations):
+        size = int(rng.choice(cam_cfg["train_sizes"]))
+        for k in rng.choice(n_images, size=min(cam_cfg["batch_size"], n_images), replace=False):
+            key = (int(k), size, int(rng.integers(2)), int(rng.integers(cam_cfg["train_offsets"])))
+            draws, hits = draws + 1, hits + (key in seen)
+            seen.add(key)
+    return {"draws": draws, "hits": hits, "hit_rate": hits / max(draws, 1), "variants_cached": len(seen)}
+
+
 def bench_speed(
     config_path: str, out_dir: Path, threads: int, n_images: int = 40, steps: int = 8
 ) -> pd.DataFrame:
@@ -583,8 +597,31 @@ def bench_speed(
         return run
 
     row("train-cam step", "batch", steps, *interleaved(batches, train_step(nets[0]), train_step(nets[1])))
+    if nets[1][0].encoder.frozen_layers:
+        cached = [{**b, "x": None, "frozen": nets[1][0].frozen_features(b["x"])} for b in batches]
+        row(
+            "train-cam step from cached frozen features (a cache hit)",
+            "batch",
+            steps,
+            *interleaved(
+                range(steps),
+                lambda k: train_step(nets[1])(batches[k]),
+                lambda k: train_step(nets[1])(cached[k]),
+            ),
+        )
     row("train-cam batch preparation (overlapped by the prefetch thread)", "batch", steps, prep_s, 0.0)
     table = pd.DataFrame(rows, columns=SPEED_COLUMNS)
+    hits = pd.DataFrame(
+        [
+            {"iterations": n, **cache_hits(len(ids), cam_cfg, n)}
+            for n in (cam_cfg["iterations"], 3 * cam_cfg["iterations"], 10 * cam_cfg["iterations"])
+        ]
+    )
+    _print_table(
+        f"frozen-feature cache: variants drawn again (train_offsets {cam_cfg['train_offsets']})",
+        hits,
+        out_dir / f"cache_hits_{cfg['run']}.csv",
+    )
     _print_table(
         f"{cfg['run']}: fast against reference paths ({threads} threads)",
         table,
