@@ -12,7 +12,7 @@ from weakseg import store
 from weakseg.cam.infer import image_scores, run_infer_cam
 from weakseg.cam.models import build_classifier
 from weakseg.datasets import open_data, read_image
-from weakseg.training import load_model_file
+from weakseg.nets.model_file import load_model_file
 
 QUANTUM = 1 / 255  # score stores hold uint8
 
@@ -97,8 +97,8 @@ def test_weighted_pooling_gives_the_reference_sp_logits_and_gradients(factor_lay
     """The bilinear SP branch as one weighted pooling of coarse features: the same logits and the same
     gradients as upsampling the score map and pooling it inside every superpixel, on superpixels that
     are irregular, differ in number between images and include padding (-1)."""
-    from weakseg.cam.backbones import build_encoder
     from weakseg.cam.models import SPN
+    from weakseg.nets.backbones import build_encoder
 
     torch.manual_seed(0)
     model = SPN(
@@ -189,8 +189,8 @@ def test_prefetched_batches_are_the_seeded_sequence_and_drawn_during_the_step_be
 
 
 def test_folded_batchnorm_gives_the_same_outputs_without_batchnorm_layers():
-    from weakseg.cam.backbones import fold_batchnorm
     from weakseg.config import load
+    from weakseg.nets.backbones import fold_batchnorm
     from weakseg.segment.models import build_segmenter
 
     torch.manual_seed(0)

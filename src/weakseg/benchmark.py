@@ -32,9 +32,11 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store, timing
+from weakseg.cam import MODELS as CAM_MODELS
+from weakseg.commands import THREADS, Command, option
+from weakseg.superpixels import METHODS as SUPERPIXEL_METHODS
 
 log = logging.getLogger("weakseg")
-SUPERPIXEL_METHODS = ("slic", "slico", "seeds", "felzenszwalb", "skimage_slic")
 
 
 def _print_table(title: str, table: pd.DataFrame, csv_path: Path) -> None:
@@ -326,8 +328,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
     from weakseg.cam.models import resolve_cam_config
     from weakseg.cam.train import run_train_cam
     from weakseg.evaluate import run_evaluate
+    from weakseg.nets.model_file import config_fingerprint
     from weakseg.pseudo.crf import run_crf
-    from weakseg.training import config_fingerprint
 
     cfg = {**cfg, "cam": resolve_cam_config({**cfg["cam"], "model": method})}
     layout = store.RunLayout(shared.root / f"{method}_it{cfg['cam']['iterations']}")
@@ -375,8 +377,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
             layout.scores,
             key,
             split,
-            layout.metrics_dir / f"{key}_{split}.csv",
-            per_image_csv=layout.metrics_dir / f"{key}_{split}_per_image.csv",
+            layout.metrics_csv(key, split),
+            per_image_csv=layout.per_image_csv(key, split),
             key=key,
         )
     run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], layout.crf, threads, split=split)
@@ -387,8 +389,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
         layout.crf,
         "crf",
         split,
-        layout.metrics_dir / f"crf_{split}.csv",
-        per_image_csv=layout.metrics_dir / f"crf_{split}_per_image.csv",
+        layout.metrics_csv("crf", split),
+        per_image_csv=layout.per_image_csv("crf", split),
     )
     return method_row(method, {k: timing[k] for k in METHOD_COLUMNS[1:6]}, metrics)
 
@@ -479,13 +481,13 @@ def bench_speed(
 
     import torch
 
-    from weakseg.cam.backbones import fold_batchnorm
     from weakseg.cam.infer import image_scores
     from weakseg.cam.losses import training_loss
     from weakseg.cam.models import build_classifier
     from weakseg.cam.train import square_resize, to_tensor01
     from weakseg.config import load, run_dir
     from weakseg.datasets import open_data, read_image
+    from weakseg.nets.backbones import fold_batchnorm
     from weakseg.segment.models import build_segmenter
     from weakseg.segment.predict import predict_probabilities
 
@@ -663,3 +665,47 @@ def run_benchmark(
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
     elif what == "speed":
         bench_speed(config_path, out_dir, threads)
+
+
+COMMAND = Command(
+    "benchmark",
+    "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV",
+    run_benchmark,
+    (
+        option(
+            "what",
+            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed"],
+            help="what to measure",
+        ),
+        option("--root", default="../shared/data/msrc21", help="dataset folder"),
+        option(
+            "--config",
+            dest="config_path",
+            default="config/msrc21.yaml",
+            help="run config for the pipeline and methods benchmarks",
+        ),
+        option("--out", default="bench", help="folder for CSV output"),
+        option(
+            "--methods",
+            nargs="+",
+            choices=CAM_MODELS,
+            default=list(CAM_MODELS),
+            help="methods: the CAM generators to compare",
+        ),
+        option(
+            "--split", help="methods: the split inferred and evaluated (default: the config's train split)"
+        ),
+        option(
+            "--iterations",
+            type=int,
+            help="methods: training iterations of every method (default: cam.iterations)",
+        ),
+        option(
+            "--infer-scales",
+            type=float,
+            nargs="+",
+            help="methods: inference scales of every method (default: cam.infer_scales)",
+        ),
+        THREADS,
+    ),
+)

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from weakseg import store, timing
-from weakseg.cam.backbones import fold_batchnorm
 from weakseg.cam.models import build_classifier, max_normalise
 from weakseg.datasets import open_data, read_image
+from weakseg.nets.backbones import fold_batchnorm
+from weakseg.nets.device import select_device
+from weakseg.nets.model_file import load_model_file
 from weakseg.parallel import progress
-from weakseg.training import load_model_file, select_device
 
 log = logging.getLogger("weakseg")
 

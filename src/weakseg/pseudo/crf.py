@@ -15,7 +15,9 @@ import pydensecrf.densecrf as dcrf
 
 from weakseg import labels as label_rules
 from weakseg import timing
-from weakseg.pseudo import ImageJob, job_image, job_scores, make_jobs, write_labels
+from weakseg.commands import THREADS, Command
+from weakseg.pseudo.clean import LABEL_RULE_SECTIONS, SCORES_TO_LABELS
+from weakseg.pseudo.jobs import ImageJob, job_image, job_scores, make_jobs, write_labels
 
 log = logging.getLogger("weakseg")
 
@@ -162,3 +164,13 @@ def run_crf(
         100.0 * counts["changed"] / max(counts["pixels"], 1),
     )
     timing.log_kernel_seconds()
+
+
+COMMAND = Command(
+    "crf",
+    "dense CRF refinement of score maps",
+    run_crf,
+    (THREADS, *SCORES_TO_LABELS),
+    sections=LABEL_RULE_SECTIONS,
+    writes=("out_path",),
+)
