@@ -146,7 +146,7 @@ def stage_times(run_dir: Path) -> pd.DataFrame:
     for tsv in sorted(layout.benchmarks_dir.glob("*.tsv")):
         t = pd.read_csv(tsv, sep="\t")
         seconds = float(t["s"].iloc[0])
-        kernels = timing.read_kernel_seconds(layout.logs_dir / f"{tsv.stem}.log") or {}
+        kernels = timing.read_kernel_seconds(layout.log(tsv.stem)) or {}
         kernel_s = sum(kernels.values()) if kernels else np.nan
         rows.append(
             {
