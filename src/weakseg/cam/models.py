@@ -104,8 +104,14 @@ class CAMNet(nn.Module):
         superpixels: torch.Tensor | None = None,
         frozen: torch.Tensor | None = None,
     ) -> dict:
+        """``gap_logits`` (B, C); with ``superpixels``, the SP branch's ``sp_logits`` where the model has one."""
         feats = self.encode(x01, frozen)
-        return {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+        out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+        return out if superpixels is None else {**out, **self.sp_outputs(feats, superpixels)}
+
+    def sp_outputs(self, feats: torch.Tensor, superpixels: torch.Tensor) -> dict:
+        """The superpixel branch's outputs from the encoder features (plain CAM has none)."""
+        return {}
 
     def frozen_features(self, x01: torch.Tensor) -> torch.Tensor:
         """The output of the encoder's frozen layers (``freeze_encoder`` N), without autograd: what a
@@ -210,25 +216,17 @@ class SPN(CAMNet):
             )
         return torch.einsum("bdhw,cd->bchw", self.upsample(self.extra(feats)), self.sp_classifier.weight)
 
-    def forward(
-        self,
-        x01: torch.Tensor | None,
-        superpixels: torch.Tensor | None = None,
-        frozen: torch.Tensor | None = None,
-    ) -> dict:
-        feats = self.encode(x01, frozen)
-        out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
-        if superpixels is not None and self.upsampling == "bilinear" and self.weighted_pooling:
+    def sp_outputs(self, feats: torch.Tensor, superpixels: torch.Tensor) -> dict:
+        """``sp_logits`` (B, C): per image, the mean over its superpixels of the SP classifier's scores."""
+        if self.upsampling == "bilinear" and self.weighted_pooling:
             # classifier, upsampling and pooling are linear: one weighted pooling of the coarse features
             weights = superpixel_pool_weights(superpixels, tuple(feats.shape[-2:]), self.upsample_factor)
-            out["sp_logits"] = self.sp_classifier(torch.einsum("bdp,bp->bd", feats.flatten(2), weights))
-        elif superpixels is not None:
-            fine = self._sp_scores(feats)
-            # Superpixel maps follow the image: nearest-neighbour resize to the fine grid.
-            sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
-            sp_scores, image_index = superpixel_pool(fine, sp)
-            out["sp_logits"] = mean_per_image(sp_scores, image_index, feats.shape[0])
-        return out
+            return {"sp_logits": self.sp_classifier(torch.einsum("bdp,bp->bd", feats.flatten(2), weights))}
+        fine = self._sp_scores(feats)
+        # Superpixel maps follow the image: nearest-neighbour resize to the fine grid.
+        sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
+        sp_scores, image_index = superpixel_pool(fine, sp)
+        return {"sp_logits": mean_per_image(sp_scores, image_index, feats.shape[0])}
 
 
 def resolve_cam_config(cam_cfg: dict) -> dict:
