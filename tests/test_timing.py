@@ -83,7 +83,9 @@ def test_stage_times_sets_job_seconds_against_kernel_seconds(tmp_path):
     (run / "benchmarks").mkdir(parents=True)
     (run / "logs").mkdir()
     for job, seconds in (("infer_cam", 30.0), ("metrics", 4.0)):
-        (run / "benchmarks" / f"{job}.tsv").write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:30\t512.0\n")
+        (run / "benchmarks" / f"{job}.tsv").write_text(
+            f"s\th:m:s\tmax_rss\tcpu_time\n{seconds}\t0:00:30\t512.0\t{seconds / 2}\n"
+        )
     (run / "logs" / "infer_cam.log").write_text(f'12:00:00 INFO {timing.MARKER} {{"forward": 20.0}}\n')
     (run / "logs" / "metrics.log").write_text("12:00:00 INFO wrote metrics.csv\n")
     table = stage_times(run).set_index("job")
@@ -91,4 +93,4 @@ def test_stage_times_sets_job_seconds_against_kernel_seconds(tmp_path):
     assert table.loc["infer_cam", "job_per_kernel"] == pytest.approx(1.5)
     assert table.loc["infer_cam", "kernels"] == "forward=20.0"
     assert np.isnan(table.loc["metrics", "kernel_s"]) and np.isnan(table.loc["metrics", "job_per_kernel"])
-    assert table.loc["metrics", "seconds"] == 4.0
+    assert table.loc["metrics", "seconds"] == 4.0 and table.loc["metrics", "cpu_s"] == 2.0

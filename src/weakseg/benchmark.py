@@ -138,9 +138,10 @@ def bytes_per_image(run_dir: Path) -> pd.DataFrame:
 
 
 def stage_times(run_dir: Path) -> pd.DataFrame:
-    """Per Snakemake job: wall seconds (the rule's benchmark file), kernel seconds (the compute kernels
-    alone, from the kernel line of the job's log, see ``weakseg.timing``; NaN for jobs without
-    kernels), the ratio job / kernel (the overhead to remove) and which kernels they were."""
+    """Per Snakemake job: wall seconds and CPU seconds (the rule's benchmark file; on a shared machine the
+    CPU seconds move less with the load), kernel seconds (the compute kernels alone, from the kernel
+    line of the job's log, see ``weakseg.timing``; NaN for jobs without kernels), the ratio job / kernel
+    (the overhead to remove) and which kernels they were."""
     layout = store.RunLayout(run_dir)
     rows = []
     for tsv in sorted(layout.benchmarks_dir.glob("*.tsv")):
@@ -152,6 +153,7 @@ def stage_times(run_dir: Path) -> pd.DataFrame:
             {
                 "job": tsv.stem,
                 "seconds": seconds,
+                "cpu_s": float(t["cpu_time"].iloc[0]) if "cpu_time" in t else np.nan,
                 "kernel_s": kernel_s,
                 "job_per_kernel": seconds / kernel_s if kernel_s else np.nan,
                 "kernels": " ".join(f"{k}={v:.1f}" for k, v in kernels.items()),
@@ -159,7 +161,7 @@ def stage_times(run_dir: Path) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(
-        rows, columns=["job", "seconds", "kernel_s", "job_per_kernel", "kernels", "max_rss_mb"]
+        rows, columns=["job", "seconds", "cpu_s", "kernel_s", "job_per_kernel", "kernels", "max_rss_mb"]
     )
 
 
@@ -207,8 +209,8 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
         out_dir / f"{cfg['run']}_times.csv",
     )
     print(
-        f"sum of job times: {times['seconds'].sum():.0f} s, of which kernels {times['kernel_s'].sum():.0f} s "
-        "(kernel seconds of multi-process jobs are summed over their workers)"
+        f"sum of job times: {times['seconds'].sum():.0f} s (CPU {times['cpu_s'].sum():.0f} s), of which kernels "
+        f"{times['kernel_s'].sum():.0f} s (kernel seconds of multi-process jobs are summed over their workers)"
     )
     _print_table(
         f"{cfg['run']}: quality per stage",
