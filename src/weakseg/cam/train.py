@@ -80,7 +80,8 @@ class FrozenFeatureCache:
         self.misses += 1
         image, sp = make(*key)
         with timing.kernel("frozen_layers"):
-            feats = self.model.frozen_features(to_tensor01([image]))[0]
+            x = to_tensor01([image]).to(next(self.model.parameters()).device)
+            feats = self.model.frozen_features(x)[0]
         entry = (feats, sp)
         size = feats.numel() * feats.element_size() + sp.nbytes
         if self.bytes + size <= self.max_bytes:
