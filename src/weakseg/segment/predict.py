@@ -115,12 +115,14 @@ def predict_probabilities(
             )
         allowed = torch.zeros_like(allowed).index_fill(0, classes, True)
     log_prior = model.label_prior.to(image.device).log()[None, :, None, None] * float(prior_adjustment)
+    if classes is not None:  # only these are resized and normalised: the others' probability is 0
+        log_prior = log_prior[:, classes]
     batch = 2 if flip else 1
     # Only the allowed classes need decoding (DecoupledNet); DeepLab ignores this.
     image_labels = allowed.float()[None].expand(batch, -1)
     was_training = model.training
     model.eval()
-    total = torch.zeros(model.n_classes, height, width, device=image.device)
+    total = torch.zeros(len(log_prior[0]), height, width, device=image.device)
     try:
         with torch.inference_mode():
             for scale in scales:
@@ -134,16 +136,16 @@ def predict_probabilities(
                     x = torch.cat([x, x.flip(-1)])
                 with timing.kernel("forward"):
                     logits = model(x, image_labels)["logits"].float()
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                if classes is not None:
+                    logits = logits.index_select(1, classes)
+                if tuple(logits.shape[-2:]) != (height, width):
+                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
                 if flip:
                     logits[1] = logits[1].flip(-1)
-                logits = (logits - log_prior).masked_fill(~allowed[None, :, None, None], float("-inf"))
-                total += logits.softmax(dim=1).sum(dim=0)
+                total += (logits - log_prior).softmax(dim=1).sum(dim=0)
     finally:
         model.train(was_training)
     probs = total / (batch * len(scales))
-    if classes is not None:
-        probs = probs[classes]
     return probs.cpu().numpy().astype(np.float32)
 
 
