@@ -474,8 +474,8 @@ def bench_speed(
     """Reference against fast path, alternately on the same units, with the config's networks (ImageNet
     encoder, untrained heads: the times do not depend on the head weights): CAM inference per image
     (every class upsampled on a plain network, against the kept classes on a channels-last one with
-    BatchNorm folded), segmentation prediction per image (plain against channels-last and folded
-    BatchNorm) and the CAM training step per
+    BatchNorm folded), segmentation prediction per image (every class resized on a plain network,
+    against the image's classes on a channels-last one with BatchNorm folded) and the CAM training step per
     batch (superpixel pooling of the upsampled scores against the weighted pooling); plus the batch
     preparation a training step waits for without the prefetch thread. Images: every k-th of the
     data store, so train and val mix as in the run."""
@@ -544,18 +544,28 @@ def bench_speed(
     seg_net = build_segmenter(seg, info.n_classes, info.has_background).eval()
     seg_fast = fold_batchnorm(copy.deepcopy(seg_net).to(memory_format=torch.channels_last))
 
-    def predict(model):
-        return lambda u: predict_probabilities(
-            model,
-            u["image"],
-            seg["infer_scales"],
-            seg["infer_flip"],
-            cpu,
-            u["classes"],
-            seg["prior_adjustment"],
-        )
+    def predict(model, classes: bool):
+        # the reference resizes and normalises every class, then keeps the image's (as before issue 18)
+        def run(u):
+            probs = predict_probabilities(
+                model,
+                u["image"],
+                seg["infer_scales"],
+                seg["infer_flip"],
+                cpu,
+                u["classes"] if classes else None,
+                seg["prior_adjustment"],
+            )
+            return probs if classes or u["classes"] is None else probs[u["classes"]]
 
-    row("predict-seg", "image", len(units), *interleaved(units, predict(seg_net), predict(seg_fast)))
+        return run
+
+    row(
+        "predict-seg",
+        "image",
+        len(units),
+        *interleaved(units, predict(seg_net, classes=False), predict(seg_fast, classes=True)),
+    )
 
     rng = np.random.default_rng(0)
     ids = sorted(train)
