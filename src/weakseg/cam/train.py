@@ -21,7 +21,7 @@ from weakseg.cam.models import build_classifier, resolve_cam_config
 from weakseg.datasets import open_data, read_image
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, save_model
-from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
+from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 
@@ -70,13 +70,7 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_classifier(cam_cfg, len(fg)).to(device)
-    optimizer = make_optimizer(
-        cam_cfg["optimizer"],
-        model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
-        cam_cfg["lr"],
-        cam_cfg["weight_decay"],
-    )
-    scheduler = poly_schedule(optimizer, cam_cfg["iterations"])
+    optimizer, scheduler = optimizer_and_schedule(model, cam_cfg)
     log.info(
         "train-cam: %s/%s on %d images, %d classes, %d iterations, device %s",
         cam_cfg["model"],
