@@ -198,6 +198,12 @@ def cmd_train_seg(a):
     run_train_seg(_network_config(a), a.data, a.labels, a.selection, a.out_dir, threads=a.threads)
 
 
+def cmd_train_joint(a):
+    from weakseg.joint.train import run_train_joint
+
+    run_train_joint(_network_config(a), a.data, a.superpixels, a.out_dir, threads=a.threads)
+
+
 def cmd_predict_seg(a):
     from weakseg.segment.predict import run_predict_store
 
@@ -468,11 +474,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="writes model.pt, train_log.csv, checkpoints/")
 
     p = command(
+        "train-joint",
+        cmd_train_joint,
+        "one-stage training (joint.method annealed or rrm): a CAM head and a segmentation head on labels "
+        "mined online from its CAMs; writes a round-0 segmentation model (resumes)",
+    )
+    _add_config(p), _add_threads(p), _add_gpus(p)
+    p.add_argument("--data", required=True, help="data.zarr of the run")
+    p.add_argument("--superpixels", required=True, help="superpixels store (SPN head, padding of the views)")
+    p.add_argument("--out-dir", required=True, help="writes model.pt, train_log.csv, checkpoints/")
+
+    p = command(
         "predict-seg", cmd_predict_seg, "segmentation-net class probabilities for a split (scores store)"
     )
     _add_config(p), _add_shard(p), _add_threads(p), _add_gpus(p)
     p.add_argument("--data", required=True, help="data.zarr of the run")
-    p.add_argument("--model", required=True, help="round<r>/model.pt written by train-seg")
+    p.add_argument(
+        "--model", required=True, help="round<r>/model.pt written by train-seg (round 0: train-joint)"
+    )
     p.add_argument("--split", required=True, help="which split's images")
     p.add_argument("--out", required=True, help="output scores store (key seg)")
 

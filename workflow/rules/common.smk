@@ -25,7 +25,9 @@ except ConfigError as exc:
 RUN = RunLayout(Path(config["results"]) / config["run"])
 N_SHARDS = config["shards"]
 SHARDS = list(range(N_SHARDS))
-ROUNDS = list(range(1, config["segment"]["rounds"] + 1))
+# With one-stage training (joint.enabled) the joint network is round 0.
+JOINT = config["joint"]["enabled"]
+ROUNDS = list(range(0 if JOINT else 1, config["segment"]["rounds"] + 1))
 HAS_VAL = config["dataset"]["val_split"] is not None
 TRAIN, VAL = config["dataset"]["train_split"], config["dataset"]["val_split"]
 # Evaluation rules join the DAG only for splits with ground-truth masks (evaluate.enabled).

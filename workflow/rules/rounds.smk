@@ -1,7 +1,7 @@
 # Iterative segmentation rounds (SPN paper §6): train on the selected reliable pseudo-labels of
-# round r-1 (round 1: the pseudo-label stage), predict the training images, clean with the image
-# labels, optional CRF, reliability selection -> the annotations of round r. Every round is trained
-# from ImageNet weights, never from the previous round.
+# round r-1 (round 1: the pseudo-label stage; with joint.enabled, round 0), predict the training
+# images, clean with the image labels, optional CRF, reliability selection -> the annotations of
+# round r. Every round is trained from ImageNet weights, never from the previous round.
 ROUND = P(RUN.root / "round{r}")
 # Val rows: round<r> = argmax over all classes of the network's probabilities; _gated = restricted
 # to the classes the CAM classifier predicts (segment.val_labels); _crf = gated + dense CRF.
@@ -14,7 +14,7 @@ VAL_PREDICTIONS = {
 
 def round_inputs(w):
     r = int(w.r)
-    if r == 1:
+    if r == 1 and not JOINT:
         return {
             "labels": P(RUN.pseudo(config["segment"]["first_round_input"])),
             "selection": P(RUN.reliability),

@@ -53,7 +53,8 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
     stages = [Stage(v, train, layout.pseudo(v)) for v in PSEUDO_VARIANTS]
     if val:
         stages += [Stage(f"{key}_gated", val, layout.cam_dir / f"{key}_gated_{val}.zarr") for key in CAM_KEYS]
-    for r in range(1, seg["rounds"] + 1):
+    first_round = 0 if config.get("joint", {}).get("enabled") else 1  # round 0: one-stage training
+    for r in range(first_round, seg["rounds"] + 1):
         # The workflow makes a round's train annotation and what it needs: reliable regions need the CRF.
         variants = ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)
         stages += [
