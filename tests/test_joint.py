@@ -231,3 +231,44 @@ def test_joint_training_refuses_a_head_that_does_not_share_the_encoder(tmp_path,
     config["cam"]["model"] = "seam"
     with pytest.raises(ConfigError, match="cam.model"):
         joint_train.run_train_joint(config, data, sp, tmp_path / "a")
+
+
+# ------------------------------------------------------------------ benchmark rows
+
+
+def test_two_step_row_sums_the_jobs_up_to_round_1_and_reads_its_rows(tmp_path):
+    from weakseg.joint.benchmark import JOINT_COLUMNS, two_step_row
+
+    assert two_step_row(tmp_path, "train", "val") is None  # no finished run
+    rows = [
+        ("reliable", "train", 0.6, 0.7, 0.8),
+        ("round1", "val", 0.5, 0.75, 1.0),
+        ("round2", "val", 0.1, 0.1, 1.0),
+    ]
+    tidy = [
+        {"stage": s, "split": sp, "metric": m, "class": "", "value": v}
+        for s, sp, miou, mca, lab in rows
+        for m, v in (("miou", miou), ("mean_class_acc", mca), ("labelled_fraction", lab))
+    ]
+    pd.DataFrame(tidy).to_csv(tmp_path / "metrics.csv", index=False)
+    (tmp_path / "benchmarks").mkdir()
+    seconds = {
+        "train_cam": 10,
+        "infer_cam": 20,
+        "crf": 3,
+        "reliable": 1,
+        "reliability": 1,
+        "train_seg_round1": 30,
+    }
+    seconds.update({"predict_seg_round1_val": 5, "train_seg_round2": 1000, "predict_seg_round1_train": 1000})
+    for job, s in seconds.items():
+        (tmp_path / "benchmarks" / f"{job}.tsv").write_text(f"s\tmax_rss\n{s}\t100\n")
+    row = two_step_row(tmp_path, "train", "val")
+    assert list(row) == JOINT_COLUMNS
+    assert row["train_s"] == 70  # round 2 and round 1's train prediction are not on round 1's val path
+    assert (row["train_miou"], row["train_labelled"], row["val_miou"], row["val_mean_class_acc"]) == (
+        0.6,
+        0.8,
+        0.5,
+        0.75,
+    )

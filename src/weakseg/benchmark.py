@@ -9,6 +9,8 @@
     weakseg benchmark methods       every CAM generator (cam, spn, seam, dual) trained and inferred on
                                     the same data and iteration budget: map quality, over- and
                                     under-activation, quality after the CRF, training and inference time
+    weakseg benchmark joint         the one-stage variants (weakseg.joint.benchmark) next to the
+                                    config's two-step run
 
 Benchmarks measure; tests assert. Apart from the row summary of ``benchmark methods``
 (``method_row``), nothing here is run by the test suite.
@@ -423,6 +425,7 @@ def run_benchmark(
     split: str | None = None,
     iterations: int | None = None,
     infer_scales=None,
+    joint_methods=("annealed", "rrm"),
 ) -> None:
     out_dir = Path(out)
     if what == "superpixels":
@@ -444,3 +447,7 @@ def run_benchmark(
         )
     elif what == "methods":
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
+    elif what == "joint":  # one-stage training (issue 17)
+        from weakseg.joint.benchmark import bench_joint
+
+        bench_joint(config_path, out_dir, threads, joint_methods, iterations)

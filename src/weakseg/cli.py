@@ -319,6 +319,7 @@ def cmd_benchmark(a):
         split=a.split,
         iterations=a.iterations,
         infer_scales=a.infer_scales,
+        joint_methods=a.joint_methods,
     )
 
 
@@ -596,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", cmd_benchmark, "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV"
     )
     p.add_argument(
-        "what", choices=["superpixels", "crf", "pipeline", "bytes", "methods"], help="what to measure"
+        "what",
+        choices=["superpixels", "crf", "pipeline", "bytes", "methods", "joint"],
+        help="what to measure (joint: the one-stage variants next to the config's two-step run)",
     )
     p.add_argument("--root", default="../shared/data/msrc21", help="dataset folder")
     p.add_argument(
@@ -611,12 +614,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods: the CAM generators to compare",
     )
     p.add_argument(
+        "--joint-methods",
+        nargs="+",
+        choices=["annealed", "rrm"],
+        default=["annealed", "rrm"],
+        help="joint: the one-stage methods to compare",
+    )
+    p.add_argument(
         "--split", help="methods: the split inferred and evaluated (default: the config's train split)"
     )
     p.add_argument(
         "--iterations",
         type=int,
-        help="methods: training iterations of every method (default: cam.iterations)",
+        help="methods, joint: training iterations of every method (default: cam.iterations, joint.iterations)",
     )
     p.add_argument(
         "--infer-scales",

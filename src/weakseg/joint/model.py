@@ -2,7 +2,8 @@
 
 The classification side is the ``cam.model`` network itself (plain CAM or SPN, ``cam/models.py``),
 whose encoder the segmentation head shares. The segmentation head is the dual-branch paper's: two
-3x3 conv + BN + ReLU layers and a 1x1 conv to the dataset's classes, on the encoder's features.
+3x3 conv + BN + ReLU layers and a 1x1 conv to the dataset's classes, on the encoder's features
+projected to ``joint.head_channels`` by a 1x1 conv.
 
 As a ``Segmenter`` (``forward(x01, image_labels)`` -> ``{"logits", "cls"}``) it is a round-0
 segmentation network: prediction, the rounds' stages and ``weakseg predict`` use it like the others.
@@ -29,7 +30,10 @@ class JointNet(Segmenter):
         self.cam_net = cam_net
         channels = cam_net.encoder.out_channels
         self.seg_head = nn.Sequential(
-            _conv_bn_relu(channels, head_channels, 3),
+            # A 1x1 projection first: the paper's 3x3 conv on all encoder channels (1280 for
+            # EfficientNet-Lite) costs more than the rest of a CPU iteration's trainable layers.
+            _conv_bn_relu(channels, head_channels),
+            _conv_bn_relu(head_channels, head_channels, 3),
             _conv_bn_relu(head_channels, head_channels, 3),
             nn.Conv2d(head_channels, n_classes, 1),
         )
