@@ -26,6 +26,7 @@ lint: setup  ## ruff (lint + format), snakefmt and snakemake --lint; CI runs it 
 	ruff check .
 	ruff format --check .
 	snakefmt --check Snakefile workflow/
+	snakemake --lint
 
 test-slow: setup  ## end-to-end kill/resume, shards and the Slurm workflow run (minutes)
 	pytest -q -m "slow"

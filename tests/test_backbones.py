@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from weakseg.cam import backbones as B
+from weakseg.nets import backbones as B
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
 

@@ -35,9 +35,9 @@ from weakseg import config as wconfig
 from weakseg.datasets import open_data
 from weakseg.datasets.folder import ingest
 from weakseg.datasets.synthetic import write_folder
+from weakseg.nets.model_file import save_model
 from weakseg.palette import class_palette, save_palette_png
 from weakseg.segment.models import build_segmenter
-from weakseg.training import save_model
 
 DATASET = {"n_train": 4, "n_val": 2, "height": 32, "width": 40, "n_classes": 3, "max_objects": 2, "seed": 5}
 CLASS_NAMES = ["background", "class1", "class2", "class3"]
@@ -846,10 +846,14 @@ def test_verbose_shows_the_traceback_of_a_data_error_and_bugs_keep_theirs(tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" in err and "StoreError" in err and "weakseg superpixels: error: " in err
 
-    def bug(args):
+    def bug(config):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cli, "cmd_superpixels", bug)
+    import dataclasses
+
+    from weakseg import superpixels
+
+    monkeypatch.setattr(superpixels, "COMMAND", dataclasses.replace(superpixels.COMMAND, run=bug))
     with pytest.raises(ZeroDivisionError):  # uncaught: Python prints the traceback and exits with 1
         cli.main(argv)
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weakseg.cam.backbones import normalise
 from weakseg.cam.infer import image_scores, max_normalise
 from weakseg.cam.models import (
     SPN,
@@ -20,6 +19,7 @@ from weakseg.cam.models import (
 )
 from weakseg.cam.train import square_resize
 from weakseg.config import load
+from weakseg.nets.backbones import normalise
 
 N_CLASSES = 3
 

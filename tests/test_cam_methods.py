@@ -14,10 +14,11 @@ from test_training import CHECKPOINT_EVERY, ITERATIONS, SimulatedKill, assert_sa
 import weakseg.cam.train as cam_train
 from weakseg import store
 from weakseg.benchmark import METHOD_COLUMNS, map_quality, method_row
-from weakseg.cam.backbones import build_encoder
 from weakseg.cam.infer import run_infer_cam
 from weakseg.datasets import open_data
-from weakseg.training import CHECKPOINT, load_model_file
+from weakseg.nets.backbones import build_encoder
+from weakseg.nets.model_file import load_model_file
+from weakseg.training import CHECKPOINT
 
 # ------------------------------------------------------------------ encoder stages
 

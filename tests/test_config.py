@@ -215,3 +215,27 @@ def test_every_schema_key_has_a_description():
     assert (
         "cam.workers" not in dict(keys) and "cam.log_every" in dict(keys) and "evaluate.enabled" in dict(keys)
     )
+
+
+def test_schema_enums_are_the_code_registries():
+    """A choice the schema offers must exist in code, and a registered one must be selectable."""
+    from weakseg import cam, superpixels
+    from weakseg.nets.backbones import BACKBONES
+    from weakseg.segment.models import MODELS as SEGMENT_MODELS
+
+    props = config.schema()["properties"]
+    enum = lambda section, key: list(props[section]["properties"][key]["enum"])  # noqa: E731
+    assert sorted(enum("cam", "model")) == sorted(cam.MODELS)
+    assert sorted(enum("superpixels", "method")) == sorted(superpixels.METHODS)
+    assert sorted(enum("segment", "model")) == sorted(SEGMENT_MODELS)
+    assert enum("cam", "backbone") == enum("segment", "backbone")
+    assert sorted(enum("cam", "backbone")) == sorted(BACKBONES)
+
+
+def test_network_keys_are_declared_once_for_both_networks():
+    shared = config.schema()["$defs"]["network_keys"]
+    props = config.schema()["properties"]
+    for section in ("cam", "segment"):
+        assert all(props[section]["properties"][key] == spec for key, spec in shared.items())
+    text = (Path(config.__file__).parent / "schemas" / "config.schema.yaml").read_text()
+    assert text.count("backbone: {") == 1

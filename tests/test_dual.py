@@ -7,7 +7,6 @@ import torch
 import torchvision
 
 import weakseg.cam.dual as dual_mod
-from weakseg.cam.backbones import WeightsNotFoundError, normalise
 from weakseg.cam.dual import (
     ChannelModulation,
     DualNet,
@@ -21,6 +20,7 @@ from weakseg.cam.dual import (
 from weakseg.cam.losses import consistency_loss, dual_loss, soft_margin
 from weakseg.cam.models import build_classifier, max_normalise, resolve_cam_config
 from weakseg.config import load
+from weakseg.nets.backbones import WeightsNotFoundError, normalise
 
 N_CLASSES = 3
 

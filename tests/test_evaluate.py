@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from weakseg import evaluate as ev
-from weakseg import store
+from weakseg import metrics, store
 
 IGN = 255
 
@@ -23,9 +23,9 @@ def test_confusion_matrix_hand_case_with_ignore_and_unlabelled():
     pred = np.array([[0, 1, 1], [IGN, 2, 0]], np.uint8)  # gt-ignore pixel predicted 0: not counted
     expected = np.zeros((4, 4), np.int64)
     expected[0, 0] = expected[0, 1] = expected[1, 1] = expected[2, 2] = 1
-    np.testing.assert_array_equal(ev.confusion_matrix(gt, pred, 4), expected)
+    np.testing.assert_array_equal(metrics.confusion_matrix(gt, pred, 4), expected)
 
-    conf = ev.Confusion(4).add(gt, pred)
+    conf = metrics.Confusion(4).add(gt, pred)
     np.testing.assert_array_equal(conf.matrix, expected)
     np.testing.assert_array_equal(conf.unlabelled, [0, 1, 0, 0])  # the gt-1 pixel predicted 255
     assert conf.total_valid == 5 and conf.n_images == 1
@@ -34,25 +34,25 @@ def test_confusion_matrix_hand_case_with_ignore_and_unlabelled():
 def test_confusion_accumulates_and_merges():
     a = (np.array([0, 1], np.uint8), np.array([0, 0], np.uint8))
     b = (np.array([1, 1], np.uint8), np.array([1, IGN], np.uint8))
-    total = ev.accumulate([a, b], 2)
+    total = metrics.accumulate([a, b], 2)
     np.testing.assert_array_equal(total.matrix, [[1, 0], [1, 1]])
     np.testing.assert_array_equal(total.unlabelled, [0, 1])
-    merged = ev.sum_confusions([ev.Confusion(2).add(*a), ev.Confusion(2).add(*b)], 2)
+    merged = metrics.sum_confusions([metrics.Confusion(2).add(*a), metrics.Confusion(2).add(*b)], 2)
     np.testing.assert_array_equal(merged.matrix, total.matrix)
     assert merged.n_images == total.n_images == 2
 
 
 def test_confusion_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
-        ev.confusion_matrix(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8), 2)
+        metrics.confusion_matrix(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8), 2)
     with pytest.raises(ValueError, match="prediction holds values \\[5\\]"):
-        ev.confusion_matrix(np.zeros(3, np.uint8), np.array([0, 5, IGN], np.uint8), 3)
+        metrics.confusion_matrix(np.zeros(3, np.uint8), np.array([0, 5, IGN], np.uint8), 3)
     with pytest.raises(ValueError, match="ground truth holds values \\[7\\]"):
-        ev.confusion_matrix(np.array([7, 0], np.uint8), np.zeros(2, np.uint8), 3)
+        metrics.confusion_matrix(np.array([7, 0], np.uint8), np.zeros(2, np.uint8), 3)
     with pytest.raises(ValueError, match="integer"):
-        ev.confusion_matrix(np.zeros(2, np.uint8), np.zeros(2, np.float32), 3)
+        metrics.confusion_matrix(np.zeros(2, np.uint8), np.zeros(2, np.float32), 3)
     with pytest.raises(ValueError, match="3 and 2 classes"):
-        ev.Confusion(2).merge(ev.Confusion(3))
+        metrics.Confusion(2).merge(metrics.Confusion(3))
 
 
 # ---------------------------------------------------------------- metrics
@@ -61,12 +61,12 @@ def test_confusion_rejects_bad_input():
 def _three_class_example(n_classes=3):
     gt = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2], np.uint8)
     pred = np.array([0, 0, 0, 0, 1, 0, 0, 1, 1, 1, 2, IGN], np.uint8)
-    return ev.Confusion(n_classes).add(gt, pred)
+    return metrics.Confusion(n_classes).add(gt, pred)
 
 
 def test_scores_by_hand_on_three_classes():
     # matrix rows gt: [4 1 0] [2 3 0] [0 0 1], one unlabelled gt-2 pixel.
-    s = ev.scores(_three_class_example())
+    s = metrics.confusion_metrics(_three_class_example())
     np.testing.assert_allclose(s["iou"], [4 / 7, 3 / 6, 1.0])
     assert s["miou"] == pytest.approx((4 / 7 + 0.5 + 1.0) / 3)
     # The unlabelled pixel is not an error: labelled pixels only (11), correct 8.
@@ -79,8 +79,8 @@ def test_scores_by_hand_on_three_classes():
 
 
 def test_class_absent_from_both_is_nan_and_excluded():
-    with_absent = ev.scores(_three_class_example(n_classes=5))
-    plain = ev.scores(_three_class_example())
+    with_absent = metrics.confusion_metrics(_three_class_example(n_classes=5))
+    plain = metrics.confusion_metrics(_three_class_example())
     assert np.isnan(with_absent["iou"][3:]).all()
     assert np.isnan(with_absent["class_acc"][3:]).all() and np.isnan(with_absent["over_activation"][3:]).all()
     assert with_absent["miou"] == pytest.approx(plain["miou"])
@@ -88,7 +88,9 @@ def test_class_absent_from_both_is_nan_and_excluded():
 
 
 def test_class_only_predicted_counts_as_zero_iou():
-    s = ev.scores(ev.Confusion(3).add(np.zeros(4, np.uint8), np.array([0, 0, 0, 2], np.uint8)))
+    s = metrics.confusion_metrics(
+        metrics.Confusion(3).add(np.zeros(4, np.uint8), np.array([0, 0, 0, 2], np.uint8))
+    )
     np.testing.assert_allclose(s["iou"], [0.75, np.nan, 0.0])
     assert s["miou"] == pytest.approx(0.375)
     assert s["mean_class_acc"] == pytest.approx(0.75)  # recall over gt classes only
@@ -97,14 +99,18 @@ def test_class_only_predicted_counts_as_zero_iou():
 
 def test_nothing_labelled_gives_nan_not_warnings():
     with np.errstate(all="raise"):
-        s = ev.scores(ev.Confusion(2).add(np.zeros(3, np.uint8), np.full(3, IGN, np.uint8)))
+        s = metrics.confusion_metrics(
+            metrics.Confusion(2).add(np.zeros(3, np.uint8), np.full(3, IGN, np.uint8))
+        )
     assert math.isnan(s["miou"]) and math.isnan(s["pixel_acc"]) and s["labelled_fraction"] == 0.0
 
 
 def test_tidy_rows():
-    rows = ev.tidy_rows("crf", "train", ev.scores(_three_class_example()), ["a", "b", "c"])
+    rows = metrics.tidy_rows(
+        "crf", "train", metrics.confusion_metrics(_three_class_example()), ["a", "b", "c"]
+    )
     df = pd.DataFrame(rows)
-    assert list(df.columns) == ev.TIDY_COLUMNS
+    assert list(df.columns) == metrics.TIDY_COLUMNS
     overall = df[df["class"] == ""].set_index("metric")["value"]
     assert set(overall.index) == {"miou", "pixel_acc", "mean_class_acc", "labelled_fraction", "n_images"}
     assert overall["labelled_fraction"] == pytest.approx(11 / 12)
@@ -114,7 +120,7 @@ def test_tidy_rows():
     assert per_class.loc["c", "class_acc"] == pytest.approx(1.0)
     assert (df["stage"] == "crf").all() and (df["split"] == "train").all()
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
-        ev.tidy_rows("crf", "train", ev.scores(_three_class_example()), ["a", "b"])
+        metrics.tidy_rows("crf", "train", metrics.confusion_metrics(_three_class_example()), ["a", "b"])
 
 
 # ---------------------------------------------------------------- background sweep (uses GT)
@@ -131,19 +137,19 @@ def test_background_sweep_picks_the_right_threshold():
         np.float32,
     )  # class 1
     classes = np.array([3, 1])
-    sweep = ev.background_sweep([(scores, classes, gt, 4)], [0.1, 0.3, 0.4])  # 0.3: a score, inclusive
-    assert list(sweep.columns) == ev.SWEEP_COLUMNS
+    sweep = metrics.background_sweep([(scores, classes, gt, 4)], [0.1, 0.3, 0.4])  # 0.3: a score, inclusive
+    assert list(sweep.columns) == metrics.SWEEP_COLUMNS
     np.testing.assert_allclose(sweep["threshold"], [0.1, 0.3, 0.4])
     # t=0.1 -> [0 3 3 1]: iou bg 1/2, class 3 1/2, class 1 1.
     # t=0.4 -> [0 0 0 1]: iou bg 2/3, class 3 0, class 1 1.
     np.testing.assert_allclose(sweep["miou"], [(0.5 + 0.5 + 1) / 3, 1.0, (2 / 3 + 0 + 1) / 3])
     np.testing.assert_allclose(sweep["mean_class_acc"], [(0.5 + 1 + 1) / 3, 1.0, (1 + 0 + 1) / 3])
-    assert ev.best_threshold(sweep) == 0.3
+    assert metrics.best_threshold(sweep) == 0.3
 
 
 def test_background_sweep_of_a_background_only_image():
     empty = np.zeros((0, 2, 2), np.float32)
-    sweep = ev.background_sweep([(empty, np.zeros(0, int), np.zeros((2, 2), np.uint8), 2)], [0.3])
+    sweep = metrics.background_sweep([(empty, np.zeros(0, int), np.zeros((2, 2), np.uint8), 2)], [0.3])
     assert sweep["miou"].iloc[0] == 1.0
 
 
@@ -157,9 +163,9 @@ def test_superpixel_oracle_is_perfect_on_the_mask_itself():
     gt = np.repeat(np.repeat(rng.integers(0, 4, (8, 10)), 6, 0), 5, 1).astype(np.uint8)
     gt[:5, :7] = IGN
     for sp in (gt.astype(np.int32), connected(gt, background=-1, connectivity=1)):
-        pred = ev.superpixel_oracle(sp, gt)
+        pred = metrics.superpixel_oracle(sp, gt)
         np.testing.assert_array_equal(pred, gt)  # ignore region is a superpixel of 255 only -> 255
-        assert ev.scores(ev.Confusion(4).add(gt, pred))["miou"] == 1.0
+        assert metrics.confusion_metrics(metrics.Confusion(4).add(gt, pred))["miou"] == 1.0
 
 
 def test_superpixel_oracle_hand_case_majority_ties_and_all_ignore():
@@ -172,7 +178,7 @@ def test_superpixel_oracle_hand_case_majority_ties_and_all_ignore():
         ],
         np.uint8,
     )
-    np.testing.assert_array_equal(ev.superpixel_oracle(sp, gt), expected)
+    np.testing.assert_array_equal(metrics.superpixel_oracle(sp, gt), expected)
 
 
 def test_superpixel_oracle_matches_a_per_superpixel_loop():
@@ -180,7 +186,7 @@ def test_superpixel_oracle_matches_a_per_superpixel_loop():
     h, w = 213, 320
     sp = (np.arange(h)[:, None] // 10 * 40 + np.arange(w)[None] // 8).astype(np.int32)  # ~ 880 blocks
     gt = rng.choice(np.array([0, 1, 2, 3, IGN], np.uint8), size=(h, w), p=[0.4, 0.3, 0.1, 0.1, 0.1])
-    pred = ev.superpixel_oracle(sp, gt)
+    pred = metrics.superpixel_oracle(sp, gt)
     for s in np.unique(sp)[:60]:
         votes = np.bincount(gt[sp == s][gt[sp == s] != IGN], minlength=4)
         assert (pred[sp == s] == (votes.argmax() if votes.sum() else IGN)).all()
@@ -197,25 +203,25 @@ def test_reliability_curve_ranks_by_divergence():
         pred = gt.copy()
         wrong = rng.permutation(gt.size)[: quality * gt.size // 10]
         pred[wrong] = (pred[wrong] + 1) % 3
-        rows.append((float(quality), ev.Confusion(3).add(gt, pred)))
+        rows.append((float(quality), metrics.Confusion(3).add(gt, pred)))
     shuffled = [rows[i] for i in rng.permutation(10)]
-    curve = ev.reliability_curve(shuffled, 5)
-    assert list(curve.columns) == ev.CURVE_COLUMNS
+    curve = metrics.reliability_curve(shuffled, 5)
+    assert list(curve.columns) == metrics.CURVE_COLUMNS
     assert curve["k"].tolist() == [2, 4, 6, 8, 10]
     np.testing.assert_allclose(curve["fraction"], [0.2, 0.4, 0.6, 0.8, 1.0])
     assert (np.diff(curve["miou"]) < 0).all()  # adding less reliable images lowers mIoU
     assert curve["miou"].iloc[0] == pytest.approx(
-        ev.scores(ev.sum_confusions([rows[0][1], rows[1][1]], 3))["miou"]
+        metrics.confusion_metrics(metrics.sum_confusions([rows[0][1], rows[1][1]], 3))["miou"]
     )
     assert curve["miou"].iloc[-1] == pytest.approx(
-        ev.scores(ev.sum_confusions([c for _, c in rows], 3))["miou"]
+        metrics.confusion_metrics(metrics.sum_confusions([c for _, c in rows], 3))["miou"]
     )
 
 
 def test_reliability_curve_small_sets_and_nan_divergence():
-    good = ev.Confusion(2).add(np.array([0, 1], np.uint8), np.array([0, 1], np.uint8))
-    bad = ev.Confusion(2).add(np.array([0, 1], np.uint8), np.array([1, 0], np.uint8))
-    curve = ev.reliability_curve([(float("nan"), bad), (0.7, good)], 4)  # NaN ranks last
+    good = metrics.Confusion(2).add(np.array([0, 1], np.uint8), np.array([0, 1], np.uint8))
+    bad = metrics.Confusion(2).add(np.array([0, 1], np.uint8), np.array([1, 0], np.uint8))
+    curve = metrics.reliability_curve([(float("nan"), bad), (0.7, good)], 4)  # NaN ranks last
     assert curve["k"].tolist() == [1, 2]
     assert curve["miou"].tolist()[0] == 1.0 and curve["miou"].tolist()[1] < 1.0
 
@@ -278,7 +284,7 @@ def test_run_evaluate_labels_store_round_trip(tmp_path):
     )
     written = ev.read_tidy(tmp_path / "m" / "crf.csv")
     pd.testing.assert_frame_equal(written, table.astype(written.dtypes.to_dict()))
-    expected = ev.scores(ev.accumulate([(masks[i], preds[i]) for i in ids], 3))
+    expected = metrics.confusion_metrics(metrics.accumulate([(masks[i], preds[i]) for i in ids], 3))
     overall = written[(written["stage"] == "crf") & (written["class"] == "")].set_index("metric")["value"]
     assert overall["miou"] == pytest.approx(expected["miou"]) and expected["miou"] < 1
     assert overall["labelled_fraction"] == pytest.approx(41 / 45)  # 15 valid pixels x 3, 4 unlabelled

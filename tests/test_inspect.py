@@ -90,7 +90,7 @@ def run_dir(tmp_path: Path) -> Path:
         with store.writing(layout.pseudo(name), "labels", _prov(name)) as g:
             for image_id in splits["train"]:
                 store.put(g, store.LABELS, image_id, _pseudo(image_id))
-    with store.writing(layout.round_labels(1, "crf_train"), "labels", _prov("round1")) as g:
+    with store.writing(layout.round_labels(1, "crf", "train"), "labels", _prov("round1")) as g:
         for image_id in splits["train"]:
             store.put(
                 g,
@@ -98,7 +98,7 @@ def run_dir(tmp_path: Path) -> Path:
                 image_id,
                 np.where(_mask(image_id) == 255, 0, _mask(image_id)).astype(np.uint8),
             )
-    with store.writing(layout.round_labels(1, "crf_val"), "labels", _prov("round1")) as g:
+    with store.writing(layout.round_labels(1, "crf", "val"), "labels", _prov("round1")) as g:
         store.put(g, store.LABELS, "c", np.zeros((H, W), np.uint8))
     with store.writing(layout.round_scores(1, "val"), "scores", _prov("round1")) as g:  # not a labels store
         store.put_scores(g, "seg", "c", np.full((3, H, W), 1 / 3, np.float32), [0, 1, 2])

@@ -16,8 +16,9 @@ from weakseg.datasets import IGNORE
 from weakseg.joint.losses import dense_energy_loss
 from weakseg.joint.mining import ReliableJob, annealed_labels, annealed_threshold, par, reliable_job
 from weakseg.labels import BACKGROUND
+from weakseg.nets.model_file import load_model_file
 from weakseg.segment.predict import load_segmenter, predict_probabilities
-from weakseg.training import CHECKPOINT, load_model_file
+from weakseg.training import CHECKPOINT
 
 # ------------------------------------------------------------------ dense energy loss
 
@@ -74,7 +75,7 @@ def test_energy_counts_only_the_pixels_of_the_soft_filter_and_has_a_gradient():
     weight[:, :6] = 1.0
     loss = dense_energy_loss(logits.softmax(1), image, weight, 2.0, 10.0, 2)
     loss.backward()
-    assert float(loss) > 0.0 and float(logits.grad.abs().sum()) > 0.0
+    assert float(loss.detach()) > 0.0 and float(logits.grad.abs().sum()) > 0.0
 
 
 # ------------------------------------------------------------------ annealed threshold

@@ -13,14 +13,14 @@ from weakseg.datasets import IGNORE
 from weakseg.labels import confident_labels, fraction_of_peak, store_threshold
 from weakseg.pseudo.clean import clean_annotation, run_clean
 from weakseg.pseudo.crf import crf_labels, crf_probabilities, dense_crf, run_crf
-from weakseg.pseudo.reliability import (
+from weakseg.pseudo.divergence import (
     CSV_COLUMNS,
     class_divergences,
     run_reliability,
     select_top_k,
     selected_ids,
 )
-from weakseg.pseudo.reliable import reliable_regions, run_reliable
+from weakseg.pseudo.rrm import reliable_regions, run_reliable
 
 CFG = config.load({})
 

@@ -11,6 +11,7 @@ from PIL import Image
 from weakseg import config as wconfig
 from weakseg import store
 from weakseg.datasets import IGNORE, open_data
+from weakseg.nets.model_file import save_model
 from weakseg.palette import class_palette
 from weakseg.segment.models import DecoupledNet, DeepLab, build_segmenter
 from weakseg.segment.predict import (
@@ -21,7 +22,6 @@ from weakseg.segment.predict import (
     predict_probabilities,
     run_predict_store,
 )
-from weakseg.training import save_model
 
 N_CLASSES = 4
 MODELS = ["deeplab", "decoupled"]

@@ -217,9 +217,46 @@ def test_run_layout_paths_are_distinct_and_under_the_run_dir(tmp_path):
         layout.reliable,
         layout.round_model(1),
         layout.round_scores(1, "val"),
-        layout.round_labels(1, "crf"),
-        layout.round_labels(2, "crf"),
+        layout.round_labels(1, "crf", "train"),
+        layout.round_labels(2, "crf", "train"),
+        layout.round_labels(1, "crf", "val"),
+        layout.gated("cam", "val"),
+        layout.metrics_csv("cam", "train"),
+        layout.per_image_csv("cam", "train"),
+        layout.sweep_csv("cam", "train"),
+        layout.log("train_cam"),
+        layout.benchmark("train_cam"),
+        layout.train_log(),
+        layout.train_log(1),
     ]
     assert len(set(paths)) == len(paths)
     assert all(p.is_relative_to(tmp_path / "run") for p in paths)
     assert layout.pseudo("crf") == layout.crf
+
+
+def test_run_layout_finds_what_it_names(tmp_path):
+    """What inspect and the report list is found through the same names the rules write."""
+    layout = store.RunLayout(tmp_path / "run")
+    made = [
+        layout.round_labels(1, "crf", "train"),
+        layout.round_labels(1, "cleaned", "val"),
+        layout.round_scores(1, "val"),  # a scores store: not a labels store
+        layout.round_labels(3, "reliable", "train"),
+        layout.gated("spcam", "val"),
+        layout.per_image_csv("crf", "train"),
+    ]
+    for path in made:
+        path.mkdir(parents=True)
+    assert layout.round_numbers() == [1, 3]
+    assert layout.found_round_labels(1) == [
+        ("cleaned", "val", layout.round_labels(1, "cleaned", "val")),
+        ("crf", "train", layout.round_labels(1, "crf", "train")),
+    ]
+    assert layout.found_gated() == [("spcam", "val", layout.gated("spcam", "val"))]
+    assert layout.found_metric_files("_per_image.csv") == [
+        ("crf_train", layout.per_image_csv("crf", "train"))
+    ]
+    # Wildcards pass through, for the rules.
+    assert str(layout.round_model("{r}")).endswith("round{r}/model.pt")
+    assert layout.shard_store(layout.crf, "{shard}", 1) == layout.crf
+    assert layout.shard_store(layout.crf, 2, 4).name == "crf-2.zarr"

@@ -11,7 +11,7 @@ from weakseg import config, store
 from weakseg.datasets import IGNORE, open_data
 from weakseg.datasets.folder import ingest
 from weakseg.datasets.synthetic import make_image
-from weakseg.evaluate import Confusion, scores, superpixel_oracle
+from weakseg.metrics import Confusion, confusion_metrics, superpixel_oracle
 from weakseg.superpixels import METHODS, compute_superpixels, run_superpixels
 
 N_CLASSES = 7  # background or sky/ground + 5 fg classes of the images below
@@ -33,7 +33,7 @@ def _check_map(labels: np.ndarray, shape) -> int:
 
 
 def _oracle_miou(superpixels: np.ndarray, mask: np.ndarray, n_classes: int) -> float:
-    return scores(Confusion(n_classes).add(mask, superpixel_oracle(superpixels, mask)))["miou"]
+    return confusion_metrics(Confusion(n_classes).add(mask, superpixel_oracle(superpixels, mask)))["miou"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -74,7 +74,7 @@ def test_oracle_is_perfect_when_the_mask_is_the_superpixel_map():
     with_ignore = mask.copy()
     with_ignore[:, :10] = IGNORE  # ignore pixels form their own "superpixel" and stay ignored
     for gt in (mask, with_ignore):
-        result = scores(Confusion(N_CLASSES).add(gt, superpixel_oracle(gt.astype(np.int32), gt)))
+        result = confusion_metrics(Confusion(N_CLASSES).add(gt, superpixel_oracle(gt.astype(np.int32), gt)))
         assert result["miou"] == 1.0 and result["pixel_acc"] == 1.0 and result["labelled_fraction"] == 1.0
     # A single superpixel over the whole image is not perfect: the check above is not vacuous.
     assert _oracle_miou(np.zeros(mask.shape, np.int32), mask, N_CLASSES) < 0.5

@@ -13,14 +13,8 @@ from torch import nn
 
 from weakseg import store
 from weakseg.config import load
-from weakseg.training import (
-    CHECKPOINT,
-    load_model_file,
-    make_optimizer,
-    poly_schedule,
-    save_model,
-    train_loop,
-)
+from weakseg.nets.model_file import load_model_file, save_model
+from weakseg.training import CHECKPOINT, make_optimizer, poly_schedule, train_loop
 
 ITERATIONS, CHECKPOINT_EVERY = 6, 3
 LOG_EVERY = 2  # not a divisor of CHECKPOINT_EVERY: a log window spans a checkpoint
@@ -197,7 +191,7 @@ def test_progress_in_a_log_file_is_plain_lines_with_loss_and_lr(tmp_path):
 
 def test_a_job_that_asked_for_a_gpu_and_has_none_stops_at_once(monkeypatch, caplog):
     from weakseg.config import ConfigError
-    from weakseg.training import check_gpu_request, select_device
+    from weakseg.nets.device import check_gpu_request, select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(

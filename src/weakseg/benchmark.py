@@ -31,9 +31,11 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
+from weakseg.cam import MODELS as CAM_MODELS
+from weakseg.commands import THREADS, Command, option
+from weakseg.superpixels import METHODS as SUPERPIXEL_METHODS
 
 log = logging.getLogger("weakseg")
-SUPERPIXEL_METHODS = ("slic", "slico", "seeds", "felzenszwalb", "skimage_slic")
 
 
 def _print_table(title: str, table: pd.DataFrame, csv_path: Path) -> None:
@@ -307,8 +309,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
     from weakseg.cam.models import resolve_cam_config
     from weakseg.cam.train import run_train_cam
     from weakseg.evaluate import run_evaluate
+    from weakseg.nets.model_file import config_fingerprint
     from weakseg.pseudo.crf import run_crf
-    from weakseg.training import config_fingerprint
 
     cfg = {**cfg, "cam": resolve_cam_config({**cfg["cam"], "model": method})}
     layout = store.RunLayout(shared.root / f"{method}_it{cfg['cam']['iterations']}")
@@ -356,8 +358,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
             layout.scores,
             key,
             split,
-            layout.metrics_dir / f"{key}_{split}.csv",
-            per_image_csv=layout.metrics_dir / f"{key}_{split}_per_image.csv",
+            layout.metrics_csv(key, split),
+            per_image_csv=layout.per_image_csv(key, split),
             key=key,
         )
     run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], layout.crf, threads, split=split)
@@ -368,8 +370,8 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
         layout.crf,
         "crf",
         split,
-        layout.metrics_dir / f"crf_{split}.csv",
-        per_image_csv=layout.metrics_dir / f"crf_{split}_per_image.csv",
+        layout.metrics_csv("crf", split),
+        per_image_csv=layout.per_image_csv("crf", split),
     )
     return method_row(method, {k: timing[k] for k in METHOD_COLUMNS[1:6]}, metrics)
 
@@ -451,3 +453,55 @@ def run_benchmark(
         from weakseg.joint.benchmark import bench_joint
 
         bench_joint(config_path, out_dir, threads, joint_methods, iterations)
+
+
+COMMAND = Command(
+    "benchmark",
+    "benchmarks on a real dataset (MSRC-21): prints a table, writes CSV",
+    run_benchmark,
+    (
+        option(
+            "what",
+            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "joint"],
+            help="what to measure (joint: the one-stage variants next to the config's two-step run)",
+        ),
+        option("--root", default="../shared/data/msrc21", help="dataset folder"),
+        option(
+            "--config",
+            dest="config_path",
+            default="config/msrc21.yaml",
+            help="run config for the pipeline and methods benchmarks",
+        ),
+        option("--out", default="bench", help="folder for CSV output"),
+        option(
+            "--methods",
+            nargs="+",
+            choices=CAM_MODELS,
+            default=list(CAM_MODELS),
+            help="methods: the CAM generators to compare",
+        ),
+        option(
+            "--joint-methods",
+            nargs="+",
+            choices=["annealed", "rrm"],
+            default=["annealed", "rrm"],
+            help="joint: the one-stage methods to compare",
+        ),
+        option(
+            "--split", help="methods: the split inferred and evaluated (default: the config's train split)"
+        ),
+        option(
+            "--iterations",
+            type=int,
+            help="methods, joint: training iterations of every method (default: cam.iterations, "
+            "joint.iterations)",
+        ),
+        option(
+            "--infer-scales",
+            type=float,
+            nargs="+",
+            help="methods: inference scales of every method (default: cam.infer_scales)",
+        ),
+        THREADS,
+    ),
+)

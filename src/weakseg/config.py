@@ -16,6 +16,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from weakseg.commands import Command, option
 from weakseg.errors import UserError
 
 
@@ -109,6 +110,33 @@ def model_section(segment: dict) -> dict:
     return {**training_section(segment), **{k: segment[k] for k in SEGMENT_PREDICTION}}
 
 
+def prediction_section(segment: dict) -> dict:
+    return {k: segment[k] for k in SEGMENT_PREDICTION}
+
+
+# Named views of a section that commands may declare instead of the whole section (weakseg.commands).
+SECTION_VIEWS = {
+    "segment[model]": ("segment", model_section),
+    "segment[prediction]": ("segment", prediction_section),
+}
+
+
+def sections_for(config: dict, sections) -> dict:
+    """The part of a resolved config that a command declares it reads: whole sections ("pseudo"),
+    single keys ("segment.val_labels") or named views ("segment[model]")."""
+    chosen: dict = {}
+    for entry in sections:
+        if entry in SECTION_VIEWS:
+            name, view = SECTION_VIEWS[entry]
+            chosen.setdefault(name, {}).update(view(config[name]))
+        elif "." in entry:
+            name, key = entry.split(".", 1)
+            chosen.setdefault(name, {})[key] = config[name][key]
+        else:
+            chosen[entry] = copy.deepcopy(config[entry])  # a whole section (or a plain key such as device)
+    return chosen
+
+
 def run_dir(config: dict) -> Path:
     return Path(config["results"]) / config["run"]
 
@@ -177,3 +205,30 @@ def write_resolved(config: dict, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _print_or_write_resolved(args) -> None:
+    config = load(args.config, run_from_file=True)
+    if args.out:
+        write_resolved(config, args.out)
+        print(f"wrote {args.out}")
+    else:
+        print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100), end="")
+
+
+COMMAND = Command(
+    "resolve-config",
+    "print or write a run's resolved config: every key, schema defaults filled in",
+    write_resolved,
+    (
+        option(
+            "--config",
+            default="config.yaml",
+            help="run config: a YAML file (without 'run:' the run is named after the file) or an inline "
+            "JSON object",
+        ),
+        option("--out", help="write this YAML file (atomically) instead of printing"),
+    ),
+    writes=("out",),
+    call=_print_or_write_resolved,
+)

@@ -28,7 +28,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from weakseg.datasets import IGNORE
+IGNORE = 255  # the label value that means "no label", in every store, mask and loss
+
 
 log = logging.getLogger("weakseg")
 

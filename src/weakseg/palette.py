@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IGNORE = 255  # same value as weakseg.datasets.IGNORE; kept local so this module stays import-light
+from weakseg.labels import IGNORE
 
 
 def class_palette(n_classes: int) -> np.ndarray:

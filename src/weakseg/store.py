@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from weakseg.commands import Command, option
 from weakseg.errors import UserError
 
 log = logging.getLogger("weakseg")
@@ -482,14 +483,12 @@ def _where(group: zarr.Group) -> str:
 
 
 class RunLayout:
-    """Where each stage's output lives inside ``<results>/<run>/``. Snakemake rules, inspection
-    and the report all take their paths from here."""
+    """Where each stage's output lives inside ``<results>/<run>/``: the only place that makes a file
+    name of a run. Snakemake rules (with wildcards such as ``round_model("{r}")``), inspection, the
+    report and the benchmarks all take their paths, and find what exists, through it."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.root = Path(run_dir)
-
-    def __truediv__(self, rel: str) -> Path:
-        return self.root / rel
 
     # foundation
     synthetic = property(lambda self: self.root / "synthetic")  # generated dataset folder
@@ -507,31 +506,114 @@ class RunLayout:
     crf = property(lambda self: self.root / "pseudo" / "crf.zarr")
     reliable = property(lambda self: self.root / "pseudo" / "reliable.zarr")
     reliability = property(lambda self: self.root / "pseudo" / "reliability.csv")
+    reliability_curve = property(lambda self: self.root / "pseudo" / "reliability_curve.csv")
     # report and run records
     report_dir = property(lambda self: self.root / "report")
     report_page = property(lambda self: self.root / "report" / "index.html")
     resolved_config = property(lambda self: self.root / "config.resolved.yaml")  # the run's full config
     logs_dir = property(lambda self: self.root / "logs")
     benchmarks_dir = property(lambda self: self.root / "benchmarks")  # Snakemake's per-job timings (TSV)
-    reliability_curve = property(lambda self: self.root / "pseudo" / "reliability_curve.csv")
+    inspect_dir = property(lambda self: self.root / "inspect")
 
     def pseudo(self, name: str) -> Path:
         """The labels store of a pseudo-label variant: cleaned, crf or reliable."""
         return {"cleaned": self.cleaned, "crf": self.crf, "reliable": self.reliable}[name]
 
-    def round_dir(self, r: int) -> Path:
+    def gated(self, key: str, split: str) -> Path:
+        """Labels of the CAM network used as a segmenter (score key cam or spcam) on ``split``."""
+        return self.cam_dir / f"{key}_gated_{split}.zarr"
+
+    def found_gated(self) -> list[tuple[str, str, Path]]:
+        """(key, split, path) of the gated stores present."""
+        if not self.cam_dir.is_dir():
+            return []
+        found = (p.stem.partition("_gated_") for p in sorted(self.cam_dir.glob("*_gated_*.zarr")))
+        return [(key, split, self.gated(key, split)) for key, _, split in found]
+
+    def train_log(self, r: int | str | None = None) -> Path:
+        """The training log of the CAM network (``r`` None) or of round ``r``."""
+        return (self.cam_dir if r is None else self.round_dir(r)) / "train_log.csv"
+
+    # segmentation rounds; ``r`` and ``split`` may be Snakemake wildcards ("{r}", "{split}")
+    def round_dir(self, r: int | str) -> Path:
         return self.root / f"round{r}"
 
-    def round_model(self, r: int) -> Path:
+    def round_model(self, r: int | str) -> Path:
         return self.round_dir(r) / "model.pt"
 
-    def round_scores(self, r: int, split: str) -> Path:
+    def round_scores(self, r: int | str, split: str) -> Path:
         """Segmentation-net class probabilities (key 'seg'): train images or val images."""
         return self.round_dir(r) / f"scores_{split}.zarr"
 
-    def round_labels(self, r: int, name: str) -> Path:
-        """Labels stores of a round: cleaned (train), crf (train), val, val_crf."""
-        return self.round_dir(r) / f"{name}.zarr"
+    def round_labels(self, r: int | str, variant: str, split: str) -> Path:
+        """A round's labels store: ``variant`` cleaned, crf or reliable of ``split``'s images."""
+        return self.round_dir(r) / f"{variant}_{split}.zarr"
 
-    def round_reliability(self, r: int) -> Path:
+    def round_reliability(self, r: int | str) -> Path:
         return self.round_dir(r) / "reliability.csv"
+
+    def round_numbers(self) -> list[int]:
+        """The rounds that have a folder, in order."""
+        if not self.root.is_dir():
+            return []
+        found = (re.fullmatch(r"round(\d+)", p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def found_round_labels(self, r: int) -> list[tuple[str, str, Path]]:
+        """(variant, split, path) of round ``r``'s labels stores present."""
+        if not self.round_dir(r).is_dir():
+            return []
+        found = (
+            re.fullmatch(r"(cleaned|crf|reliable)_(.+)", p.stem)
+            for p in sorted(self.round_dir(r).glob("*.zarr"))
+        )
+        return [(m.group(1), m.group(2), self.round_labels(r, m.group(1), m.group(2))) for m in found if m]
+
+    # metrics, logs and timings of the rules
+    def metrics_csv(self, stage: str, split: str) -> Path:
+        """Tidy metric rows of a stage on a split."""
+        return self.metrics_dir / f"{stage}_{split}.csv"
+
+    def per_image_csv(self, stage: str, split: str) -> Path:
+        return self.metrics_dir / f"{stage}_{split}_per_image.csv"
+
+    def sweep_csv(self, stage: str, split: str) -> Path:
+        """mIoU against the background threshold (score-map stages with a background class)."""
+        return self.metrics_dir / f"{stage}_{split}_sweep.csv"
+
+    def found_metric_files(self, suffix: str) -> list[tuple[str, Path]]:
+        """(``<stage>_<split>``, path) of the metrics files ending in ``suffix`` (``_per_image.csv``, ...)."""
+        if not self.metrics_dir.is_dir():
+            return []
+        return [(p.name[: -len(suffix)], p) for p in sorted(self.metrics_dir.glob(f"*{suffix}"))]
+
+    def log(self, job: str) -> Path:
+        return self.logs_dir / f"{job}.log"
+
+    def benchmark(self, job: str) -> Path:
+        """Snakemake's timing of a job (seconds, max RSS)."""
+        return self.benchmarks_dir / f"{job}.tsv"
+
+    def shard_store(self, final: str | os.PathLike, shard: int | str, n_shards: int) -> Path:
+        """Where one shard of a per-image stage writes; with one shard, the stage store itself."""
+        final = Path(final)
+        if n_shards == 1:
+            return final
+        return final.parent / "shards" / f"{final.stem}-{shard}.zarr"
+
+
+def run_gather(kind: str, out_path, shard_stores) -> None:
+    gather(shard_stores, out_path, kind, provenance(f"gather:{kind}"))
+
+
+COMMAND = Command(
+    "gather",
+    "merge shard stores (disjoint images) into one finished store",
+    run_gather,
+    (
+        option("--kind", required=True, help="store kind: superpixels, scores or labels"),
+        option("--out", dest="out_path", required=True, help="output store (.zarr)"),
+        option("shard_stores", nargs="+", help="the shard stores to merge"),
+    ),
+    writes=("out_path",),
+)

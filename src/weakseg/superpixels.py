@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from weakseg import store
+from weakseg.commands import DATA, SHARD, THREADS, Command, option
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import map_images
 
@@ -134,3 +135,18 @@ def run_superpixels(
         params["n_segments"],
     )
     return len(ids)
+
+
+COMMAND = Command(
+    "superpixels",
+    "compute superpixels of every image",
+    run_superpixels,
+    (
+        THREADS,
+        *SHARD,
+        DATA,
+        option("--out", dest="out_path", required=True, help="output superpixels store (.zarr)"),
+    ),
+    sections=("superpixels",),
+    writes=("out_path",),
+)

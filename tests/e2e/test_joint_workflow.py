@@ -19,7 +19,7 @@ from e2e.test_workflow import (
     metric_stages,
     snakemake,
 )
-from weakseg.training import load_model_file
+from weakseg.nets.model_file import load_model_file
 
 ITERATIONS, CHECKPOINT_EVERY = 12, 3
 

@@ -11,12 +11,14 @@ rule train_cam:
         log_for("train_cam"),
     benchmark:
         bench_for("train_cam")
+    conda:
+        CONDA_ENV
     threads: THREADS
     resources:
         **gpu_resources(),
     params:
-        cfg=cfg("dataset", "cam", "superpixels", "device"),
-        out_dir=P(RUN.cam_dir),
+        cfg=cfg_for("train-cam"),
+        out_dir=lambda w, output: P(Path(output[0]).parent),
     shell:
         # Checkpoints live in cam/checkpoints/ (not an output), so a rerun after a kill resumes.
         "weakseg train-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp}"
@@ -31,20 +33,22 @@ rule infer_cam:
     output:
         directory(shard_path(RUN.scores)),
     log:
-        log_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}")),
+        log_for(sharded("infer_cam")),
     benchmark:
-        bench_for("infer_cam" + ("" if N_SHARDS == 1 else "-{shard}"))
+        bench_for(sharded("infer_cam"))
+    conda:
+        CONDA_ENV
     threads: THREADS
     resources:
         **gpu_resources(),
     params:
-        cfg=cfg("dataset", "cam", "device"),
+        cfg=cfg_for("infer-cam"),
         shard=lambda w: int(getattr(w, "shard", 0)),
+        shards=N_SHARDS,
     shell:
-        "weakseg infer-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp} --model {input.model}"
-        " --out {output} --threads {threads} --gpus {resources.gpu} --shard {params.shard} --shards "
-        + str(N_SHARDS)
-        + " 2> {log}"
+        "weakseg infer-cam --config {params.cfg:q} --data {input.data} --superpixels {input.sp}"
+        " --model {input.model} --out {output} --threads {threads} --gpus {resources.gpu}"
+        " --shard {params.shard} --shards {params.shards} 2> {log}"
 
 
 rule evaluate_scores:
@@ -53,22 +57,24 @@ rule evaluate_scores:
         gt=P(RUN.gt),
         scores=P(RUN.scores),
     output:
-        metrics=P(RUN.metrics_dir / "{key}_{split}.csv"),
-        per_image=P(RUN.metrics_dir / "{key}_{split}_per_image.csv"),
+        metrics=metrics_csv("{key}", "{split}"),
+        per_image=per_image_csv("{key}", "{split}"),
     log:
         log_for("evaluate_{key}_{split}"),
     benchmark:
         bench_for("evaluate_{key}_{split}")
     wildcard_constraints:
         key="cam|spcam",
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "evaluate"),
+        cfg=cfg_for("evaluate"),
     shell:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.scores}"
-        " --stage {wildcards.key} --split {wildcards.split} --out {output.metrics} --per-image {output.per_image}"
-        " 2> {log}"
+        " --stage {wildcards.key} --split {wildcards.split} --out {output.metrics}"
+        " --per-image {output.per_image} 2> {log}"
 
 
 # The CAM / SPN network as a segmenter on val (the baseline the rounds must beat): the argmax of its
@@ -78,45 +84,47 @@ rule gate_scores_val:
         data=P(RUN.data),
         scores=P(RUN.scores),
     output:
-        directory(P(RUN.cam_dir / ("{key}_gated_" + str(VAL) + ".zarr"))),
+        directory(P(RUN.gated("{key}", VAL))),
     log:
         log_for("gate_{key}_val"),
     benchmark:
         bench_for("gate_{key}_val")
     wildcard_constraints:
         key="cam|spcam",
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "pseudo", segment=["val_labels", "label_threshold"]),
+        cfg=cfg_for("decide"),
+        split=VAL,
     shell:
-        "weakseg decide --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {wildcards.key}"
-        " --split "
-        + str(VAL)
-        + " --labels-from {input.scores} --out {output} 2> {log}"
+        "weakseg decide --config {params.cfg:q} --data {input.data} --scores {input.scores}"
+        " --key {wildcards.key} --split {params.split} --labels-from {input.scores} --out {output} 2> {log}"
 
 
 rule evaluate_gated_val:
     input:
         data=P(RUN.data),
         gt=P(RUN.gt),
-        labels=P(RUN.cam_dir / ("{key}_gated_" + str(VAL) + ".zarr")),
+        labels=P(RUN.gated("{key}", VAL)),
     output:
-        metrics=P(RUN.metrics_dir / ("{key}_gated_" + str(VAL) + ".csv")),
-        per_image=P(RUN.metrics_dir / ("{key}_gated_" + str(VAL) + "_per_image.csv")),
+        metrics=metrics_csv("{key}_gated", VAL),
+        per_image=per_image_csv("{key}_gated", VAL),
     log:
         log_for("evaluate_{key}_gated_val"),
     benchmark:
         bench_for("evaluate_{key}_gated_val")
     wildcard_constraints:
         key="cam|spcam",
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "evaluate"),
+        cfg=cfg_for("evaluate"),
+        split=VAL,
     shell:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
-        " --stage {wildcards.key}_gated --split "
-        + str(VAL)
-        + " --out {output.metrics} --per-image {output.per_image}"
-        " 2> {log}"
+        " --stage {wildcards.key}_gated --split {params.split} --out {output.metrics}"
+        " --per-image {output.per_image} 2> {log}"

@@ -1,17 +1,12 @@
-# Shared helpers: the validated config, output paths (from weakseg.store.RunLayout), per-rule
-# config JSON, resources and shard paths. No pipeline logic lives here.
+# Shared helpers: the validated config, output paths (all from weakseg.store.RunLayout), per-rule
+# config JSON (declared by each command), resources, shard paths and the input functions of the rules.
 import json
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from weakseg.config import (
-    SEGMENT_PREDICTION,
-    ConfigError,
-    evaluation_splits,
-    model_section,
-    resolve,
-)
+from weakseg.cli import find_command
+from weakseg.config import ConfigError, evaluation_splits, resolve, sections_for
 from weakseg.inspect.stages import expected_label_stages
 from weakseg.store import RunLayout
 
@@ -35,6 +30,8 @@ EVAL_SPLITS = evaluation_splits(config)
 EVAL_TRAIN = TRAIN in EVAL_SPLITS
 EVAL_VAL = HAS_VAL and VAL in EVAL_SPLITS
 RES = config["resources"]
+# The software of every rule (used with --software-deployment-method conda).
+CONDA_ENV = "../../envs/weakseg.yaml"
 
 
 def P(path):
@@ -42,33 +39,31 @@ def P(path):
     return str(path)
 
 
-def cfg(*sections, segment=None):
-    """The config sections a command uses, as JSON: rules rerun only when those sections change.
-    ``segment``: the segment keys to pass ('model' = those a saved model records: training + prediction).
-    """
-    chosen = {s: config[s] for s in sections}
-    if segment == "model":
-        chosen["segment"] = model_section(config["segment"])
-    elif segment is not None:
-        chosen["segment"] = {k: config["segment"][k] for k in segment}
-    return json.dumps(chosen, sort_keys=True)
+def cfg_for(command):
+    """The config sections ``weakseg <command>`` declares it reads, as JSON: a rule reruns when, and
+    only when, those change."""
+    return json.dumps(
+        sections_for(config, find_command(command).sections), sort_keys=True
+    )
 
 
-def log_for(name):
-    return P(RUN / "logs" / f"{name}.log")
+def log_for(job):
+    return P(RUN.log(job))
 
 
-def bench_for(name):
+def bench_for(job):
     """Snakemake's per-job timing (s, max RSS) used by `weakseg benchmark`."""
-    return P(RUN / "benchmarks" / f"{name}.tsv")
+    return P(RUN.benchmark(job))
+
+
+def sharded(job):
+    """The job name of one shard of a per-image stage (the name itself with one shard)."""
+    return job if N_SHARDS == 1 else f"{job}-{{shard}}"
 
 
 def shard_path(final, shard="{shard}"):
     """Where one shard of a per-image stage writes; with one shard, the stage store itself."""
-    final = Path(final)
-    if N_SHARDS == 1:
-        return P(final)
-    return P(final.parent / "shards" / f"{final.stem}-{shard}.zarr")
+    return P(RUN.shard_store(final, shard, N_SHARDS))
 
 
 def all_shards(final):
@@ -76,7 +71,80 @@ def all_shards(final):
 
 
 def metrics_csv(stage, split):
-    return P(RUN.metrics_dir / f"{stage}_{split}.csv")
+    return P(RUN.metrics_csv(stage, split))
+
+
+def per_image_csv(stage, split):
+    return P(RUN.per_image_csv(stage, split))
+
+
+# --- inputs of the rounds and the report ---
+
+# Val rows: round<r> = argmax over all classes of the network's probabilities; _gated = restricted
+# to the classes the CAM classifier predicts (segment.val_labels); _crf = gated + dense CRF.
+
+
+def val_prediction(r, post):
+    if post == "":
+        return P(RUN.round_scores(r, VAL))
+    return P(RUN.round_labels(r, {"_gated": "cleaned", "_crf": "crf"}[post], VAL))
+
+
+def round_inputs(w):
+    r = int(w.r)
+    if (
+        r == 1 and not JOINT
+    ):  # with one-stage training round 1 trains on round 0's annotation
+        return {
+            "labels": P(RUN.pseudo(config["segment"]["first_round_input"])),
+            "selection": P(RUN.reliability),
+        }
+    return {
+        "labels": annotation_of(r - 1),
+        "selection": P(RUN.round_reliability(r - 1)),
+    }
+
+
+def annotation_of(r):
+    """A round's train annotation (segment.annotation): cleaned, CRF-refined or RRM reliable regions."""
+    return P(RUN.round_labels(r, config["segment"]["annotation"], TRAIN))
+
+
+def metric_files():
+    """The metric CSVs of every stage on every split that has ground-truth masks (EVAL_SPLITS)."""
+    files = []
+    if EVAL_TRAIN:
+        files += [
+            metrics_csv(s, TRAIN)
+            for s in ("superpixel_oracle", "cam", "spcam", "cleaned", "crf", "reliable")
+        ]
+    if EVAL_VAL:
+        files += [metrics_csv("cam_gated", VAL), metrics_csv("spcam_gated", VAL)]
+    for r in ROUNDS:
+        if EVAL_TRAIN:
+            files.append(metrics_csv(f"round{r}", TRAIN))
+        if EVAL_VAL:
+            files.append(metrics_csv(f"round{r}", VAL))
+            files.append(metrics_csv(f"round{r}_gated", VAL))
+            if config["segment"]["eval_crf"]:
+                files.append(metrics_csv(f"round{r}_crf", VAL))
+    return files
+
+
+def stage_outputs():
+    """The last products of every stage (pseudo-labels, each round's annotation and val predictions):
+    the report waits for them whether or not anything is evaluated."""
+    files = [P(RUN.pseudo(v)) for v in ("cleaned", "crf", "reliable")]
+    files.append(P(RUN.reliability))
+    if HAS_VAL:
+        files += [P(RUN.gated(key, VAL)) for key in ("cam", "spcam")]
+    for r in ROUNDS:
+        files += [annotation_of(r), P(RUN.round_reliability(r))]
+        if HAS_VAL:
+            files.append(P(RUN.round_labels(r, "cleaned", VAL)))
+            if config["segment"]["eval_crf"]:
+                files.append(P(RUN.round_labels(r, "crf", VAL)))
+    return files
 
 
 # Resources: network rules may ask for a GPU (gpu 0 asks for none); CPU-only stages never do. Their

@@ -8,8 +8,10 @@ rule synth:
         log_for("synth"),
     benchmark:
         bench_for("synth")
+    conda:
+        CONDA_ENV
     params:
-        cfg=cfg("dataset"),
+        cfg=cfg_for("synth"),
     shell:
         "weakseg synth --config {params.cfg:q} --out {output} 2> {log}"
 
@@ -33,10 +35,12 @@ rule ingest:
         log_for("ingest"),
     benchmark:
         bench_for("ingest")
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset"),
+        cfg=cfg_for("ingest"),
     shell:
         "weakseg ingest --config {params.cfg:q} --root {input} --data {output.data} --gt {output.gt} 2> {log}"
 
@@ -47,18 +51,21 @@ rule superpixels:
     output:
         directory(shard_path(RUN.superpixels)),
     log:
-        log_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}")),
+        log_for(sharded("superpixels")),
     benchmark:
-        bench_for("superpixels" + ("" if N_SHARDS == 1 else "-{shard}"))
+        bench_for(sharded("superpixels"))
+    conda:
+        CONDA_ENV
     threads: THREADS
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("superpixels"),
+        cfg=cfg_for("superpixels"),
         shard=lambda w: int(getattr(w, "shard", 0)),
+        shards=N_SHARDS,
     shell:
         "weakseg superpixels --config {params.cfg:q} --data {input} --out {output} --threads {threads}"
-        " --shard {params.shard} --shards " + str(N_SHARDS) + " 2> {log}"
+        " --shard {params.shard} --shards {params.shards} 2> {log}"
 
 
 rule superpixel_oracle:
@@ -72,9 +79,12 @@ rule superpixel_oracle:
         log_for("superpixel_oracle"),
     benchmark:
         bench_for("superpixel_oracle")
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
+    params:
+        split=TRAIN,
     shell:
-        "weakseg oracle --data {input.data} --gt {input.gt} --superpixels {input.sp} --split "
-        + TRAIN
-        + " --out {output} 2> {log}"
+        "weakseg oracle --data {input.data} --gt {input.gt} --superpixels {input.sp} --split {params.split}"
+        " --out {output} 2> {log}"

@@ -16,20 +16,14 @@ rule train_joint:
         log_for("train_joint"),
     benchmark:
         bench_for("train_joint")
+    conda:
+        CONDA_ENV
     threads: THREADS
     resources:
         **gpu_resources(),
     params:
-        cfg=cfg(
-            "dataset",
-            "cam",
-            "joint",
-            "pseudo",
-            "superpixels",
-            "device",
-            segment="model",
-        ),
-        out_dir=P(RUN.round_dir(0)),
+        cfg=cfg_for("train-joint"),
+        out_dir=lambda w, output: P(Path(output[0]).parent),
     shell:
         # Checkpoints live in round0/checkpoints/ (not an output), so a rerun after a kill resumes.
         "weakseg train-joint --config {params.cfg:q} --data {input.data} --superpixels {input.sp}"

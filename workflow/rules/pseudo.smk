@@ -18,14 +18,16 @@ rule clean:
         log_for("clean"),
     benchmark:
         bench_for("clean")
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "pseudo"),
+        cfg=cfg_for("clean"),
+        key=SOURCE,
     shell:
-        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores} --key "
-        + SOURCE
-        + " --out {output} 2> {log}"
+        "weakseg clean --config {params.cfg:q} --data {input.data} --scores {input.scores}"
+        " --key {params.key} --out {output} 2> {log}"
 
 
 rule crf:
@@ -35,21 +37,22 @@ rule crf:
     output:
         directory(shard_path(RUN.crf)),
     log:
-        log_for("crf" + ("" if N_SHARDS == 1 else "-{shard}")),
+        log_for(sharded("crf")),
     benchmark:
-        bench_for("crf" + ("" if N_SHARDS == 1 else "-{shard}"))
+        bench_for(sharded("crf"))
+    conda:
+        CONDA_ENV
     threads: THREADS
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "pseudo"),
+        cfg=cfg_for("crf"),
+        key=SOURCE,
         shard=lambda w: int(getattr(w, "shard", 0)),
+        shards=N_SHARDS,
     shell:
-        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key "
-        + SOURCE
-        + " --out {output} --threads {threads} --shard {params.shard} --shards "
-        + str(N_SHARDS)
-        + " 2> {log}"
+        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {params.key}"
+        " --out {output} --threads {threads} --shard {params.shard} --shards {params.shards} 2> {log}"
 
 
 rule reliable:
@@ -63,14 +66,16 @@ rule reliable:
         log_for("reliable"),
     benchmark:
         bench_for("reliable")
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "pseudo"),
+        cfg=cfg_for("rrm"),
+        key=SOURCE,
     shell:
-        "weakseg reliable --config {params.cfg:q} --data {input.data} --scores {input.scores} --key "
-        + SOURCE
-        + " --crf {input.crf} --out {output} 2> {log}"
+        "weakseg rrm --config {params.cfg:q} --data {input.data} --scores {input.scores}"
+        " --key {params.key} --crf {input.crf} --out {output} 2> {log}"
 
 
 rule reliability:
@@ -83,13 +88,15 @@ rule reliability:
         log_for("reliability"),
     benchmark:
         bench_for("reliability")
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "pseudo"),
+        cfg=cfg_for("divergence"),
     shell:
-        "weakseg reliability --config {params.cfg:q} --data {input.data} --labels {input.labels} --out {output}"
-        " 2> {log}"
+        "weakseg divergence --config {params.cfg:q} --data {input.data} --labels {input.labels}"
+        " --out {output} 2> {log}"
 
 
 rule evaluate_pseudo:
@@ -99,24 +106,25 @@ rule evaluate_pseudo:
         labels=lambda w: P(RUN.pseudo(w.variant)),
         selection=P(RUN.reliability),
     output:
-        metrics=P(RUN.metrics_dir / ("{variant}_" + TRAIN + ".csv")),
-        per_image=P(RUN.metrics_dir / ("{variant}_" + TRAIN + "_per_image.csv")),
+        metrics=metrics_csv("{variant}", TRAIN),
+        per_image=per_image_csv("{variant}", TRAIN),
     log:
         log_for("evaluate_{variant}"),
     benchmark:
         bench_for("evaluate_{variant}")
     wildcard_constraints:
         variant="cleaned|crf|reliable",
+    conda:
+        CONDA_ENV
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg("dataset", "evaluate"),
+        cfg=cfg_for("evaluate"),
+        split=TRAIN,
     shell:
         "weakseg evaluate --config {params.cfg:q} --data {input.data} --gt {input.gt} --pred {input.labels}"
-        " --stage {wildcards.variant} --split "
-        + TRAIN
-        + " --out {output.metrics} --per-image {output.per_image}"
-        " --selection {input.selection} 2> {log}"
+        " --stage {wildcards.variant} --split {params.split} --out {output.metrics}"
+        " --per-image {output.per_image} --selection {input.selection} 2> {log}"
 
 
 rule reliability_curve:
@@ -130,6 +138,8 @@ rule reliability_curve:
         log_for("reliability_curve"),
     benchmark:
         bench_for("reliability_curve")
+    conda:
+        CONDA_ENV
     params:
         points=config["evaluate"]["reliability_curve_points"],
     shell:

@@ -5,11 +5,15 @@ if N_SHARDS > 1:
         ("superpixels", RUN.superpixels, "superpixels"),
         ("scores", RUN.scores, "scores"),
         ("crf", RUN.crf, "labels"),
-        ("round_scores", RUN.root / "round{r}" / "scores_{split}.zarr", "scores"),
-        ("round_crf", RUN.root / "round{r}" / "crf_{split}.zarr", "labels"),
+        ("round_scores", RUN.round_scores("{r}", "{split}"), "scores"),
+        ("round_crf", RUN.round_labels("{r}", "crf", "{split}"), "labels"),
     ):
         # Round stores carry the {r} and {split} wildcards; their logs must too.
-        _tag = f"gather_{_name}" + ("_round{r}_{split}" if "{" in str(_final) else "")
+        _tag = (
+            f"gather_{_name}_round{{r}}_{{split}}"
+            if "{" in str(_final)
+            else f"gather_{_name}"
+        )
 
         rule:
             name:
@@ -22,6 +26,8 @@ if N_SHARDS > 1:
                 log_for(_tag),
             benchmark:
                 bench_for(_tag)
+            conda:
+                CONDA_ENV
             params:
                 kind=_kind,
             shell:

@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from weakseg.cam.backbones import (
+from weakseg.cam.models import CAMNet, max_normalise
+from weakseg.nets.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Encoder,
@@ -37,7 +38,6 @@ from weakseg.cam.backbones import (
     normalise,
     trainable,
 )
-from weakseg.cam.models import CAMNet, max_normalise
 
 log = logging.getLogger("weakseg")
 

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from weakseg import store
 from weakseg.cam.models import build_classifier, max_normalise
 from weakseg.datasets import open_data, read_image
+from weakseg.nets.device import select_device
+from weakseg.nets.model_file import load_model_file
 from weakseg.parallel import progress
-from weakseg.training import load_model_file, select_device
 
 log = logging.getLogger("weakseg")
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise, trainable
+from weakseg.cam import MODELS
+from weakseg.nets.backbones import build_encoder, freeze_encoder, normalise, trainable
 
 
 def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +163,6 @@ class SPN(CAMNet):
             sp_scores, image_index = superpixel_pool(fine, sp)
             out["sp_logits"] = mean_per_image(sp_scores, image_index, x01.shape[0])
         return out
-
-
-MODELS = ("cam", "spn", "seam", "dual")
 
 
 def resolve_cam_config(cam_cfg: dict) -> dict:

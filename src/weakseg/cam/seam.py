@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weakseg.cam.backbones import Encoder, normalise
 from weakseg.cam.models import CAMNet, max_normalise
+from weakseg.nets.backbones import Encoder, normalise
 
 PCM_PROJECTIONS = (64, 128)  # channels of the stride-8 and stride-16 features after projection (as SEAM)
 

@@ -19,15 +19,9 @@ from weakseg import store
 from weakseg.cam.losses import training_loss
 from weakseg.cam.models import build_classifier, resolve_cam_config
 from weakseg.datasets import open_data, read_image
-from weakseg.training import (
-    config_fingerprint,
-    make_optimizer,
-    poly_schedule,
-    save_model,
-    seed_everything,
-    select_device,
-    train_loop,
-)
+from weakseg.nets.device import select_device
+from weakseg.nets.model_file import config_fingerprint, save_model
+from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 

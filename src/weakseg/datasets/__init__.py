@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from weakseg import store
-
-IGNORE = 255  # label value that means "no label" everywhere
+from weakseg.labels import IGNORE  # noqa: F401  (re-exported: the datasets' masks use it)
 
 
 @dataclass(frozen=True)

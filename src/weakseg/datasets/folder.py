@@ -30,6 +30,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from weakseg import store
+from weakseg.commands import Command, option
+from weakseg.config import ConfigError
 from weakseg.datasets import IGNORE
 from weakseg.datasets.mapping import ClassMappingError, build_mapping
 from weakseg.errors import UserError, first_line
@@ -311,3 +313,26 @@ def ingest(root: str | os.PathLike, dataset_cfg: dict, data_path, gt_path, prov:
     }
     log.info("ingested %s", summary)
     return summary
+
+
+def run_ingest(config: dict, data_path, gt_path, root=None) -> dict:
+    from weakseg.store import provenance
+
+    root = root or config["dataset"]["root"]
+    if root is None:
+        raise ConfigError("dataset.root: not set; give --root or set it in the config")
+    return ingest(root, config["dataset"], data_path, gt_path, provenance("ingest", config["dataset"]))
+
+
+COMMAND = Command(
+    "ingest",
+    "read a VOC-style dataset folder into data.zarr (images, labels) and gt.zarr",
+    run_ingest,
+    (
+        option("--root", help="dataset folder (overrides dataset.root)"),
+        option("--data", dest="data_path", required=True, help="output data.zarr"),
+        option("--gt", dest="gt_path", required=True, help="output gt.zarr (masks; read by evaluation only)"),
+    ),
+    sections=("dataset",),
+    writes=("data_path", "gt_path"),
+)

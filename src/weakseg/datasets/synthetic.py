@@ -26,6 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from weakseg.commands import Command, option
+
 FG_NAMES = ("apple", "brick", "cloth", "disc", "eel", "fern", "grid", "honey", "ice", "jade", "kelp", "lime")
 # Saturated RGB base colours, one per class; the background never uses saturated colours.
 FG_COLOURS = (
@@ -219,3 +221,17 @@ def write_folder(params: dict, has_background: bool, out_dir: str | os.PathLike)
     )
     replace_path(out, final)
     return final
+
+
+def run_synth(config: dict, out_dir) -> Path:
+    return write_folder(config["dataset"]["synthetic"], config["dataset"]["has_background"], out_dir)
+
+
+COMMAND = Command(
+    "synth",
+    "write the deterministic synthetic dataset as a VOC-style folder",
+    run_synth,
+    (option("--out", dest="out_dir", required=True, help="output folder"),),
+    sections=("dataset",),
+    writes=("out_dir",),
+)

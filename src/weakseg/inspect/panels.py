@@ -27,7 +27,9 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
+from weakseg.commands import Command, option
 from weakseg.datasets import IGNORE, open_data, read_image
+from weakseg.errors import UserError
 from weakseg.inspect import stages as st
 from weakseg.palette import class_palette
 from weakseg.parallel import progress
@@ -56,7 +58,7 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 FONT_SCALE = 0.4
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """An image id, class or stage asked for does not exist; the message lists the valid choices."""
 
 
@@ -420,11 +422,9 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 # --------------------------------------------------------------------------- which images to show
 def per_image_files(layout: store.RunLayout, splits) -> dict[tuple[str, str], Path]:
     """{(stage, split): metrics/<stage>_<split>_per_image.csv} for every per-image CSV of the run."""
-    if not layout.metrics_dir.is_dir():
-        return {}
     found = {}
-    for path in sorted(layout.metrics_dir.glob("*_per_image.csv")):
-        key = st.split_stage(path.name[: -len("_per_image.csv")], splits)
+    for name, path in layout.found_metric_files("_per_image.csv"):
+        key = st.split_stage(name, splits)
         if key is not None:
             found[key] = path
     return found
@@ -550,3 +550,28 @@ def run_inspect(
         paths.append(path)
     log.info("inspect: wrote %d panels to %s", len(paths), out)
     return paths
+
+
+def _inspect_and_say(args) -> None:
+    out = args.out or store.RunLayout(args.run_dir).inspect_dir
+    written = run_inspect(
+        args.run_dir, out, ids=args.ids, worst=args.worst, stage=args.stage, class_name=args.class_name
+    )
+    print(f"wrote {len(written)} panels to {out}")
+
+
+# Writes its own viewer folder, not a pipeline output: no run lock.
+COMMAND = Command(
+    "inspect",
+    "render per-image panels of every intermediate of a run",
+    run_inspect,
+    (
+        option("run_dir", help="the run's folder, e.g. results/demo"),
+        option("--ids", nargs="+", help="image ids"),
+        option("--worst", type=int, help="the N images with the lowest per-image mIoU at --stage"),
+        option("--stage", help="stage for --worst: " + st.STAGE_HELP),
+        option("--class", dest="class_name", help="images labelled with this class"),
+        option("--out", help="output folder (default <run dir>/inspect)"),
+    ),
+    call=_inspect_and_say,
+)

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
+from weakseg.commands import Command, option
 from weakseg.inspect import panels as pn
-from weakseg.inspect import stages as st
 from weakseg.parallel import progress
 
 log = logging.getLogger("weakseg")
@@ -297,17 +297,12 @@ def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame | None:
 
 
 def read_sweeps(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
-    if not layout.metrics_dir.is_dir():
-        return {}
-    return {
-        p.name[: -len("_sweep.csv")]: _read_csv(p, ("threshold", "miou"))
-        for p in sorted(layout.metrics_dir.glob("*_sweep.csv"))
-    }
+    return {name: _read_csv(p, ("threshold", "miou")) for name, p in layout.found_metric_files("_sweep.csv")}
 
 
 def read_training_logs(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
-    paths = {"CAM": layout.cam_dir / "train_log.csv"}
-    paths.update({f"round {r}": layout.round_dir(r) / "train_log.csv" for r in st.round_numbers(layout)})
+    paths = {"CAM": layout.train_log()}
+    paths.update({f"round {r}": layout.train_log(r) for r in layout.round_numbers()})
     return {name: pd.read_csv(p) for name, p in paths.items() if p.exists()}
 
 
@@ -608,3 +603,32 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
         "note": note,
         "tile_width": tile_width,
     }
+
+
+def report_path(args) -> Path:
+    return Path(args.out or store.RunLayout(args.run_dir).report_page)
+
+
+def _report_and_say(args) -> None:
+    out = report_path(args)
+    write_report(args.run_dir, out, gallery_images=args.gallery)
+    print(f"report: {out}")
+
+
+COMMAND = Command(
+    "report",
+    "write the static HTML report of a run (one self-contained page)",
+    write_report,
+    (
+        option("run_dir", help="the run's folder, e.g. results/demo"),
+        option("--out", help="default <run dir>/report/index.html"),
+        option(
+            "--gallery",
+            type=int,
+            default=None,
+            help="images in the gallery (default: the run's inspect.gallery_images)",
+        ),
+    ),
+    writes=(report_path,),
+    call=_report_and_say,
+)

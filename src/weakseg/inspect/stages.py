@@ -16,7 +16,6 @@ This module is light (no numpy, no stores) so that ``--help`` can quote it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,6 @@ STAGE_HELP = (
 )
 PSEUDO_VARIANTS = ("cleaned", "crf", "reliable")
 CAM_KEYS = ("cam", "spcam")
-_ROUND_STORE = re.compile(r"^(cleaned|crf|reliable)_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
     seg = config["segment"]
     stages = [Stage(v, train, layout.pseudo(v)) for v in PSEUDO_VARIANTS]
     if val:
-        stages += [Stage(f"{key}_gated", val, layout.cam_dir / f"{key}_gated_{val}.zarr") for key in CAM_KEYS]
+        stages += [Stage(f"{key}_gated", val, layout.gated(key, val)) for key in CAM_KEYS]
     first_round = 0 if config.get("joint", {}).get("enabled") else 1  # round 0: one-stage training
     for r in range(first_round, seg["rounds"] + 1):
         # The workflow makes a round's train annotation and what it needs: reliable regions need the CRF.
@@ -61,7 +59,7 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
             Stage(
                 round_stage_name(r, v, train, train, seg["annotation"]),
                 train,
-                layout.round_labels(r, f"{v}_{train}"),
+                layout.round_labels(r, v, train),
             )
             for v in variants
         ]
@@ -71,7 +69,7 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
                 Stage(
                     round_stage_name(r, v, val, train, seg["annotation"]),
                     val,
-                    layout.round_labels(r, f"{v}_{val}"),
+                    layout.round_labels(r, v, val),
                 )
                 for v in variants
             ]
@@ -81,26 +79,13 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
 def found_label_stages(layout, train_split: str, annotation: str) -> list[Stage]:
     """The labels stores present in a run folder (finished or not), named by the scheme above."""
     stages = [Stage(v, train_split, layout.pseudo(v)) for v in PSEUDO_VARIANTS if layout.pseudo(v).exists()]
-    if layout.cam_dir.is_dir():
-        for path in sorted(layout.cam_dir.glob("*_gated_*.zarr")):
-            key, _, split = path.stem.partition("_gated_")
-            stages.append(Stage(f"{key}_gated", split, path))
-    for r in round_numbers(layout):
-        for path in sorted(layout.round_dir(r).glob("*.zarr")):
-            found = _ROUND_STORE.match(path.stem)
-            if found:  # scores_<split>.zarr are not labels stores
-                variant, split = found.groups()
-                stages.append(
-                    Stage(round_stage_name(r, variant, split, train_split, annotation), split, path)
-                )
+    stages += [Stage(f"{key}_gated", split, path) for key, split, path in layout.found_gated()]
+    for r in layout.round_numbers():
+        stages += [
+            Stage(round_stage_name(r, variant, split, train_split, annotation), split, path)
+            for variant, split, path in layout.found_round_labels(r)
+        ]
     return stages
-
-
-def round_numbers(layout) -> list[int]:
-    if not layout.root.is_dir():
-        return []
-    found = (re.match(r"^round(\d+)$", p.name) for p in layout.root.iterdir() if p.is_dir())
-    return sorted(int(m.group(1)) for m in found if m)
 
 
 def split_stage(file_stem: str, splits) -> tuple[str, str] | None:

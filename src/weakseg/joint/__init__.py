@@ -7,3 +7,18 @@ segmentation head supervised by labels mined online from the classification bran
 * ``model``: the joint network, a segmenter like the rounds' networks (``weakseg predict`` takes it).
 * ``train``: the edge: batches, the CRF worker pool, the shared training loop, the model file.
 """
+
+from weakseg.commands import DATA, OUT_DIR, SUPERPIXELS, THREADS, Command
+
+COMMANDS = (
+    Command(
+        "train-joint",
+        "one-stage training (joint.method annealed or rrm): a CAM head and a segmentation head on labels "
+        "mined online from its CAMs; writes a round-0 segmentation model (resumes)",
+        "weakseg.joint.train:run_train_joint",
+        (THREADS, DATA, SUPERPIXELS, OUT_DIR),
+        sections=("dataset", "cam", "joint", "pseudo", "superpixels", "device", "segment[model]"),
+        writes=("out_dir",),
+        network=True,
+    ),
+)

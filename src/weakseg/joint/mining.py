@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from weakseg import labels as label_rules
 from weakseg.datasets import IGNORE
 from weakseg.pseudo.crf import crf_labels, crf_probabilities
-from weakseg.pseudo.reliable import reliable_regions
+from weakseg.pseudo.rrm import reliable_regions
 
 PAR_EPS = 1e-8  # keeps a neighbourhood of one colour (standard deviation 0) finite
 
@@ -127,7 +127,7 @@ class ReliableJob:
 
 def reliable_job(job: ReliableJob) -> np.ndarray:
     """RRM's reliable regions of one image: the dense CRF labels of its CAM scores where they agree with
-    the confident labels of those scores (``weakseg.pseudo.reliable.reliable_regions``); IGNORE
+    the confident labels of those scores (``weakseg.pseudo.rrm.reliable_regions``); IGNORE
     elsewhere and on padding. Runs in a worker process (numpy and pydensecrf only)."""
     probs, prob_classes = crf_probabilities(
         job.scores, job.classes, job.image_labels, job.has_background, job.background_threshold

@@ -41,16 +41,10 @@ from weakseg.joint.mining import (
     reliable_job,
 )
 from weakseg.joint.model import build_joint_network, joint_model_section
+from weakseg.nets.device import select_device
+from weakseg.nets.model_file import config_fingerprint, save_model
 from weakseg.segment.train import prior_from_counts
-from weakseg.training import (
-    config_fingerprint,
-    make_optimizer,
-    poly_schedule,
-    save_model,
-    seed_everything,
-    select_device,
-    train_loop,
-)
+from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 PSEUDO_KEYS = ("source", "background", "crf", "reliable")  # the pseudo.* keys the mining reads

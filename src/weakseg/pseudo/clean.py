@@ -19,8 +19,9 @@ from collections import Counter
 import numpy as np
 
 from weakseg import labels as label_rules
+from weakseg.commands import DATA, LABELS_FROM, SCORE_KEY, SHARD, SPLIT, Command, option
 from weakseg.datasets import IGNORE
-from weakseg.pseudo import ImageJob, job_scores, make_jobs, write_labels
+from weakseg.pseudo.jobs import ImageJob, job_scores, make_jobs, write_labels
 
 log = logging.getLogger("weakseg")
 
@@ -147,3 +148,36 @@ def run_decide(
         out_path, "decide", config, _decide_one, jobs, key=key, background_threshold=threshold
     )
     log.info("decide: %.1f%% of pixels unlabelled", 100.0 * counts["ignored"] / max(counts["pixels"], 1))
+
+
+# Options of the commands that turn one scores store into one labels store.
+SCORES_TO_LABELS = (
+    *SHARD,
+    SPLIT,
+    LABELS_FROM,
+    DATA,
+    option("--scores", dest="scores_path", required=True, help="scores store to turn into labels"),
+    SCORE_KEY,
+    option("--out", dest="out_path", required=True, help="output labels store (.zarr)"),
+)
+# The label rules read pseudo.* and, outside the train split, how val images get their classes.
+LABEL_RULE_SECTIONS = ("dataset", "pseudo", "segment.val_labels", "segment.label_threshold")
+
+COMMANDS = (
+    Command(
+        "clean",
+        "annotation cleaning: keep what the scores say with confidence",
+        run_clean,
+        (*SCORES_TO_LABELS, option("--ratio", type=float, default=None, help="override pseudo.clean_ratio")),
+        sections=LABEL_RULE_SECTIONS,
+        writes=("out_path",),
+    ),
+    Command(
+        "decide",
+        "dense labels: argmax over the image's (or predicted) classes, background by the calibrated threshold",
+        run_decide,
+        SCORES_TO_LABELS,
+        sections=LABEL_RULE_SECTIONS,
+        writes=("out_path",),
+    ),
+)

@@ -14,7 +14,9 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 
 from weakseg import labels as label_rules
-from weakseg.pseudo import ImageJob, job_image, job_scores, make_jobs, write_labels
+from weakseg.commands import THREADS, Command
+from weakseg.pseudo.clean import LABEL_RULE_SECTIONS, SCORES_TO_LABELS
+from weakseg.pseudo.jobs import ImageJob, job_image, job_scores, make_jobs, write_labels
 
 log = logging.getLogger("weakseg")
 
@@ -159,3 +161,13 @@ def run_crf(
         "crf: %.1f%% of pixels changed from the argmax of the scores",
         100.0 * counts["changed"] / max(counts["pixels"], 1),
     )
+
+
+COMMAND = Command(
+    "crf",
+    "dense CRF refinement of score maps",
+    run_crf,
+    (THREADS, *SCORES_TO_LABELS),
+    sections=LABEL_RULE_SECTIONS,
+    writes=("out_path",),
+)

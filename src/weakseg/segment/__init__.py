@@ -1,5 +1,88 @@
-"""Segmentation rounds: networks trained on pseudo-labels (DeepLab, DecoupledNet) and their prediction."""
+"""Segmentation rounds: networks trained on pseudo-labels (DeepLab, DecoupledNet) and their prediction.
 
-from weakseg.segment.models import DecoupledNet, DeepLab, Segmenter, build_segmenter
+This module stays light (no torch): it declares the package's commands, whose stage functions are
+imported only when a command runs.
+"""
 
-__all__ = ["DecoupledNet", "DeepLab", "Segmenter", "build_segmenter"]
+from weakseg.commands import DATA, OUT_DIR, SHARD, THREADS, Command, non_negative, option
+
+COMMANDS = (
+    Command(
+        "train-seg",
+        "train a segmentation net on selected pseudo-labels (resumes)",
+        "weakseg.segment.train:run_train_seg",
+        (
+            THREADS,
+            DATA,
+            option(
+                "--labels",
+                dest="labels_path",
+                required=True,
+                help="labels store of the annotations to train on",
+            ),
+            option(
+                "--selection", dest="selection_csv", required=True, help="reliability CSV with image_selected"
+            ),
+            OUT_DIR,
+        ),
+        sections=("dataset", "device", "segment[model]"),
+        writes=("out_dir",),
+        network=True,
+    ),
+    Command(
+        "predict-seg",
+        "segmentation-net class probabilities for a split (scores store)",
+        "weakseg.segment.predict:run_predict_store",
+        (
+            *SHARD,
+            THREADS,
+            DATA,
+            option(
+                "--model",
+                dest="model_path",
+                required=True,
+                help="round<r>/model.pt written by train-seg (round 0: train-joint)",
+            ),
+            option("--split", required=True, help="which split's images"),
+            option("--out", dest="out_path", required=True, help="output scores store (key seg)"),
+        ),
+        sections=("dataset", "device", "segment[prediction]"),
+        writes=("out_path",),
+        network=True,
+    ),
+    # Writes where its user says, outside any run: no run lock.
+    Command(
+        "predict",
+        "segment new images with a trained model (palette PNG per image)",
+        "weakseg.segment.predict:predict_files",
+        (
+            option("--model", dest="model_path", required=True, help="model.pt of a segmentation round"),
+            option("inputs", nargs="+", help="image files or folders"),
+            option("--out", dest="out_dir", required=True, help="output folder"),
+            option("--probabilities", action="store_true", help="also write <id>.npy class probabilities"),
+            option(
+                "--prior-adjustment",
+                type=non_negative,
+                metavar="TAU",
+                help="divide the training labels' class prior out, p(c|x) / prior(c)^TAU "
+                "(default: the segment.prior_adjustment the model was trained with)",
+            ),
+            option("--device", choices=["auto", "cpu", "cuda"], default="auto"),
+            option(
+                "--overlay",
+                action="store_true",
+                help="also write <id>_overlay.png (the image under its label colours) and legend.png "
+                "(colour and name of each class found)",
+            ),
+            option(
+                "--overwrite", action="store_true", help="replace output files that exist (default: refuse)"
+            ),
+            option(
+                "--strict",
+                action="store_true",
+                help="stop at the first unreadable image (default: skip it with one line, go on, exit 3)",
+            ),
+        ),
+        call="weakseg.segment.predict:predict_and_say",
+    ),
+)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weakseg.cam.backbones import build_encoder, freeze_encoder, normalise, trainable
+from weakseg.labels import IGNORE
+from weakseg.nets.backbones import build_encoder, freeze_encoder, normalise, trainable
 
-IGNORE = 255  # pixel label meaning "no label" (weakseg.datasets.IGNORE)
 OUTPUT_STRIDE = 16  # encoder stride for dense prediction: dilated last stage(s), as in DeepLabv3
 ASPP_CHANNELS = 128  # DeepLabv3 uses 256; 128 keeps the head cheap enough for CPU training
 ASPP_RATES = (6, 12, 18)  # DeepLabv3's atrous rates at output stride 16

@@ -24,10 +24,11 @@ from weakseg import store
 from weakseg.datasets import open_data, read_image
 from weakseg.datasets.folder import DatasetError, read_image_file
 from weakseg.errors import InputError, UserError
+from weakseg.nets.device import select_device
+from weakseg.nets.model_file import ModelFileError, load_model_file, load_weights
 from weakseg.palette import class_palette, save_palette_png
 from weakseg.parallel import progress
 from weakseg.segment.models import Segmenter, build_segmenter
-from weakseg.training import ModelFileError, load_model_file, load_weights, select_device
 
 log = logging.getLogger("weakseg")
 
@@ -387,3 +388,19 @@ def predict_files(
             written,
         )
     return written
+
+
+def predict_and_say(args) -> None:
+    """``weakseg predict``: segment the files, then say how many label maps were written where."""
+    written = predict_files(
+        args.model_path,
+        args.inputs,
+        args.out_dir,
+        args.probabilities,
+        device=args.device,
+        prior_adjustment=args.prior_adjustment,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        overlay=args.overlay,
+    )
+    print(f"wrote {len(written)} label maps to {args.out_dir}")

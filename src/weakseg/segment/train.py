@@ -18,17 +18,11 @@ import torch
 from weakseg import store
 from weakseg.config import training_section
 from weakseg.datasets import IGNORE, open_data, read_image
-from weakseg.pseudo.reliability import selected_ids
+from weakseg.nets.device import select_device
+from weakseg.nets.model_file import config_fingerprint, save_model
+from weakseg.pseudo.divergence import selected_ids
 from weakseg.segment.models import build_segmenter
-from weakseg.training import (
-    config_fingerprint,
-    make_optimizer,
-    poly_schedule,
-    save_model,
-    seed_everything,
-    select_device,
-    train_loop,
-)
+from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 PRIOR_FLOOR = 0.01  # smallest prior, as a fraction of the uniform 1 / n_classes

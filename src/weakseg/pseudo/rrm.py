@@ -11,8 +11,9 @@ from collections import Counter
 import numpy as np
 
 from weakseg import labels as label_rules
+from weakseg.commands import DATA, SCORE_KEY, SHARD, Command, option
 from weakseg.datasets import IGNORE
-from weakseg.pseudo import ImageJob, job_labels, job_scores, make_jobs, write_labels
+from weakseg.pseudo.jobs import ImageJob, job_labels, job_scores, make_jobs, write_labels
 
 log = logging.getLogger("weakseg")
 
@@ -82,3 +83,23 @@ def run_reliable(
     log.info(
         "reliable: %.1f%% of pixels keep their CRF label", 100.0 * counts["kept"] / max(counts["pixels"], 1)
     )
+
+
+COMMAND = Command(
+    "rrm",
+    "RRM reliable regions: CRF label where it agrees with a confident CAM label",
+    run_reliable,
+    (
+        *SHARD,
+        DATA,
+        option("--scores", dest="scores_path", required=True, help="scores store of the confident labels"),
+        SCORE_KEY,
+        option("--crf", dest="crf_path", required=True, help="labels store of the CRF stage"),
+        option(
+            "--out", dest="out_path", required=True, help="output labels store (.zarr), 255 = not reliable"
+        ),
+        option("--confidence", type=float, default=None, help="override pseudo.reliable.confidence"),
+    ),
+    sections=("dataset", "pseudo"),
+    writes=("out_path",),
+)

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
+from weakseg.commands import DATA, Command, option
 from weakseg.datasets import IGNORE, open_data
-from weakseg.pseudo import split_ids
+from weakseg.pseudo.jobs import split_ids
 
 log = logging.getLogger("weakseg")
 
@@ -192,3 +193,19 @@ def selected_ids(csv_path) -> list[str]:
         if column not in table.columns:
             raise ValueError(f"{path}: not a reliability table, column '{column}' missing")
     return sorted(table.loc[table["image_selected"].astype(bool), "id"].unique().tolist())
+
+
+COMMAND = Command(
+    "divergence",
+    "divergence (perimeter^2/area) per annotation and top-K selection",
+    run_reliability,
+    (
+        DATA,
+        option(
+            "--labels", dest="labels_path", required=True, help="labels store whose annotations are scored"
+        ),
+        option("--out", dest="out_csv", required=True, help="CSV of scores and selection"),
+    ),
+    sections=("dataset", "pseudo"),
+    writes=("out_csv",),
+)

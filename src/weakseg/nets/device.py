@@ -1,0 +1,39 @@
+"""Which torch device a network runs on, and the check that a job got the GPUs it asked for."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("weakseg")
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """The torch device of config key ``device`` (auto: CUDA when usable, else the CPU); logs the choice."""
+    from weakseg.config import ConfigError
+
+    cuda = torch.cuda.is_available()
+    if preference == "cuda" and not cuda:
+        raise ConfigError(
+            "device: 'cuda' requested but torch finds no usable CUDA device (use 'auto' or 'cpu')"
+        )
+    device = torch.device("cuda" if preference != "cpu" and cuda else "cpu")
+    if device.type == "cuda":
+        log.info("device: %s (%s) -> %s", preference, "CUDA available", torch.cuda.get_device_name(device))
+    else:
+        log.info("device: %s -> cpu%s", preference, "" if preference == "cpu" else " (no usable CUDA device)")
+    return device
+
+
+def check_gpu_request(preference: str, gpus: int) -> None:
+    """A job that asked for GPUs (resources.gpu > 0) must not crawl on the CPU unnoticed: stop at once when
+    torch sees no CUDA device, unless the config chose the CPU (``device: cpu``)."""
+    from weakseg.config import ConfigError
+
+    if gpus > 0 and preference != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"resources.gpu: this job asked for {gpus} GPU(s) but torch finds no usable CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); check the node's "
+            "driver, or set device: cpu to run on the CPU"
+        )
