@@ -403,18 +403,27 @@ def bench_methods(
         rows.append(bench_method(cfg, shared, method, split, threads))
     table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
     csv_path = out_dir / f"methods_{cfg['run']}.csv"
-    if csv_path.is_file():  # keep the rows of earlier invocations (other methods or budgets)
-        earlier = pd.read_csv(csv_path, dtype={"infer_scales": str})
-        if list(earlier.columns) == METHOD_COLUMNS:
-            key = ["method", "iterations", "infer_scales"]
-            replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
-            table = pd.concat([earlier[~replaced], table], ignore_index=True)
+    table = with_earlier_rows(
+        table, csv_path, ["method", "iterations", "infer_scales"], {"infer_scales": str}
+    )
     _print_table(
         f"{cfg['run']}: CAM generators, batch {cfg['cam']['batch_size']}, maps on the {split} split",
         table,
         csv_path,
     )
     return table
+
+
+def with_earlier_rows(table: pd.DataFrame, csv_path: Path, key: list[str], dtype=None) -> pd.DataFrame:
+    """``table`` after the rows of an earlier invocation's CSV (other methods or budgets) that it does
+    not replace (same ``key``); a CSV of other columns is ignored."""
+    if not csv_path.is_file():
+        return table
+    earlier = pd.read_csv(csv_path, dtype=dtype)
+    if list(earlier.columns) != list(table.columns):
+        return table
+    replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
+    return pd.concat([earlier[~replaced], table], ignore_index=True)
 
 
 def run_benchmark(

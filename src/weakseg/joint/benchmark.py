@@ -144,7 +144,7 @@ def two_step_row(run: Path, train: str, val: str) -> dict | None:
 def bench_joint(
     config_path: str, out_dir: Path, threads: int, methods, iterations: int | None = None
 ) -> pd.DataFrame:
-    from weakseg.benchmark import _prepare_inputs, _print_table
+    from weakseg.benchmark import _prepare_inputs, _print_table, with_earlier_rows
     from weakseg.config import load, run_dir
 
     cfg = load(config_path)
@@ -161,12 +161,7 @@ def bench_joint(
         print(f"(no finished two-step run at {run_dir(cfg)}: run the workflow of {config_path} for that row)")
     table = pd.DataFrame(rows + ([two_step] if two_step else []), columns=JOINT_COLUMNS)
     csv_path = Path(out_dir) / f"joint_{cfg['run']}.csv"
-    if csv_path.is_file():  # keep the rows of earlier invocations (other methods or budgets)
-        earlier = pd.read_csv(csv_path)
-        if list(earlier.columns) == JOINT_COLUMNS:
-            key = ["method", "iterations"]
-            replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
-            table = pd.concat([earlier[~replaced], table], ignore_index=True)
+    table = with_earlier_rows(table, csv_path, ["method", "iterations"])
     _print_table(
         f"{cfg['run']}: one-stage training (train: prediction over the image labels; val: the network alone)",
         table,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from weakseg import store
 from weakseg.cam.losses import labelled_maps
 from weakseg.cam.models import multilabel_loss
-from weakseg.cam.train import square_resize, to_tensor01
+from weakseg.cam.train import classifier_training_ids, square_resize, to_tensor01
 from weakseg.datasets import IGNORE, open_data, read_image
 from weakseg.joint.losses import pixel_energy
 from weakseg.joint.mining import (
@@ -155,13 +155,7 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
     info, data = open_data(data_path)
     sp_store = store.open_store(superpixels_path, "superpixels")
     fg = info.fg_classes
-    ids = [
-        i
-        for i in info.split(config["dataset"]["train_split"])
-        if info.has_background or info.label_vector(i)[fg].any()
-    ]
-    if not any(info.label_vector(i)[fg].any() for i in ids):
-        raise ValueError(f"{data_path}: no training image has a foreground label")
+    ids = classifier_training_ids(info, config["dataset"]["train_split"], data_path)
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])
     model = build_joint_network(cam_cfg, info.n_classes, info.has_background, joint["head_channels"]).to(
