@@ -89,6 +89,16 @@ class FrozenFeatureCache:
         return entry
 
 
+def classifier_training_ids(info, split: str, data_path) -> list[str]:
+    """The images of ``split`` a classifier learns from. With a background class an image without
+    foreground labels is a negative for every class; without one it carries no label to learn from."""
+    fg = info.fg_classes
+    ids = [i for i in info.split(split) if info.has_background or info.label_vector(i)[fg].any()]
+    if not any(info.label_vector(i)[fg].any() for i in ids):
+        raise ValueError(f"{data_path}: no training image has a foreground label")
+    return ids
+
+
 def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: int = 1) -> Path:
     """Train the classifier of ``config['cam']``; writes ``out_dir/model.pt`` (resumes if killed)."""
     torch.set_num_threads(max(1, threads))
@@ -97,15 +107,7 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     info, data = open_data(data_path)
     sp_store = store.open_store(superpixels_path, "superpixels")
     fg = info.fg_classes
-    # With a background class an image without foreground labels is a negative for every class; without
-    # one it carries no label to learn from.
-    ids = [
-        i
-        for i in info.split(config["dataset"]["train_split"])
-        if info.has_background or info.label_vector(i)[fg].any()
-    ]
-    if not any(info.label_vector(i)[fg].any() for i in ids):
-        raise ValueError(f"{data_path}: no training image has a foreground label")
+    ids = classifier_training_ids(info, config["dataset"]["train_split"], data_path)
     targets = {i: torch.from_numpy(info.label_vector(i)[fg].astype(np.float32)) for i in ids}
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])  # random init of the heads (and of a non-pretrained encoder)

@@ -56,7 +56,8 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
     made = {train: ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)}
     if val:
         made[val] = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
-    for r in range(1, seg["rounds"] + 1):
+    first_round = 0 if config.get("joint", {}).get("enabled") else 1  # round 0: one-stage training
+    for r in range(first_round, seg["rounds"] + 1):
         for split, variants in made.items():
             stages += [
                 Stage(

@@ -41,7 +41,9 @@ COMMANDS = (
             *SHARD,
             THREADS,
             DATA,
-            required("--model", "model_path", "round<r>/model.pt written by train-seg"),
+            required(
+                "--model", "model_path", "round<r>/model.pt written by train-seg (round 0: train-joint)"
+            ),
             SPLIT_REQUIRED,
             output("out_path", "output scores store (key seg)"),
         ),

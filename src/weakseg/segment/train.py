@@ -64,6 +64,13 @@ def label_prior(label_maps, n_classes: int) -> np.ndarray:
                 f"or {IGNORE}"
             )
         counts += np.bincount(labelled, minlength=n_classes)
+    return prior_from_counts(counts)
+
+
+def prior_from_counts(counts) -> np.ndarray:
+    """The floored, renormalised class frequencies of ``label_prior`` from per-class pixel counts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n_classes = len(counts)
     if counts.sum() == 0:
         return np.full(n_classes, 1.0 / n_classes)
     prior = np.maximum(counts / counts.sum(), PRIOR_FLOOR / n_classes)
