@@ -16,6 +16,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/cam.smk"
 include: "workflow/rules/pseudo.smk"
 include: "workflow/rules/rounds.smk"
+include: "workflow/rules/joint.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/shards.smk"
 

@@ -12,6 +12,8 @@
     weakseg benchmark speed         the fast paths of issue 18 against their reference paths, run
                                     alternately in one process on the same real images: ms per unit
                                     and the ratio (a shared machine's load hits both alike)
+    weakseg benchmark joint         the one-stage variants (weakseg.joint.benchmark) next to the
+                                    config's two-step run
 
 Benchmarks measure; tests assert. Apart from the row summary of ``benchmark methods``
 (``method_row``), nothing here is run by the test suite.
@@ -424,12 +426,9 @@ def bench_methods(
         rows.append(bench_method(cfg, shared, method, split, threads))
     table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
     csv_path = out_dir / f"methods_{cfg['run']}.csv"
-    if csv_path.is_file():  # keep the rows of earlier invocations (other methods or budgets)
-        earlier = pd.read_csv(csv_path, dtype={"infer_scales": str})
-        if list(earlier.columns) == METHOD_COLUMNS:
-            key = ["method", "iterations", "infer_scales"]
-            replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
-            table = pd.concat([earlier[~replaced], table], ignore_index=True)
+    table = with_earlier_rows(
+        table, csv_path, ["method", "iterations", "infer_scales"], {"infer_scales": str}
+    )
     _print_table(
         f"{cfg['run']}: CAM generators, batch {cfg['cam']['batch_size']}, maps on the {split} split",
         table,
@@ -644,6 +643,18 @@ def bench_speed(
     return table
 
 
+def with_earlier_rows(table: pd.DataFrame, csv_path: Path, key: list[str], dtype=None) -> pd.DataFrame:
+    """``table`` after the rows of an earlier invocation's CSV (other methods or budgets) that it does
+    not replace (same ``key``); a CSV of other columns is ignored."""
+    if not csv_path.is_file():
+        return table
+    earlier = pd.read_csv(csv_path, dtype=dtype)
+    if list(earlier.columns) != list(table.columns):
+        return table
+    replaced = earlier.set_index(key).index.isin(table.set_index(key).index)
+    return pd.concat([earlier[~replaced], table], ignore_index=True)
+
+
 def run_benchmark(
     what: str,
     root: str,
@@ -654,6 +665,7 @@ def run_benchmark(
     split: str | None = None,
     iterations: int | None = None,
     infer_scales=None,
+    joint_methods=("annealed", "rrm"),
 ) -> None:
     out_dir = Path(out)
     if what == "superpixels":
@@ -677,6 +689,10 @@ def run_benchmark(
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
     elif what == "speed":
         bench_speed(config_path, out_dir, threads)
+    elif what == "joint":  # one-stage training (issue 17)
+        from weakseg.joint.benchmark import bench_joint
+
+        bench_joint(config_path, out_dir, threads, joint_methods, iterations)
 
 
 COMMAND = Command(
@@ -686,8 +702,8 @@ COMMAND = Command(
     (
         option(
             "what",
-            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed"],
-            help="what to measure",
+            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed", "joint"],
+            help="what to measure (joint: the one-stage variants next to the config's two-step run)",
         ),
         option("--root", default="../shared/data/msrc21", help="dataset folder"),
         option(
@@ -705,12 +721,20 @@ COMMAND = Command(
             help="methods: the CAM generators to compare",
         ),
         option(
+            "--joint-methods",
+            nargs="+",
+            choices=["annealed", "rrm"],
+            default=["annealed", "rrm"],
+            help="joint: the one-stage methods to compare",
+        ),
+        option(
             "--split", help="methods: the split inferred and evaluated (default: the config's train split)"
         ),
         option(
             "--iterations",
             type=int,
-            help="methods: training iterations of every method (default: cam.iterations)",
+            help="methods, joint: training iterations of every method (default: cam.iterations, "
+            "joint.iterations)",
         ),
         option(
             "--infer-scales",

@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "weakseg.inspect.report",
     "weakseg.cam",
     "weakseg.segment",
+    "weakseg.joint",
     "weakseg.benchmark",
 )
 

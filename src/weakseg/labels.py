@@ -208,20 +208,34 @@ def confident_labels(
     Explicit channels (no background class, or segmentation probabilities): the argmax over the
     labelled classes where its score >= ``confidence``. Implicit background: outside the uncertain
     band around the background threshold (``uncertain_band``), the ``decide`` label."""
-    kept_scores, kept_classes = restrict_to_labels(scores, classes, image_labels)
-    label, top = top_class(kept_scores, kept_classes)
-    labels = np.full(kept_scores.shape[1:], IGNORE, dtype=np.uint8)
     if implicit_background(classes, has_background):
         if threshold is None:
             raise ValueError(
                 "a background threshold is needed to label CAM scores of a dataset with background"
             )
-        low, high = uncertain_band(threshold, margin)
+        return banded_labels(
+            scores, classes, image_labels, has_background, *uncertain_band(threshold, margin)
+        )
+    return banded_labels(scores, classes, image_labels, has_background, 0.0, confidence)
+
+
+def banded_labels(
+    scores: np.ndarray, classes, image_labels, has_background: bool, low: float, high: float
+) -> np.ndarray:
+    """uint8 (H, W) labels of an explicit confident / uncertain split of the best labelled score m.
+
+    Implicit background: background where m <= ``low``, the best labelled class where m >= ``high``
+    (and > low), ``IGNORE`` between. Explicit channels: the best labelled class where m >= ``high``,
+    ``IGNORE`` elsewhere (``low`` is unused: no score says "background")."""
+    kept_scores, kept_classes = restrict_to_labels(scores, classes, image_labels)
+    label, top = top_class(kept_scores, kept_classes)
+    labels = np.full(kept_scores.shape[1:], IGNORE, dtype=np.uint8)
+    if implicit_background(classes, has_background):
         labels[top <= low] = BACKGROUND
         confident = (top >= high) & (top > low)
         labels[confident] = label[confident]
         return labels
-    confident = (top >= confidence) & (label != IGNORE)
+    confident = (top >= high) & (label != IGNORE)
     labels[confident] = label[confident]
     return labels
 

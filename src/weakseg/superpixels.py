@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from weakseg import store, timing
-from weakseg.commands import DATA, SHARD, THREADS, Command, option
+from weakseg.commands import DATA, SHARD, THREADS, Command, output
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import map_images
 
@@ -148,7 +148,7 @@ COMMAND = Command(
         THREADS,
         *SHARD,
         DATA,
-        option("--out", dest="out_path", required=True, help="output superpixels store (.zarr)"),
+        output("out_path", "output superpixels store (.zarr)"),
     ),
     sections=("superpixels",),
     writes=("out_path",),

@@ -38,6 +38,18 @@ def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
+def optimizer_and_schedule(model: torch.nn.Module, net: dict):
+    """The optimiser and polynomial schedule of a network section (cam, segment): its ``optimizer``,
+    ``lr`` (heads), ``encoder_lr_mult``, ``weight_decay`` and ``iterations``."""
+    optimizer = make_optimizer(
+        net["optimizer"],
+        model.param_groups(net["lr"], net["encoder_lr_mult"]),
+        net["lr"],
+        net["weight_decay"],
+    )
+    return optimizer, poly_schedule(optimizer, net["iterations"])
+
+
 def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Polynomial decay (power 0.9), the DeepLab/IRN schedule."""
     return torch.optim.lr_scheduler.LambdaLR(

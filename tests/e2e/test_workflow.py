@@ -218,14 +218,17 @@ def kill_config(workdir: Path) -> Path:
     return path
 
 
-def kill_train_cam_after_first_checkpoint(workdir: Path, configfile: Path, run: str) -> int:
-    """Start snakemake for the CAM model, SIGKILL ``weakseg train-cam`` once a checkpoint exists.
+def kill_training_after_first_checkpoint(
+    workdir: Path, configfile: Path, run: str, model: str = "cam/model.pt", command: str = "train-cam"
+) -> int:
+    """Start snakemake for the CAM model (or another ``model`` of the run, trained by ``weakseg
+    <command>``), SIGKILL the training command once a checkpoint exists.
 
     Returns the checkpoint's iteration at the time of the kill."""
     import psutil
 
-    target = f"results/{run}/cam/model.pt"
-    checkpoint = workdir / "results" / run / "cam" / "checkpoints" / "last.pt"
+    target = f"results/{run}/{model}"
+    checkpoint = workdir / target.rsplit("/", 1)[0] / "checkpoints" / "last.pt"
     with (workdir / f"{run}-killed.out").open("w") as out:
         proc = subprocess.Popen(
             snakemake_command(workdir, target, "--config", f"run={run}", configfile=configfile),
@@ -244,9 +247,9 @@ def kill_train_cam_after_first_checkpoint(workdir: Path, configfile: Path, run: 
             trainers = [
                 p
                 for p in psutil.Process(proc.pid).children(recursive=True)
-                if "train-cam" in " ".join(p.cmdline())
+                if command in " ".join(p.cmdline())
             ]
-            assert trainers, "no weakseg train-cam process found"
+            assert trainers, f"no weakseg {command} process found"
             for p in trainers:
                 os.kill(p.pid, signal.SIGKILL)
             assert not (workdir / target).exists(), "training finished before it could be killed"
@@ -262,7 +265,7 @@ def kill_train_cam_after_first_checkpoint(workdir: Path, configfile: Path, run: 
 @pytest.mark.slow
 def test_killed_cam_training_resumes_to_the_uninterrupted_model(workdir):
     configfile = kill_config(workdir)
-    killed_at = kill_train_cam_after_first_checkpoint(workdir, configfile, "tiny3")
+    killed_at = kill_training_after_first_checkpoint(workdir, configfile, "tiny3")
     assert 5 <= killed_at < 40
 
     check_ok(

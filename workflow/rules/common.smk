@@ -20,7 +20,9 @@ except ConfigError as exc:
 RUN = RunLayout(Path(config["results"]) / config["run"])
 N_SHARDS = config["shards"]
 SHARDS = list(range(N_SHARDS))
-ROUNDS = list(range(1, config["segment"]["rounds"] + 1))
+# With one-stage training (joint.enabled) the joint network is round 0.
+JOINT = config["joint"]["enabled"]
+ROUNDS = list(range(0 if JOINT else 1, config["segment"]["rounds"] + 1))
 HAS_VAL = config["dataset"]["val_split"] is not None
 TRAIN, VAL = config["dataset"]["train_split"], config["dataset"]["val_split"]
 # Evaluation rules join the DAG only for splits with ground-truth masks (evaluate.enabled).
@@ -90,7 +92,9 @@ def val_prediction(r, post):
 
 def round_inputs(w):
     r = int(w.r)
-    if r == 1:
+    if (
+        r == 1 and not JOINT
+    ):  # with one-stage training round 1 trains on round 0's annotation
         return {
             "labels": P(RUN.pseudo(config["segment"]["first_round_input"])),
             "selection": P(RUN.reliability),

@@ -1,7 +1,7 @@
 # Iterative segmentation rounds (SPN paper §6): train on the selected reliable pseudo-labels of
-# round r-1 (round 1: the pseudo-label stage), predict the training images, clean with the image
-# labels, optional CRF, reliability selection -> the annotations of round r. Every round is trained
-# from ImageNet weights, never from the previous round.
+# round r-1 (round 1: the pseudo-label stage; with joint.enabled, round 0), predict the training
+# images, clean with the image labels, optional CRF, reliability selection -> the annotations of
+# round r. Every round is trained from ImageNet weights, never from the previous round.
 
 
 rule train_seg:

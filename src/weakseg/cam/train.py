@@ -21,7 +21,7 @@ from weakseg.cam.models import build_classifier, resolve_cam_config
 from weakseg.datasets import open_data, read_image
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, save_model
-from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
+from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 
@@ -89,6 +89,16 @@ class FrozenFeatureCache:
         return entry
 
 
+def classifier_training_ids(info, split: str, data_path) -> list[str]:
+    """The images of ``split`` a classifier learns from. With a background class an image without
+    foreground labels is a negative for every class; without one it carries no label to learn from."""
+    fg = info.fg_classes
+    ids = [i for i in info.split(split) if info.has_background or info.label_vector(i)[fg].any()]
+    if not any(info.label_vector(i)[fg].any() for i in ids):
+        raise ValueError(f"{data_path}: no training image has a foreground label")
+    return ids
+
+
 def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: int = 1) -> Path:
     """Train the classifier of ``config['cam']``; writes ``out_dir/model.pt`` (resumes if killed)."""
     torch.set_num_threads(max(1, threads))
@@ -97,26 +107,12 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     info, data = open_data(data_path)
     sp_store = store.open_store(superpixels_path, "superpixels")
     fg = info.fg_classes
-    # With a background class an image without foreground labels is a negative for every class; without
-    # one it carries no label to learn from.
-    ids = [
-        i
-        for i in info.split(config["dataset"]["train_split"])
-        if info.has_background or info.label_vector(i)[fg].any()
-    ]
-    if not any(info.label_vector(i)[fg].any() for i in ids):
-        raise ValueError(f"{data_path}: no training image has a foreground label")
+    ids = classifier_training_ids(info, config["dataset"]["train_split"], data_path)
     targets = {i: torch.from_numpy(info.label_vector(i)[fg].astype(np.float32)) for i in ids}
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_classifier(cam_cfg, len(fg)).to(device)
-    optimizer = make_optimizer(
-        cam_cfg["optimizer"],
-        model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
-        cam_cfg["lr"],
-        cam_cfg["weight_decay"],
-    )
-    scheduler = poly_schedule(optimizer, cam_cfg["iterations"])
+    optimizer, scheduler = optimizer_and_schedule(model, cam_cfg)
     log.info(
         "train-cam: %s/%s on %d images, %d classes, %d iterations, device %s",
         cam_cfg["model"],

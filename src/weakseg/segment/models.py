@@ -256,6 +256,10 @@ MODELS = {"deeplab": DeepLab, "decoupled": DecoupledNet}
 def build_segmenter(seg_config: dict, n_classes: int, has_background: bool) -> Segmenter:
     """Build the network described by config['segment'] (model, backbone, pretrained, weights, freeze_encoder)."""
     name = seg_config["model"]
+    if name == "joint":  # a one-stage model file (weakseg.joint): its own sections rebuild it
+        from weakseg.joint.model import build_joint_segmenter
+
+        return build_joint_segmenter(seg_config, n_classes, has_background)
     if name not in MODELS:
         raise ValueError(f"segment.model: expected one of {', '.join(MODELS)}, got '{name}'")
     encoder = build_encoder(
