@@ -9,6 +9,9 @@
     weakseg benchmark methods       every CAM generator (cam, spn, seam, dual) trained and inferred on
                                     the same data and iteration budget: map quality, over- and
                                     under-activation, quality after the CRF, training and inference time
+    weakseg benchmark speed         the fast paths of issue 18 against their reference paths, run
+                                    alternately in one process on the same real images: ms per unit
+                                    and the ratio (a shared machine's load hits both alike)
     weakseg benchmark joint         the one-stage variants (weakseg.joint.benchmark) next to the
                                     config's two-step run
 
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from weakseg import store
+from weakseg import store, timing
 from weakseg.cam import MODELS as CAM_MODELS
 from weakseg.commands import THREADS, Command, option
 from weakseg.superpixels import METHODS as SUPERPIXEL_METHODS
@@ -137,14 +140,31 @@ def bytes_per_image(run_dir: Path) -> pd.DataFrame:
 
 
 def stage_times(run_dir: Path) -> pd.DataFrame:
-    """Wall seconds per Snakemake job from the rules' benchmark files."""
+    """Per Snakemake job: wall seconds and CPU seconds (the rule's benchmark file; on a shared machine the
+    CPU seconds move less with the load), kernel seconds (the compute kernels alone, from the kernel
+    line of the job's log, see ``weakseg.timing``; NaN for jobs without kernels), the ratio job / kernel
+    (the overhead to remove) and which kernels they were."""
+    layout = store.RunLayout(run_dir)
     rows = []
-    for tsv in sorted((Path(run_dir) / "benchmarks").glob("*.tsv")):
+    for tsv in sorted(layout.benchmarks_dir.glob("*.tsv")):
         t = pd.read_csv(tsv, sep="\t")
+        seconds = float(t["s"].iloc[0])
+        kernels = timing.read_kernel_seconds(layout.log(tsv.stem)) or {}
+        kernel_s = sum(kernels.values()) if kernels else np.nan
         rows.append(
-            {"job": tsv.stem, "seconds": float(t["s"].iloc[0]), "max_rss_mb": float(t["max_rss"].iloc[0])}
+            {
+                "job": tsv.stem,
+                "seconds": seconds,
+                "cpu_s": float(t["cpu_time"].iloc[0]) if "cpu_time" in t else np.nan,
+                "kernel_s": kernel_s,
+                "job_per_kernel": seconds / kernel_s if kernel_s else np.nan,
+                "kernels": " ".join(f"{k}={v:.1f}" for k, v in kernels.items()),
+                "max_rss_mb": float(t["max_rss"].iloc[0]),
+            }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        rows, columns=["job", "seconds", "cpu_s", "kernel_s", "job_per_kernel", "kernels", "max_rss_mb"]
+    )
 
 
 def quality_table(metrics_csv: Path) -> pd.DataFrame:
@@ -190,7 +210,10 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
         times,
         out_dir / f"{cfg['run']}_times.csv",
     )
-    print(f"sum of job times: {times['seconds'].sum():.0f} s")
+    print(
+        f"sum of job times: {times['seconds'].sum():.0f} s (CPU {times['cpu_s'].sum():.0f} s), of which kernels "
+        f"{times['kernel_s'].sum():.0f} s (kernel seconds of multi-process jobs are summed over their workers)"
+    )
     _print_table(
         f"{cfg['run']}: quality per stage",
         quality_table(run / "metrics.csv"),
@@ -414,6 +437,202 @@ def bench_methods(
     return table
 
 
+SPEED_COLUMNS = ["path", "unit", "units", "reference_ms", "fast_ms", "fast_over_reference"]
+
+
+def interleaved(units, reference, fast) -> tuple[float, float]:
+    """Mean seconds per unit of ``reference(unit)`` and ``fast(unit)``, run alternately on every unit
+    (which runs first swaps from unit to unit), so that load changes hit both alike."""
+    seconds = [0.0, 0.0]
+    for k, unit in enumerate(units):
+        order = ((0, reference), (1, fast)) if k % 2 == 0 else ((1, fast), (0, reference))
+        for which, fn in order:
+            started = time.perf_counter()
+            fn(unit)
+            seconds[which] += time.perf_counter() - started
+    return seconds[0] / len(units), seconds[1] / len(units)
+
+
+def cache_hits(n_images: int, cam_cfg: dict, iterations: int) -> dict:
+    """Draws and cache hits of the frozen-feature cache over ``iterations`` batches, from the same random
+    draws as ``cam.train``'s cached batches (size, images, flip, padding position), without computing."""
+    rng = np.random.default_rng(cam_cfg["seed"])
+    seen, draws, hits = set(), 0, 0
+    for _ in range(iterations):
+        size = int(rng.choice(cam_cfg["train_sizes"]))
+        for k in rng.choice(n_images, size=min(cam_cfg["batch_size"], n_images), replace=False):
+            key = (int(k), size, int(rng.integers(2)), int(rng.integers(cam_cfg["train_offsets"])))
+            draws, hits = draws + 1, hits + (key in seen)
+            seen.add(key)
+    return {"draws": draws, "hits": hits, "hit_rate": hits / max(draws, 1), "variants_cached": len(seen)}
+
+
+def bench_speed(
+    config_path: str, out_dir: Path, threads: int, n_images: int = 40, steps: int = 8
+) -> pd.DataFrame:
+    """Reference against fast path, alternately on the same units, with the config's networks (ImageNet
+    encoder, untrained heads: the times do not depend on the head weights): CAM inference per image
+    (every class upsampled on a plain network, against the kept classes on a channels-last one with
+    BatchNorm folded), segmentation prediction per image (plain against channels-last and folded
+    BatchNorm) and the CAM training step per
+    batch (superpixel pooling of the upsampled scores against the weighted pooling); plus the batch
+    preparation a training step waits for without the prefetch thread. Images: every k-th of the
+    data store, so train and val mix as in the run."""
+    import copy
+
+    import torch
+
+    from weakseg.cam.infer import image_scores
+    from weakseg.cam.losses import training_loss
+    from weakseg.cam.models import build_classifier
+    from weakseg.cam.train import square_resize, to_tensor01
+    from weakseg.config import load, run_dir
+    from weakseg.datasets import open_data, read_image
+    from weakseg.nets.backbones import fold_batchnorm
+    from weakseg.segment.models import build_segmenter
+    from weakseg.segment.predict import predict_probabilities
+
+    torch.set_num_threads(max(1, threads))
+    cfg = load(config_path)
+    shared = store.RunLayout(run_dir(cfg).with_name(f"{cfg['run']}_speed"))
+    _prepare_inputs(cfg, shared, threads)
+    info, data = open_data(shared.data)
+    sp_store = store.open_store(shared.superpixels, "superpixels")
+    cam_cfg, seg = cfg["cam"], cfg["segment"]
+    fg, train = info.fg_classes, set(info.split(cfg["dataset"]["train_split"]))
+    step = max(1, len(info.ids) // n_images)
+    units = []
+    for image_id in list(info.ids)[::step][:n_images]:
+        labelled = image_id in train
+        units.append(
+            {
+                "image": read_image(data, image_id),
+                "sp": store.get(sp_store, store.SUPERPIXELS, image_id),
+                "keep": np.flatnonzero(info.label_vector(image_id)[fg]) if labelled else np.arange(len(fg)),
+                "classes": info.image_labels(image_id) if labelled else None,
+            }
+        )
+    cpu, rows = torch.device("cpu"), []
+
+    def row(path: str, unit: str, n: int, reference_s: float, fast_s: float) -> None:
+        rows.append(
+            {
+                "path": path,
+                "unit": unit,
+                "units": n,
+                "reference_ms": 1000 * reference_s,
+                "fast_ms": 1000 * fast_s,
+                "fast_over_reference": fast_s / reference_s if reference_s else np.nan,
+            }
+        )
+        print(f"{path}: {1000 * reference_s:.1f} -> {1000 * fast_s:.1f} ms per {unit}", flush=True)
+
+    cam_net = build_classifier(cam_cfg, len(fg)).eval()
+    cam_fast = fold_batchnorm(copy.deepcopy(cam_net).to(memory_format=torch.channels_last))
+    scales, flip, merge = cam_cfg["infer_scales"], cam_cfg["infer_flip"], cam_cfg["spcam_merge"]
+
+    def cam_reference(u):
+        cam, spcam, probs = image_scores(cam_net, u["image"], u["sp"], scales, flip, cpu, merge)
+        return cam[u["keep"]], spcam[u["keep"]], probs[u["keep"]]
+
+    def cam_fast_path(u):
+        return image_scores(cam_fast, u["image"], u["sp"], scales, flip, cpu, merge, keep=u["keep"])
+
+    row("infer-cam", "image", len(units), *interleaved(units, cam_reference, cam_fast_path))
+
+    seg_net = build_segmenter(seg, info.n_classes, info.has_background).eval()
+    seg_fast = fold_batchnorm(copy.deepcopy(seg_net).to(memory_format=torch.channels_last))
+
+    def predict(model):
+        return lambda u: predict_probabilities(
+            model,
+            u["image"],
+            seg["infer_scales"],
+            seg["infer_flip"],
+            cpu,
+            u["classes"],
+            seg["prior_adjustment"],
+        )
+
+    row("predict-seg", "image", len(units), *interleaved(units, predict(seg_net), predict(seg_fast)))
+
+    rng = np.random.default_rng(0)
+    ids = sorted(train)
+
+    def draw_batch(_=None):
+        size = int(rng.choice(cam_cfg["train_sizes"]))
+        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
+        images, sps, ys = [], [], []
+        for k in chosen:
+            img, sp = square_resize(
+                read_image(data, ids[k]),
+                store.get(sp_store, store.SUPERPIXELS, ids[k]),
+                size,
+                bool(rng.integers(2)),
+                rng,
+            )
+            images.append(img), sps.append(sp), ys.append(info.label_vector(ids[k])[fg].astype(np.float32))
+        return {
+            "x": to_tensor01(images),
+            "sp": torch.from_numpy(np.stack(sps)).long(),
+            "y": torch.from_numpy(np.stack(ys)),
+        }
+
+    started = time.perf_counter()
+    batches = [draw_batch() for _ in range(steps)]
+    prep_s = (time.perf_counter() - started) / steps
+    compute_loss = training_loss(cam_cfg)
+    nets = []
+    for weighted in (False, True):
+        net = build_classifier(cam_cfg, len(fg)).train()
+        net.weighted_pooling = weighted  # only the SPN with bilinear upsampling has another path
+        nets.append((net, torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)))
+
+    def train_step(net_and_optimizer):
+        net, optimizer = net_and_optimizer
+
+        def run(batch):
+            loss, _ = compute_loss(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    row("train-cam step", "batch", steps, *interleaved(batches, train_step(nets[0]), train_step(nets[1])))
+    if nets[1][0].encoder.frozen_layers:
+        cached = [{**b, "x": None, "frozen": nets[1][0].frozen_features(b["x"])} for b in batches]
+        row(
+            "train-cam step from cached frozen features (a cache hit)",
+            "batch",
+            steps,
+            *interleaved(
+                range(steps),
+                lambda k: train_step(nets[1])(batches[k]),
+                lambda k: train_step(nets[1])(cached[k]),
+            ),
+        )
+    row("train-cam batch preparation (overlapped by the prefetch thread)", "batch", steps, prep_s, 0.0)
+    table = pd.DataFrame(rows, columns=SPEED_COLUMNS)
+    hits = pd.DataFrame(
+        [
+            {"iterations": n, **cache_hits(len(ids), cam_cfg, n)}
+            for n in (cam_cfg["iterations"], 3 * cam_cfg["iterations"], 10 * cam_cfg["iterations"])
+        ]
+    )
+    _print_table(
+        f"frozen-feature cache: variants drawn again (train_offsets {cam_cfg['train_offsets']})",
+        hits,
+        out_dir / f"cache_hits_{cfg['run']}.csv",
+    )
+    _print_table(
+        f"{cfg['run']}: fast against reference paths ({threads} threads)",
+        table,
+        out_dir / f"speed_{cfg['run']}.csv",
+    )
+    return table
+
+
 def with_earlier_rows(table: pd.DataFrame, csv_path: Path, key: list[str], dtype=None) -> pd.DataFrame:
     """``table`` after the rows of an earlier invocation's CSV (other methods or budgets) that it does
     not replace (same ``key``); a CSV of other columns is ignored."""
@@ -458,6 +677,8 @@ def run_benchmark(
         )
     elif what == "methods":
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
+    elif what == "speed":
+        bench_speed(config_path, out_dir, threads)
     elif what == "joint":  # one-stage training (issue 17)
         from weakseg.joint.benchmark import bench_joint
 
@@ -471,7 +692,7 @@ COMMAND = Command(
     (
         option(
             "what",
-            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "joint"],
+            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed", "joint"],
             help="what to measure (joint: the one-stage variants next to the config's two-step run)",
         ),
         option("--root", default="../shared/data/msrc21", help="dataset folder"),

@@ -151,6 +151,8 @@ SUPERPIXELS = option(
     "--superpixels", dest="superpixels_path", required=True, help="superpixels store of the run"
 )
 SPLIT = option("--split", help="which split's images (default: the train split)")
+SPLIT_REQUIRED = option("--split", required=True, help="which split's images")
+RUN_DIR = option("run_dir", help="the run's folder, e.g. results/demo")
 SCORE_KEY = option("--key", default="spcam", help="score maps to use: spcam, cam or seg")
 LABELS_FROM = option(
     "--labels-from",
@@ -160,6 +162,16 @@ LABELS_FROM = option(
 OUT_DIR = option(
     "--out-dir", required=True, help="writes model.pt, train_log.csv, checkpoints/ (resumes from them)"
 )
+
+
+def required(flag: str, dest: str, help: str) -> Option:
+    """A required option (a path, mostly) that fills parameter ``dest``."""
+    return option(flag, dest=dest, required=True, help=help)
+
+
+def output(dest: str, help: str) -> Option:
+    """The required ``--out`` of a command, filling parameter ``dest``."""
+    return required("--out", dest, help)
 
 
 def non_negative(text: str) -> float:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from weakseg import config as config_mod
 from weakseg import store
-from weakseg.commands import DATA, GT, SUPERPIXELS, Command, option
+from weakseg.commands import DATA, GT, SPLIT_REQUIRED, SUPERPIXELS, Command, option, output, required
 from weakseg.datasets import IGNORE, open_data
 from weakseg.inspect.stages import STAGE_HELP
 from weakseg.labels import (
@@ -376,10 +376,10 @@ COMMANDS = (
         (
             DATA,
             GT,
-            option("--pred", dest="pred_path", required=True, help="labels store or scores store"),
+            required("--pred", "pred_path", "labels store or scores store"),
             option("--stage", required=True, help="stage name written in the rows: " + STAGE_HELP),
-            option("--split", required=True, help="which split's images"),
-            option("--out", dest="out_csv", required=True, help="output tidy metrics CSV"),
+            SPLIT_REQUIRED,
+            output("out_csv", "output tidy metrics CSV"),
             option(
                 "--selection",
                 dest="selection_csv",
@@ -402,8 +402,8 @@ COMMANDS = (
             DATA,
             GT,
             SUPERPIXELS,
-            option("--split", required=True, help="which split's images"),
-            option("--out", dest="out_csv", required=True, help="output tidy metrics CSV"),
+            SPLIT_REQUIRED,
+            output("out_csv", "output tidy metrics CSV"),
         ),
         writes=("out_csv",),
     ),
@@ -413,14 +413,9 @@ COMMANDS = (
         run_reliability_curve,
         (
             GT,
-            option(
-                "--labels", dest="labels_path", required=True, help="labels store of the ranked annotations"
-            ),
-            option(
-                "--reliability",
-                dest="reliability_csv",
-                required=True,
-                help="reliability CSV (image_divergence ranks the images)",
+            required("--labels", "labels_path", "labels store of the ranked annotations"),
+            required(
+                "--reliability", "reliability_csv", "reliability CSV (image_divergence ranks the images)"
             ),
             option(
                 "--points",
@@ -428,7 +423,7 @@ COMMANDS = (
                 required=True,
                 help="points on the curve (evaluate.reliability_curve_points)",
             ),
-            option("--out", dest="out_csv", required=True, help="output CSV (k, fraction, miou)"),
+            output("out_csv", "output CSV (k, fraction, miou)"),
         ),
         writes=("out_csv",),
     ),
@@ -437,7 +432,7 @@ COMMANDS = (
         "combine per-stage metric CSVs into metrics.csv",
         combine_metrics,
         (
-            option("--out", dest="out_csv", required=True, help="output metrics.csv"),
+            output("out_csv", "output metrics.csv"),
             option("csv_paths", nargs="+", metavar="csvs", help="tidy metric CSVs, in pipeline order"),
         ),
         writes=("out_csv",),

@@ -6,9 +6,12 @@ import logging
 import multiprocessing as mp
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import TypeVar
 
 from tqdm import tqdm
+
+from weakseg import timing
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,4 +63,15 @@ def map_images(fn: Callable[[T], R], items: Sequence[T], threads: int, desc: str
         return
     ctx = mp.get_context("fork")
     with ctx.Pool(processes=threads) as pool:
-        yield from progress(pool.imap(fn, items, chunksize=1), desc, total=len(items))
+        for result, kernel_seconds in progress(
+            pool.imap(partial(_with_kernel_seconds, fn), items, chunksize=1), desc, total=len(items)
+        ):
+            timing.add(kernel_seconds)  # the workers' kernels count in this job's kernel time
+            yield result
+
+
+def _with_kernel_seconds(fn: Callable[[T], R], item: T) -> tuple[R, dict[str, float]]:
+    """``fn(item)`` in a worker process, with the kernel seconds it measured."""
+    before = timing.snapshot()
+    result = fn(item)
+    return result, timing.since(before)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from weakseg.commands import Command, option
+from weakseg.commands import Command, option, output
 from weakseg.errors import UserError
 
 log = logging.getLogger("weakseg")
@@ -612,7 +612,7 @@ COMMAND = Command(
     run_gather,
     (
         option("--kind", required=True, help="store kind: superpixels, scores or labels"),
-        option("--out", dest="out_path", required=True, help="output store (.zarr)"),
+        output("out_path", "output store (.zarr)"),
         option("shard_stores", nargs="+", help="the shard stores to merge"),
     ),
     writes=("out_path",),

@@ -13,8 +13,8 @@ from functools import partial
 import cv2
 import numpy as np
 
-from weakseg import store
-from weakseg.commands import DATA, SHARD, THREADS, Command, option
+from weakseg import store, timing
+from weakseg.commands import DATA, SHARD, THREADS, Command, output
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import map_images
 
@@ -111,7 +111,9 @@ def _one_image(args, params: dict):
     data_path, image_id = args
     cv2.setNumThreads(1)  # parallelism is across images
     _, group = open_data(data_path)
-    return image_id, compute_superpixels(read_image(group, image_id), **params)
+    image = read_image(group, image_id)
+    with timing.kernel("superpixels"):
+        return image_id, compute_superpixels(image, **params)
 
 
 def run_superpixels(
@@ -134,6 +136,7 @@ def run_superpixels(
         params["method"],
         params["n_segments"],
     )
+    timing.log_kernel_seconds()
     return len(ids)
 
 
@@ -145,7 +148,7 @@ COMMAND = Command(
         THREADS,
         *SHARD,
         DATA,
-        option("--out", dest="out_path", required=True, help="output superpixels store (.zarr)"),
+        output("out_path", "output superpixels store (.zarr)"),
     ),
     sections=("superpixels",),
     writes=("out_path",),

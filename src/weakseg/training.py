@@ -12,11 +12,13 @@ import logging
 import os
 import random
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from weakseg import timing
 from weakseg.nets.model_file import atomic_torch_save
 from weakseg.parallel import progress
 
@@ -34,6 +36,18 @@ def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def optimizer_and_schedule(model: torch.nn.Module, net: dict):
+    """The optimiser and polynomial schedule of a network section (cam, segment): its ``optimizer``,
+    ``lr`` (heads), ``encoder_lr_mult``, ``weight_decay`` and ``iterations``."""
+    optimizer = make_optimizer(
+        net["optimizer"],
+        model.param_groups(net["lr"], net["encoder_lr_mult"]),
+        net["lr"],
+        net["weight_decay"],
+    )
+    return optimizer, poly_schedule(optimizer, net["iterations"])
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -99,13 +113,13 @@ def train_loop(
         window = dict(state.get("log_window", {}))
         log.info("%s: resumed from checkpoint %s at iteration %d of %d", desc, ckpt_path, start, iterations)
 
-    def save(iteration: int) -> None:
+    def save(iteration: int, rng_state: dict) -> None:
         atomic_torch_save(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "numpy_rng": rng.bit_generator.state,
+                "numpy_rng": rng_state,
                 "torch_rng": torch.get_rng_state(),
                 "iteration": iteration,
                 "log": rows,
@@ -117,33 +131,45 @@ def train_loop(
 
     model.train()
     bar = progress(range(start, iterations), desc, total=iterations - start)
-    for it in bar:
-        batch = next_batch(rng)
-        loss, parts = compute_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        # Sums over the iterations since the last log row (kept in the checkpoint: a resumed run logs the same).
-        for key, value in {"loss": float(loss.detach()), **parts}.items():
-            window[key] = window.get(key, 0.0) + float(value)
-        window["n"] = window.get("n", 0) + 1
-        done = it + 1
-        if done % log_every == 0 or done == iterations:
-            n = window.pop("n")
-            row = {
-                "iteration": done,
-                **{k: v / n for k, v in window.items()},
-                "lr": optimizer.param_groups[-1]["lr"],
-            }
-            rows.append(row)
-            window = {}
-            set_postfix = getattr(bar, "set_postfix", None)
-            if set_postfix is not None:
-                set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
-            _write_log(rows, log_path)
-        if done % checkpoint_every == 0 or done == iterations:
-            save(done)
+    # A prefetch thread draws the next batch (reading, resizing) while this one computes. Only that
+    # thread uses ``rng``; a checkpoint keeps its state from before the draw of the batch after it, so
+    # a resumed run draws the same batches.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{desc}-prefetch")
+    pending = prefetch.submit(next_batch, rng) if start < iterations else None
+    try:
+        for it in bar:
+            batch = pending.result()
+            rng_state = rng.bit_generator.state
+            pending = prefetch.submit(next_batch, rng) if it + 1 < iterations else None
+            with timing.kernel("train_step"):  # forward, backward and update on a ready batch
+                loss, parts = compute_loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            # Sums over the iterations since the last log row (kept in the checkpoint: a resumed run logs the same).
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                window[key] = window.get(key, 0.0) + float(value)
+            window["n"] = window.get("n", 0) + 1
+            done = it + 1
+            if done % log_every == 0 or done == iterations:
+                n = window.pop("n")
+                row = {
+                    "iteration": done,
+                    **{k: v / n for k, v in window.items()},
+                    "lr": optimizer.param_groups[-1]["lr"],
+                }
+                rows.append(row)
+                window = {}
+                set_postfix = getattr(bar, "set_postfix", None)
+                if set_postfix is not None:
+                    set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+                _write_log(rows, log_path)
+            if done % checkpoint_every == 0 or done == iterations:
+                save(done, rng_state)
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
     model.eval()
     _write_log(rows, log_path)
+    timing.log_kernel_seconds()
     return rows

@@ -5,7 +5,7 @@ This module stays light (no torch): it names the generators and declares the pac
 stage functions are imported only when a command runs.
 """
 
-from weakseg.commands import DATA, OUT_DIR, SHARD, SUPERPIXELS, THREADS, Command, option
+from weakseg.commands import DATA, OUT_DIR, SHARD, SUPERPIXELS, THREADS, Command, output, required
 
 MODELS = ("cam", "spn", "seam", "dual")  # cam.model: the CAM generators
 
@@ -28,8 +28,8 @@ COMMANDS = (
             *SHARD,
             DATA,
             SUPERPIXELS,
-            option("--model", dest="model_path", required=True, help="cam/model.pt written by train-cam"),
-            option("--out", dest="out_path", required=True, help="output scores store (keys cam, spcam)"),
+            required("--model", "model_path", "cam/model.pt written by train-cam"),
+            output("out_path", "output scores store (keys cam, spcam)"),
         ),
         sections=("dataset", "cam", "device"),
         writes=("out_path",),

@@ -129,4 +129,6 @@ def training_loss(cam_cfg: dict) -> Callable[[torch.nn.Module, dict], tuple[torc
     if model == "dual":
         dual = cam_cfg["dual"]
         return lambda m, batch: dual_loss(m, batch, dual["lambda_aux"], dual["lambda_vit"])
-    return lambda m, batch: multilabel_loss(m(batch["x"], batch["sp"]), batch["y"], cam_cfg["gap_weight"])
+    return lambda m, batch: multilabel_loss(
+        m(batch.get("x"), batch["sp"], frozen=batch.get("frozen")), batch["y"], cam_cfg["gap_weight"]
+    )

@@ -48,6 +48,35 @@ def superpixel_pool(features: torch.Tensor, superpixels: torch.Tensor) -> tuple[
     return sums / counts[:, None], present // span
 
 
+def superpixel_pool_weights(superpixels: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
+    """(B, h * w) weights on the coarse ``grid`` such that, for any maps m (B, C, h, w),
+    ``einsum("bcp,bp->bc", m.flatten(2), weights)`` is each image's mean over its superpixels of the
+    mean of m inside each superpixel, m upsampled bilinearly ``factor`` times first (the SP branch with
+    bilinear upsampling; ``superpixels`` (B, H, W), -1 = padding, are resized to the fine grid by
+    nearest neighbour as in ``SPN.forward``).
+
+    Upsampling and pooling are linear, so their composition is one weighted sum over the coarse grid:
+    the weights are the adjoint of the separable bilinear upsampling applied to the per-pixel pooling
+    weights 1 / (superpixels of the image x pixels of the superpixel).
+    """
+    b, (h, w) = superpixels.shape[0], grid
+    fine = F.interpolate(superpixels[:, None].float(), size=(h * factor, w * factor), mode="nearest")
+    ids = fine[:, 0].long().reshape(b, -1)
+    valid = ids >= 0
+    span = int(ids.max().clamp(min=0)) + 1
+    global_ids = torch.arange(b, device=ids.device)[:, None] * span + ids.clamp(min=0)
+    counts = torch.bincount(global_ids[valid], minlength=b * span).reshape(b, span)
+    present = (counts > 0).sum(1).clamp(min=1)
+    per_pixel = 1.0 / (counts.reshape(-1)[global_ids].clamp(min=1) * present[:, None])
+    per_pixel = (per_pixel * valid).reshape(b, h * factor, w * factor).float()
+
+    def upsampling(n: int) -> torch.Tensor:  # (n, n * factor): weight of coarse row i in fine row y
+        eye = torch.eye(n, device=superpixels.device)[None]
+        return F.interpolate(eye, scale_factor=factor, mode="linear", align_corners=False)[0]
+
+    return torch.einsum("iy,byx,jx->bij", upsampling(h), per_pixel, upsampling(w)).reshape(b, h * w)
+
+
 def max_normalise(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """ReLU, then divide each map (the last two dimensions) by its maximum -> [0, 1]."""
     maps = maps.clamp(min=0)
@@ -69,9 +98,37 @@ class CAMNet(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Conv2d(encoder.out_channels, n_classes, 1, bias=False)
 
-    def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
-        feats = self.encoder(normalise(x01, self.encoder))
-        return {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+    def forward(
+        self,
+        x01: torch.Tensor | None,
+        superpixels: torch.Tensor | None = None,
+        frozen: torch.Tensor | None = None,
+    ) -> dict:
+        """``gap_logits`` (B, C); with ``superpixels``, the SP branch's ``sp_logits`` where the model has one."""
+        feats = self.encode(x01, frozen)
+        out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
+        return out if superpixels is None else {**out, **self.sp_outputs(feats, superpixels)}
+
+    def sp_outputs(self, feats: torch.Tensor, superpixels: torch.Tensor) -> dict:
+        """The superpixel branch's outputs from the encoder features (plain CAM has none)."""
+        return {}
+
+    def frozen_features(self, x01: torch.Tensor) -> torch.Tensor:
+        """The output of the encoder's frozen layers (``freeze_encoder`` N), without autograd: what a
+        feature cache keeps; ``forward(None, ..., frozen=...)`` continues from it."""
+        x = normalise(x01, self.encoder)
+        with torch.no_grad():
+            for layer in self.encoder.layers()[: self.encoder.frozen_layers]:
+                x = layer(x)
+        return x
+
+    def encode(self, x01: torch.Tensor | None, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder features of images in [0, 1], or of the frozen layers' output ``frozen``."""
+        if frozen is None:
+            return self.encoder(normalise(x01, self.encoder))
+        for layer in self.encoder.layers()[self.encoder.frozen_layers :]:
+            frozen = layer(frozen)
+        return frozen
 
     def cam(self, x01: torch.Tensor) -> torch.Tensor:
         """Class activation maps (B, C, h, w) at the encoder's resolution (before ReLU)."""
@@ -108,8 +165,14 @@ class SPN(CAMNet):
     the SP classifier, so it trains in the few hundred iterations a CPU affords (on MSRC-21 the
     learned module still lagged the GAP branch after 300 iterations: SP-CAM 50.0 vs 61.7 mIoU).
     Since the classifier, interpolation and pooling are all linear, the SP branch pools class
-    *scores* (C channels) rather than features (D channels): the same logits, far cheaper.
+    *scores* (C channels) rather than features (D channels): the same logits, far cheaper. With
+    bilinear upsampling, training goes one step further (``weighted_pooling``): the whole branch is
+    one weighted pooling of the coarse features (``superpixel_pool_weights``).
     """
+
+    # False: upsample the score map and pool it inside every superpixel, the reference path that the
+    # weighted pooling equals (kept for the tests and `weakseg benchmark speed`).
+    weighted_pooling = True
 
     def __init__(
         self,
@@ -153,16 +216,17 @@ class SPN(CAMNet):
             )
         return torch.einsum("bdhw,cd->bchw", self.upsample(self.extra(feats)), self.sp_classifier.weight)
 
-    def forward(self, x01: torch.Tensor, superpixels: torch.Tensor | None = None) -> dict:
-        feats = self.encoder(normalise(x01, self.encoder))
-        out = {"gap_logits": self.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
-        if superpixels is not None:
-            fine = self._sp_scores(feats)
-            # Superpixel maps follow the image: nearest-neighbour resize to the fine grid.
-            sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
-            sp_scores, image_index = superpixel_pool(fine, sp)
-            out["sp_logits"] = mean_per_image(sp_scores, image_index, x01.shape[0])
-        return out
+    def sp_outputs(self, feats: torch.Tensor, superpixels: torch.Tensor) -> dict:
+        """``sp_logits`` (B, C): per image, the mean over its superpixels of the SP classifier's scores."""
+        if self.upsampling == "bilinear" and self.weighted_pooling:
+            # classifier, upsampling and pooling are linear: one weighted pooling of the coarse features
+            weights = superpixel_pool_weights(superpixels, tuple(feats.shape[-2:]), self.upsample_factor)
+            return {"sp_logits": self.sp_classifier(torch.einsum("bdp,bp->bd", feats.flatten(2), weights))}
+        fine = self._sp_scores(feats)
+        # Superpixel maps follow the image: nearest-neighbour resize to the fine grid.
+        sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
+        sp_scores, image_index = superpixel_pool(fine, sp)
+        return {"sp_logits": mean_per_image(sp_scores, image_index, feats.shape[0])}
 
 
 def resolve_cam_config(cam_cfg: dict) -> dict:

@@ -15,24 +15,33 @@ import cv2
 import numpy as np
 import torch
 
-from weakseg import store
+from weakseg import store, timing
 from weakseg.cam.losses import training_loss
 from weakseg.cam.models import build_classifier, resolve_cam_config
 from weakseg.datasets import open_data, read_image
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, save_model
-from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
+from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 
 
 def square_resize(
-    image: np.ndarray, superpixels: np.ndarray, size: int, flip: bool, rng: np.random.Generator
+    image: np.ndarray,
+    superpixels: np.ndarray,
+    size: int,
+    flip: bool,
+    rng: np.random.Generator | None,
+    offset: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pad image (edge-mean colour) and superpixels (-1) to a square at a random offset, resize, flip."""
+    """Pad image (edge-mean colour) and superpixels (-1) to a square at a random offset (``offset`` in
+    [0, 1]: at that fraction of the free space instead), resize, flip."""
     h, w = image.shape[:2]
     side = max(h, w)
-    oy, ox = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+    if offset is None:
+        oy, ox = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+    else:
+        oy, ox = round(offset * (side - h)), round(offset * (side - w))
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[:] = image.reshape(-1, 3).mean(0).astype(np.uint8)
     canvas[oy : oy + h, ox : ox + w] = image
@@ -47,6 +56,37 @@ def square_resize(
 
 def to_tensor01(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class FrozenFeatureCache:
+    """The frozen encoder layers' output and the resized superpixel map of each image variant (id, size,
+    flip, padding position), up to ``max_bytes``; a variant drawn again skips the frozen layers.
+
+    Each variant is computed alone (a batch of one), so its features do not depend on which other
+    variants were missing at the same time: a resumed run, whose cache starts empty, computes the same.
+    """
+
+    def __init__(self, model, max_bytes: int):
+        self.model, self.max_bytes, self.bytes = model, max_bytes, 0
+        self.entries: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, make) -> tuple[torch.Tensor, np.ndarray]:
+        """(features (D, h, w), superpixels (size, size)) of ``key``; ``make(*key)`` gives (image,
+        superpixels) resized for it when it is not cached."""
+        if key in self.entries:
+            self.hits += 1
+            return self.entries[key]
+        self.misses += 1
+        image, sp = make(*key)
+        with timing.kernel("frozen_layers"):
+            x = to_tensor01([image]).to(next(self.model.parameters()).device)
+            feats = self.model.frozen_features(x)[0]
+        entry = (feats, sp)
+        size = feats.numel() * feats.element_size() + sp.nbytes
+        if self.bytes + size <= self.max_bytes:
+            self.entries[key], self.bytes = entry, self.bytes + size
+        return entry
 
 
 def classifier_training_ids(info, split: str, data_path) -> list[str]:
@@ -72,13 +112,7 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_classifier(cam_cfg, len(fg)).to(device)
-    optimizer = make_optimizer(
-        cam_cfg["optimizer"],
-        model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
-        cam_cfg["lr"],
-        cam_cfg["weight_decay"],
-    )
-    scheduler = poly_schedule(optimizer, cam_cfg["iterations"])
+    optimizer, scheduler = optimizer_and_schedule(model, cam_cfg)
     log.info(
         "train-cam: %s/%s on %d images, %d classes, %d iterations, device %s",
         cam_cfg["model"],
@@ -88,6 +122,30 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         cam_cfg["iterations"],
         device,
     )
+
+    cache = None
+    if cam_cfg["feature_cache_mb"] > 0 and cam_cfg["model"] in ("cam", "spn") and model.encoder.frozen_layers:
+        cache = FrozenFeatureCache(model, cam_cfg["feature_cache_mb"] << 20)
+        offsets = np.linspace(0.0, 1.0, cam_cfg["train_offsets"]) if cam_cfg["train_offsets"] > 1 else [0.5]
+
+    def variant(image_id: str, size: int, flip: bool, offset: float) -> tuple[np.ndarray, np.ndarray]:
+        image, sp = read_image(data, image_id), store.get(sp_store, store.SUPERPIXELS, image_id)
+        return square_resize(image, sp, size, flip, None, offset)
+
+    def next_cached_batch(rng: np.random.Generator) -> dict:
+        """Discrete augmentation (size, flip, padding position), frozen layers from the cache."""
+        size = int(rng.choice(cam_cfg["train_sizes"]))
+        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
+        feats, sps, ys = [], [], []
+        for k in chosen:
+            image_id, flip, offset = ids[k], bool(rng.integers(2)), float(offsets[rng.integers(len(offsets))])
+            f, sp = cache.get((image_id, size, flip, offset), variant)
+            feats.append(f), sps.append(sp), ys.append(targets[image_id])
+        return {
+            "frozen": torch.stack(feats).to(device),
+            "sp": torch.from_numpy(np.stack(sps)).long().to(device),
+            "y": torch.stack(ys).to(device),
+        }
 
     def next_batch(rng: np.random.Generator) -> dict:
         size = int(rng.choice(cam_cfg["train_sizes"]))
@@ -113,7 +171,7 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        next_batch=next_batch,
+        next_batch=next_batch if cache is None else next_cached_batch,
         compute_loss=training_loss(cam_cfg),
         iterations=cam_cfg["iterations"],
         checkpoint_every=cam_cfg["checkpoint_every"],
@@ -123,6 +181,14 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]),
         log_every=cam_cfg["log_every"],
     )
+    if cache is not None:
+        log.info(
+            "train-cam: frozen-feature cache: %d hits, %d misses, %d variants kept in %.0f MB",
+            cache.hits,
+            cache.misses,
+            len(cache.entries),
+            cache.bytes / 2**20,
+        )
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "cam")
     return model_path

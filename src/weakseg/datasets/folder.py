@@ -30,7 +30,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from weakseg import store
-from weakseg.commands import Command, option
+from weakseg.commands import Command, option, required
 from weakseg.config import ConfigError
 from weakseg.datasets import IGNORE
 from weakseg.datasets.mapping import ClassMappingError, build_mapping
@@ -330,8 +330,8 @@ COMMAND = Command(
     run_ingest,
     (
         option("--root", help="dataset folder (overrides dataset.root)"),
-        option("--data", dest="data_path", required=True, help="output data.zarr"),
-        option("--gt", dest="gt_path", required=True, help="output gt.zarr (masks; read by evaluation only)"),
+        required("--data", "data_path", "output data.zarr"),
+        required("--gt", "gt_path", "output gt.zarr (masks; read by evaluation only)"),
     ),
     sections=("dataset",),
     writes=("data_path", "gt_path"),

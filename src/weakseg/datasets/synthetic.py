@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from weakseg.commands import Command, option
+from weakseg.commands import Command, required
 
 FG_NAMES = ("apple", "brick", "cloth", "disc", "eel", "fern", "grid", "honey", "ice", "jade", "kelp", "lime")
 # Saturated RGB base colours, one per class; the background never uses saturated colours.
@@ -231,7 +231,7 @@ COMMAND = Command(
     "synth",
     "write the deterministic synthetic dataset as a VOC-style folder",
     run_synth,
-    (option("--out", dest="out_dir", required=True, help="output folder"),),
+    (required("--out", "out_dir", "output folder"),),
     sections=("dataset",),
     writes=("out_dir",),
 )

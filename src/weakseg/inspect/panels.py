@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
-from weakseg.commands import Command, option
+from weakseg.commands import RUN_DIR, Command, option
 from weakseg.datasets import IGNORE, open_data, read_image
 from weakseg.errors import UserError
 from weakseg.inspect import stages as st
@@ -566,7 +566,7 @@ COMMAND = Command(
     "render per-image panels of every intermediate of a run",
     run_inspect,
     (
-        option("run_dir", help="the run's folder, e.g. results/demo"),
+        RUN_DIR,
         option("--ids", nargs="+", help="image ids"),
         option("--worst", type=int, help="the N images with the lowest per-image mIoU at --stage"),
         option("--stage", help="stage for --worst: " + st.STAGE_HELP),

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
-from weakseg.commands import Command, option
+from weakseg.commands import RUN_DIR, Command, option
 from weakseg.inspect import panels as pn
 from weakseg.parallel import progress
 
@@ -620,7 +620,7 @@ COMMAND = Command(
     "write the static HTML report of a run (one self-contained page)",
     write_report,
     (
-        option("run_dir", help="the run's folder, e.g. results/demo"),
+        RUN_DIR,
         option("--out", help="default <run dir>/report/index.html"),
         option(
             "--gallery",

@@ -51,25 +51,19 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
     stages = [Stage(v, train, layout.pseudo(v)) for v in PSEUDO_VARIANTS]
     if val:
         stages += [Stage(f"{key}_gated", val, layout.gated(key, val)) for key in CAM_KEYS]
+    # The workflow makes a round's train annotation and what it needs (reliable regions need the CRF),
+    # and on val the gated prediction and, with segment.eval_crf, its CRF.
+    made = {train: ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)}
+    if val:
+        made[val] = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
     first_round = 0 if config.get("joint", {}).get("enabled") else 1  # round 0: one-stage training
     for r in range(first_round, seg["rounds"] + 1):
-        # The workflow makes a round's train annotation and what it needs: reliable regions need the CRF.
-        variants = ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)
-        stages += [
-            Stage(
-                round_stage_name(r, v, train, train, seg["annotation"]),
-                train,
-                layout.round_labels(r, v, train),
-            )
-            for v in variants
-        ]
-        if val:
-            variants = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
+        for split, variants in made.items():
             stages += [
                 Stage(
-                    round_stage_name(r, v, val, train, seg["annotation"]),
-                    val,
-                    layout.round_labels(r, v, val),
+                    round_stage_name(r, v, split, train, seg["annotation"]),
+                    split,
+                    layout.round_labels(r, v, split),
                 )
                 for v in variants
             ]

@@ -497,3 +497,23 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 def imagenet_classifier(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Sequential:
     """Encoder plus its ImageNet head: (B, 3, H, W) normalised -> (B, 1000) logits. For verifying weights."""
     return _build(name, pretrained, weights, 32)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """For inference: every BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` is folded
+    into that convolution's weights and bias and replaced by an identity. In eval mode the outputs are
+    the same up to float rounding, with one pass over each feature map fewer. Modifies ``model`` in
+    place (call it on a model that is not trained further) and returns it in eval mode."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, bn = module._modules[first], module._modules[second]
+            if type(bn) is nn.BatchNorm2d and isinstance(conv, nn.Conv2d) and bn.track_running_stats:
+                module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                module._modules[second] = nn.Identity()
+    return model

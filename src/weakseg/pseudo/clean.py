@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 
 from weakseg import labels as label_rules
-from weakseg.commands import DATA, LABELS_FROM, SCORE_KEY, SHARD, SPLIT, Command, option
+from weakseg.commands import DATA, LABELS_FROM, SCORE_KEY, SHARD, SPLIT, Command, option, output, required
 from weakseg.datasets import IGNORE
 from weakseg.pseudo.jobs import ImageJob, job_scores, make_jobs, write_labels
 
@@ -156,9 +156,9 @@ SCORES_TO_LABELS = (
     SPLIT,
     LABELS_FROM,
     DATA,
-    option("--scores", dest="scores_path", required=True, help="scores store to turn into labels"),
+    required("--scores", "scores_path", "scores store to turn into labels"),
     SCORE_KEY,
-    option("--out", dest="out_path", required=True, help="output labels store (.zarr)"),
+    output("out_path", "output labels store (.zarr)"),
 )
 # The label rules read pseudo.* and, outside the train split, how val images get their classes.
 LABEL_RULE_SECTIONS = ("dataset", "pseudo", "segment.val_labels", "segment.label_threshold")

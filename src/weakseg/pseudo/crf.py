@@ -14,6 +14,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 
 from weakseg import labels as label_rules
+from weakseg import timing
 from weakseg.commands import THREADS, Command
 from weakseg.pseudo.clean import LABEL_RULE_SECTIONS, SCORES_TO_LABELS
 from weakseg.pseudo.jobs import ImageJob, job_image, job_scores, make_jobs, write_labels
@@ -97,7 +98,8 @@ def crf_labels(
 ) -> np.ndarray:
     """uint8 (H, W) labels: at each pixel the class (from ``prob_classes``) of the highest CRF marginal,
     for probabilities made by ``crf_probabilities``."""
-    marginals = dense_crf(image, probs, crf_params)
+    with timing.kernel("crf"):
+        marginals = dense_crf(image, probs, crf_params)
     return np.asarray(prob_classes)[marginals.argmax(axis=0)].astype(np.uint8)
 
 
@@ -161,6 +163,7 @@ def run_crf(
         "crf: %.1f%% of pixels changed from the argmax of the scores",
         100.0 * counts["changed"] / max(counts["pixels"], 1),
     )
+    timing.log_kernel_seconds()
 
 
 COMMAND = Command(

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
-from weakseg.commands import DATA, Command, option
+from weakseg.commands import DATA, Command, output, required
 from weakseg.datasets import IGNORE, open_data
 from weakseg.pseudo.jobs import split_ids
 
@@ -201,10 +201,8 @@ COMMAND = Command(
     run_reliability,
     (
         DATA,
-        option(
-            "--labels", dest="labels_path", required=True, help="labels store whose annotations are scored"
-        ),
-        option("--out", dest="out_csv", required=True, help="CSV of scores and selection"),
+        required("--labels", "labels_path", "labels store whose annotations are scored"),
+        output("out_csv", "CSV of scores and selection"),
     ),
     sections=("dataset", "pseudo"),
     writes=("out_csv",),

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from weakseg import labels as label_rules
-from weakseg.commands import DATA, SCORE_KEY, SHARD, Command, option
+from weakseg.commands import DATA, SCORE_KEY, SHARD, Command, option, output, required
 from weakseg.datasets import IGNORE
 from weakseg.pseudo.jobs import ImageJob, job_labels, job_scores, make_jobs, write_labels
 
@@ -92,12 +92,10 @@ COMMAND = Command(
     (
         *SHARD,
         DATA,
-        option("--scores", dest="scores_path", required=True, help="scores store of the confident labels"),
+        required("--scores", "scores_path", "scores store of the confident labels"),
         SCORE_KEY,
-        option("--crf", dest="crf_path", required=True, help="labels store of the CRF stage"),
-        option(
-            "--out", dest="out_path", required=True, help="output labels store (.zarr), 255 = not reliable"
-        ),
+        required("--crf", "crf_path", "labels store of the CRF stage"),
+        output("out_path", "output labels store (.zarr), 255 = not reliable"),
         option("--confidence", type=float, default=None, help="override pseudo.reliable.confidence"),
     ),
     sections=("dataset", "pseudo"),

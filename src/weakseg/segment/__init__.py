@@ -4,7 +4,18 @@ This module stays light (no torch): it declares the package's commands, whose st
 imported only when a command runs.
 """
 
-from weakseg.commands import DATA, OUT_DIR, SHARD, THREADS, Command, non_negative, option
+from weakseg.commands import (
+    DATA,
+    OUT_DIR,
+    SHARD,
+    SPLIT_REQUIRED,
+    THREADS,
+    Command,
+    non_negative,
+    option,
+    output,
+    required,
+)
 
 COMMANDS = (
     Command(
@@ -14,15 +25,8 @@ COMMANDS = (
         (
             THREADS,
             DATA,
-            option(
-                "--labels",
-                dest="labels_path",
-                required=True,
-                help="labels store of the annotations to train on",
-            ),
-            option(
-                "--selection", dest="selection_csv", required=True, help="reliability CSV with image_selected"
-            ),
+            required("--labels", "labels_path", "labels store of the annotations to train on"),
+            required("--selection", "selection_csv", "reliability CSV with image_selected"),
             OUT_DIR,
         ),
         sections=("dataset", "device", "segment[model]"),
@@ -37,14 +41,11 @@ COMMANDS = (
             *SHARD,
             THREADS,
             DATA,
-            option(
-                "--model",
-                dest="model_path",
-                required=True,
-                help="round<r>/model.pt written by train-seg (round 0: train-joint)",
+            required(
+                "--model", "model_path", "round<r>/model.pt written by train-seg (round 0: train-joint)"
             ),
-            option("--split", required=True, help="which split's images"),
-            option("--out", dest="out_path", required=True, help="output scores store (key seg)"),
+            SPLIT_REQUIRED,
+            output("out_path", "output scores store (key seg)"),
         ),
         sections=("dataset", "device", "segment[prediction]"),
         writes=("out_path",),
@@ -56,9 +57,9 @@ COMMANDS = (
         "segment new images with a trained model (palette PNG per image)",
         "weakseg.segment.predict:predict_files",
         (
-            option("--model", dest="model_path", required=True, help="model.pt of a segmentation round"),
+            required("--model", "model_path", "model.pt of a segmentation round"),
             option("inputs", nargs="+", help="image files or folders"),
-            option("--out", dest="out_dir", required=True, help="output folder"),
+            output("out_dir", "output folder"),
             option("--probabilities", action="store_true", help="also write <id>.npy class probabilities"),
             option(
                 "--prior-adjustment",

@@ -22,7 +22,7 @@ from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, save_model
 from weakseg.pseudo.divergence import selected_ids
 from weakseg.segment.models import build_segmenter
-from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
+from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 PRIOR_FLOOR = 0.01  # smallest prior, as a fraction of the uniform 1 / n_classes
@@ -106,13 +106,7 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
         "train-seg: class prior of the labelled pixels: %s",
         ", ".join(f"{name} {p:.3f}" for name, p in zip(info.class_names, prior)),
     )
-    optimizer = make_optimizer(
-        seg["optimizer"],
-        model.param_groups(seg["lr"], seg["encoder_lr_mult"]),
-        seg["lr"],
-        seg["weight_decay"],
-    )
-    scheduler = poly_schedule(optimizer, seg["iterations"])
+    optimizer, scheduler = optimizer_and_schedule(model, seg)
     log.info(
         "train-seg: %s/%s on %d selected images (of %d annotated), %d iterations, device %s",
         seg["model"],
