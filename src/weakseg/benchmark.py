@@ -146,14 +146,14 @@ def stage_times(run_dir: Path) -> pd.DataFrame:
     (the overhead to remove) and which kernels they were."""
     layout = store.RunLayout(run_dir)
     rows = []
-    for tsv in sorted(layout.benchmarks_dir.glob("*.tsv")):
+    for job, tsv in sorted(layout.found_benchmarks().items()):
         t = pd.read_csv(tsv, sep="\t")
         seconds = float(t["s"].iloc[0])
-        kernels = timing.read_kernel_seconds(layout.log(tsv.stem)) or {}
+        kernels = timing.read_kernel_seconds(layout.log(job)) or {}
         kernel_s = sum(kernels.values()) if kernels else np.nan
         rows.append(
             {
-                "job": tsv.stem,
+                "job": job,
                 "seconds": seconds,
                 "cpu_s": float(t["cpu_time"].iloc[0]) if "cpu_time" in t else np.nan,
                 "kernel_s": kernel_s,

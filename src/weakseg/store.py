@@ -594,6 +594,13 @@ class RunLayout:
         """Snakemake's timing of a job (seconds, max RSS)."""
         return self.benchmarks_dir / f"{job}.tsv"
 
+    def found_benchmarks(self) -> dict[str, Path]:
+        """{job: its timing file}, in the order the jobs finished."""
+        if not self.benchmarks_dir.is_dir():
+            return {}
+        paths = sorted(self.benchmarks_dir.glob("*.tsv"), key=lambda p: p.stat().st_mtime)
+        return {p.stem: p for p in paths}
+
     def shard_store(self, final: str | os.PathLike, shard: int | str, n_shards: int) -> Path:
         """Where one shard of a per-image stage writes; with one shard, the stage store itself."""
         final = Path(final)

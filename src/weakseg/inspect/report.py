@@ -313,10 +313,7 @@ def image_divergence(layout: store.RunLayout) -> pd.Series | None:
 
 def read_benchmarks(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
     """Snakemake's per-job benchmark TSVs, {job: table}, in the order the jobs finished."""
-    if not layout.benchmarks_dir.is_dir():
-        return {}
-    paths = sorted(layout.benchmarks_dir.glob("*.tsv"), key=lambda p: p.stat().st_mtime)
-    return {p.stem: pd.read_csv(p, sep="\t") for p in paths}
+    return {job: pd.read_csv(path, sep="\t") for job, path in layout.found_benchmarks().items()}
 
 
 def git_commit(path: Path) -> str | None:
