@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weakseg.cam.models import SPN, CAMNet, build_classifier, mean_per_image, superpixel_pool
+from weakseg.cam.models import SPN, CAMNet, build_classifier
 from weakseg.config import ConfigError
 from weakseg.segment.models import Segmenter, _conv_bn_relu
 
@@ -53,11 +53,8 @@ class JointNet(Segmenter):
             "seg": self.seg_head(feats),
         }
         if isinstance(self.cam_net, SPN) and superpixels is not None:
-            fine = self.cam_net._sp_scores(feats)
-            sp = F.interpolate(superpixels[:, None].float(), size=fine.shape[2:], mode="nearest")[:, 0].long()
-            sp_scores, image_index = superpixel_pool(fine, sp)
-            out["sp_logits"] = mean_per_image(sp_scores, image_index, x01.shape[0])
-            out["sp_map"] = fine
+            out.update(self.cam_net.sp_outputs(feats, superpixels))
+            out["sp_map"] = self.cam_net._sp_scores(feats)
         return out
 
     def forward(self, x01: Tensor, image_labels: Tensor | None = None) -> dict:

@@ -44,7 +44,7 @@ from weakseg.joint.model import build_joint_network, joint_model_section
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, save_model
 from weakseg.segment.train import prior_from_counts
-from weakseg.training import make_optimizer, poly_schedule, seed_everything, train_loop
+from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 PSEUDO_KEYS = ("source", "background", "crf", "reliable")  # the pseudo.* keys the mining reads
@@ -161,14 +161,8 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
     model = build_joint_network(cam_cfg, info.n_classes, info.has_background, joint["head_channels"]).to(
         device
     )
-    optimizer = make_optimizer(
-        cam_cfg["optimizer"],
-        model.param_groups(cam_cfg["lr"], cam_cfg["encoder_lr_mult"]),
-        cam_cfg["lr"],
-        cam_cfg["weight_decay"],
-    )
     iterations = joint["iterations"]
-    scheduler = poly_schedule(optimizer, iterations)
+    optimizer, scheduler = optimizer_and_schedule(model, {**cam_cfg, "iterations": iterations})
     source = "spcam" if cam_cfg["model"] == "spn" and config["pseudo"]["source"] == "spcam" else "cam"
     log.info(
         "train-joint: %s, %s head on %s, labels from %s, %d images, %d iterations (%d warm-up), device %s",
