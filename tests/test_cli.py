@@ -130,19 +130,23 @@ def _error_lines(capsys) -> list[str]:
     return [line for line in err.splitlines() if "error:" in line]
 
 
-def test_ingest_of_a_bad_dataset_is_one_line_and_exit_3(synthetic_folder, tmp_path, capsys):
-    (synthetic_folder / "classes.txt").unlink()
-    argv = [
+def _ingest_argv(root, tmp_path) -> list[str]:
+    return [
         "ingest",
         "--config",
         "{}",
         "--root",
-        str(synthetic_folder),
+        str(root),
         "--data",
         str(tmp_path / "d.zarr"),
         "--gt",
         str(tmp_path / "g.zarr"),
     ]
+
+
+def test_ingest_of_a_bad_dataset_is_one_line_and_exit_3(synthetic_folder, tmp_path, capsys):
+    (synthetic_folder / "classes.txt").unlink()
+    argv = _ingest_argv(synthetic_folder, tmp_path)
     assert cli.main(argv) == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -156,17 +160,7 @@ def test_ingest_of_a_bad_dataset_is_one_line_and_exit_3(synthetic_folder, tmp_pa
 def test_ingest_error_in_the_image_loop_is_one_error_line(synthetic_folder, tmp_path, capsys):
     image_id = (synthetic_folder / "val.txt").read_text().split()[0]
     (synthetic_folder / "JPEGImages" / f"{image_id}.png").unlink()
-    argv = [
-        "ingest",
-        "--config",
-        "{}",
-        "--root",
-        str(synthetic_folder),
-        "--data",
-        str(tmp_path / "d.zarr"),
-        "--gt",
-        str(tmp_path / "g.zarr"),
-    ]
+    argv = _ingest_argv(synthetic_folder, tmp_path)
     assert cli.main(argv) == 3
     lines = _error_lines(capsys)
     assert len(lines) == 1 and image_id in lines[0] and "image file not found" in lines[0]
@@ -264,21 +258,9 @@ def test_predict_reports_an_unreadable_image_and_a_bad_tau_in_one_line(tmp_path,
         "segment",
     )
     (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
-    assert (
-        cli.main(
-            [
-                "predict",
-                "--model",
-                str(tmp_path / "model.pt"),
-                str(tmp_path / "broken.jpg"),
-                "--out",
-                str(tmp_path / "out"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 3
-    )
+    predict = ["predict", "--model", str(tmp_path / "model.pt"), str(tmp_path / "broken.jpg")]
+    predict += ["--out", str(tmp_path / "out")]
+    assert cli.main([*predict, "--device", "cpu"]) == 3
     err = capsys.readouterr().err
     assert "broken.jpg: unreadable image" in caplog.text  # the line for the image, as it is skipped
     assert (
@@ -286,18 +268,7 @@ def test_predict_reports_an_unreadable_image_and_a_bad_tau_in_one_line(tmp_path,
     )
     assert "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(
-            [
-                "predict",
-                "--model",
-                str(tmp_path / "model.pt"),
-                str(tmp_path / "broken.jpg"),
-                "--out",
-                str(tmp_path / "out"),
-                "--prior-adjustment",
-                "-1",
-            ]
-        )
+        cli.main([*predict, "--prior-adjustment", "-1"])
     assert (
         exit_info.value.code == 2 and "--prior-adjustment: expected a number >= 0" in capsys.readouterr().err
     )

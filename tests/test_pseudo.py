@@ -93,25 +93,14 @@ def test_clean_with_implicit_background_ignores_the_uncertain_band():
     # Background threshold 0.4, margin 0.5: <= 0.2 confident background, >= 0.7 confident object.
     s3 = [0.95, 0.75, 0.7, 0.5, 0.39, 0.2, 0.1]
     s5 = [0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.9]  # px1: 5 beats 3; px6: 5 is labelled too
+    scores = np.array([[s3], [s5]], np.float32)
     labels = clean_annotation(
-        np.array([[s3], [s5]], np.float32),
-        np.array([3, 5]),
-        np.array([0, 3, 5]),
-        0.9,
-        True,
-        threshold=0.4,
-        margin=0.5,
+        scores, np.array([3, 5]), np.array([0, 3, 5]), 0.9, True, threshold=0.4, margin=0.5
     )
     assert labels[0].tolist() == [3, 5, 3, IGNORE, IGNORE, 0, 5]
     # margin 0: every pixel is decided, exactly as the dense rule does at that threshold.
     dense = clean_annotation(
-        np.array([[s3], [s5]], np.float32),
-        np.array([3, 5]),
-        np.array([0, 3, 5]),
-        0.9,
-        True,
-        threshold=0.4,
-        margin=0.0,
+        scores, np.array([3, 5]), np.array([0, 3, 5]), 0.9, True, threshold=0.4, margin=0.0
     )
     assert dense[0].tolist() == [3, 5, 3, 3, 0, 0, 5]
 

@@ -485,7 +485,7 @@ def bench_speed(
     from weakseg.cam.infer import image_scores
     from weakseg.cam.losses import training_loss
     from weakseg.cam.models import build_classifier
-    from weakseg.cam.train import square_resize, to_tensor01
+    from weakseg.cam.train import draw_resized_batch, to_tensor01
     from weakseg.config import load, run_dir
     from weakseg.datasets import open_data, read_image
     from weakseg.nets.backbones import fold_batchnorm
@@ -570,18 +570,8 @@ def bench_speed(
     ids = sorted(train)
 
     def draw_batch(_=None):
-        size = int(rng.choice(cam_cfg["train_sizes"]))
-        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
-        images, sps, ys = [], [], []
-        for k in chosen:
-            img, sp = square_resize(
-                read_image(data, ids[k]),
-                store.get(sp_store, store.SUPERPIXELS, ids[k]),
-                size,
-                bool(rng.integers(2)),
-                rng,
-            )
-            images.append(img), sps.append(sp), ys.append(info.label_vector(ids[k])[fg].astype(np.float32))
+        _, picked, images, sps = draw_resized_batch(rng, ids, data, sp_store, cam_cfg)
+        ys = [info.label_vector(image_id)[fg].astype(np.float32) for image_id in picked]
         return {
             "x": to_tensor01(images),
             "sp": torch.from_numpy(np.stack(sps)).long(),

@@ -89,6 +89,25 @@ class FrozenFeatureCache:
         return entry
 
 
+def draw_resized_batch(rng: np.random.Generator, ids, data, sp_store, cam_cfg: dict):
+    """One multi-scale training batch of a classifier: a size from ``cam.train_sizes``, ``cam.batch_size``
+    distinct images, each resized square (random flip and position) with its superpixel map.
+    Returns (size, the images' ids, images, superpixel maps)."""
+    size = int(rng.choice(cam_cfg["train_sizes"]))
+    chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
+    picked, images, sps = [], [], []
+    for k in chosen:
+        image, sp = square_resize(
+            read_image(data, ids[k]),
+            store.get(sp_store, store.SUPERPIXELS, ids[k]),
+            size,
+            bool(rng.integers(2)),
+            rng,
+        )
+        picked.append(ids[k]), images.append(image), sps.append(sp)
+    return size, picked, images, sps
+
+
 def classifier_training_ids(info, split: str, data_path) -> list[str]:
     """The images of ``split`` a classifier learns from. With a background class an image without
     foreground labels is a negative for every class; without one it carries no label to learn from."""
@@ -148,19 +167,8 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         }
 
     def next_batch(rng: np.random.Generator) -> dict:
-        size = int(rng.choice(cam_cfg["train_sizes"]))
-        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
-        images, sps, ys = [], [], []
-        for k in chosen:
-            image_id = ids[k]
-            img, sp = square_resize(
-                read_image(data, image_id),
-                store.get(sp_store, store.SUPERPIXELS, image_id),
-                size,
-                bool(rng.integers(2)),
-                rng,
-            )
-            images.append(img), sps.append(sp), ys.append(targets[image_id])
+        _, picked, images, sps = draw_resized_batch(rng, ids, data, sp_store, cam_cfg)
+        ys = [targets[image_id] for image_id in picked]
         return {
             "x": to_tensor01(images).to(device),
             "sp": torch.from_numpy(np.stack(sps)).long().to(device),

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from weakseg import store
 from weakseg.cam.losses import labelled_maps
 from weakseg.cam.models import multilabel_loss
-from weakseg.cam.train import classifier_training_ids, square_resize, to_tensor01
-from weakseg.datasets import IGNORE, open_data, read_image
+from weakseg.cam.train import classifier_training_ids, draw_resized_batch, to_tensor01
+from weakseg.datasets import IGNORE, open_data
 from weakseg.joint.losses import pixel_energy
 from weakseg.joint.mining import (
     ReliableJob,
@@ -177,24 +177,13 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
     )
 
     def next_batch(rng: np.random.Generator) -> dict:
-        size = int(rng.choice(cam_cfg["train_sizes"]))
-        chosen = rng.choice(len(ids), size=min(cam_cfg["batch_size"], len(ids)), replace=False)
-        images, sps = [], []
-        for k in chosen:
-            img, sp = square_resize(
-                read_image(data, ids[k]),
-                store.get(sp_store, store.SUPERPIXELS, ids[k]),
-                size,
-                bool(rng.integers(2)),
-                rng,
-            )
-            images.append(img), sps.append(sp)
-        labels = [info.label_vector(ids[k]) for k in chosen]
+        size, picked, images, sps = draw_resized_batch(rng, ids, data, sp_store, cam_cfg)
+        labels = [info.label_vector(image_id) for image_id in picked]
         return {
             "x": to_tensor01(images).to(device),
             "sp": torch.from_numpy(np.stack(sps)).long().to(device),
             "y": torch.from_numpy(np.stack([v[fg] for v in labels]).astype(np.float32)).to(device),
-            "image_labels": [info.image_labels(ids[k]) for k in chosen],
+            "image_labels": [info.image_labels(image_id) for image_id in picked],
             "size": size,
         }
 
