@@ -195,3 +195,21 @@ def test_method_row_has_every_column():
     assert row["cam_miou"] == pytest.approx(0.1) and row["spcam_miou"] == pytest.approx(0.2)
     assert row["crf_miou"] == pytest.approx(0.3) and row["cam_under_activation"] == pytest.approx(0.2)
     assert row["method"] == "seam" and row["train_s"] == 5.0
+
+
+def test_inference_refuses_weights_of_another_network_in_one_line(tmp_path, cam_inputs):
+    """A model file whose weights are not those of the network its config describes (here: SEAM weights
+    under a plain CAM config) is refused naming the file and the difference, not with torch's key lists."""
+    from weakseg.nets.model_file import ModelFileError
+
+    config, data, sp = cam_inputs
+    seam = method_config(config, "seam")
+    seam["cam"]["iterations"] = 1
+    model_path = cam_train.run_train_cam(seam, data, sp, tmp_path / "cam")
+    ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
+    ckpt["config"]["cam"]["model"] = "cam"
+    torch.save(ckpt, tmp_path / "mislabelled.pt")
+    with pytest.raises(ModelFileError, match="weights do not fit the 'cam'") as raised:
+        run_infer_cam(config, data, sp, tmp_path / "mislabelled.pt", tmp_path / "scores.zarr")
+    assert "mislabelled.pt" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "scores.zarr").exists()

@@ -28,7 +28,7 @@ from weakseg.cam.models import build_classifier, max_normalise
 from weakseg.datasets import open_data, read_image
 from weakseg.nets.backbones import fold_batchnorm
 from weakseg.nets.device import select_device
-from weakseg.nets.model_file import load_model_file
+from weakseg.nets.model_file import ModelFileError, load_model_file, load_weights
 from weakseg.parallel import progress
 
 log = logging.getLogger("weakseg")
@@ -119,9 +119,12 @@ def run_infer_cam(
     ckpt = load_model_file(model_path, "cam")
     info, data = open_data(data_path)
     if list(ckpt["class_names"]) != list(info.class_names):
-        raise ValueError(f"{model_path}: model classes {ckpt['class_names']} differ from the data store's")
+        raise ModelFileError(
+            f"{model_path}: model classes {ckpt['class_names']} differ from the data store's"
+        )
     model = build_classifier({**ckpt["config"]["cam"], "pretrained": False}, len(info.fg_classes))
-    model.load_state_dict(ckpt["model"])
+    cam = ckpt["config"]["cam"]
+    load_weights(model, ckpt["model"], model_path, f"'{cam.get('model')}' / '{cam.get('backbone')}'")
     # channels-last weights make the convolutions run in that layout, which CPU kernels run faster at
     # inference; BatchNorm folded into the convolutions saves a pass over every feature map
     fold_batchnorm(model.to(device, memory_format=torch.channels_last))
