@@ -74,6 +74,17 @@ def test_missing_command_or_argument_is_a_usage_error(capsys):
     assert "usage: weakseg" in capsys.readouterr().err
 
 
+def test_help_does_not_import_the_heavy_stage_modules():
+    code = (
+        "import sys\nfrom weakseg import cli\n"
+        "try:\n    cli.main(['train-cam', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'zarr', 'cv2', 'pandas') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["train-cam", "--help"], ["predict", "--help"]])
 def test_help_does_not_import_torch(argv):
     # Commands are declared next to their stage functions; the network stages' functions are imported

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from weakseg.commands import Command
 from weakseg.errors import EXIT_USER_ERROR, UserError
@@ -56,9 +57,16 @@ def all_commands() -> list[Command]:
     return [command for name in COMMAND_MODULES for command in _declared(name)]
 
 
+def _is_package(module_name: str) -> bool:
+    return Path(__file__).parent.joinpath(*module_name.split(".")[1:], "__init__.py").is_file()
+
+
 def find_command(name: str) -> Command | None:
-    """The declaration of command ``name``, importing only the modules up to the one declaring it."""
-    for module_name in COMMAND_MODULES:
+    """The declaration of command ``name``. Packages declare their commands in a light ``__init__``
+    (no torch, no stores) and are searched first; then the stage modules, each imported only until
+    the command is found."""
+    packages = [m for m in COMMAND_MODULES if _is_package(m)]
+    for module_name in packages + [m for m in COMMAND_MODULES if m not in packages]:
         for command in _declared(module_name):
             if command.name == name:
                 return command
