@@ -1,6 +1,5 @@
-"""SEAM and the dual-branch network through the Snakemake workflow on the tiny synthetic config: their
-score stores feed every stage that reads scores unchanged (the rounds read pseudo-labels, whatever made
-them: tests/e2e/test_workflow.py runs them)."""
+"""SEAM and the dual-branch network through the whole Snakemake workflow on the tiny synthetic
+config: their score stores feed every later stage unchanged."""
 
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ def test_tiny_workflow_with_cam_model(tmp_path, model):
     config = yaml.safe_load(TINY.read_text())
     config["run"] = f"tiny_{model}"
     config["cam"].update(model=model, seam={"pcm_dim": 16}, dual={"dim": 32, "heads": 2, "depth": 2})
-    config["segment"]["rounds"] = 0
     configfile = tmp_path / f"{model}.yaml"
     configfile.write_text(yaml.safe_dump(config))
     started = time.perf_counter()
@@ -39,6 +37,7 @@ def test_tiny_workflow_with_cam_model(tmp_path, model):
         ("spcam", "train"),
         ("crf", "train"),
         ("reliable", "train"),
+        ("round1", "val"),
         ("cam_gated", "val"),
         ("spcam_gated", "val"),
     }

@@ -29,8 +29,6 @@ def test_tiny_mapped_folder_dataset_runs_through_every_stage(tmp_path):
             "has_background": False,
             "class_mapping": {"background": ["sky", "ground"]},
         },
-        # The mapping is settled once the pseudo-labels are made; the rounds read them like any others.
-        "segment": {**tiny["segment"], "rounds": 0},
     }
     configfile = tmp_path / "mapped.yaml"
     configfile.write_text(yaml.safe_dump(config))
