@@ -3,13 +3,18 @@ resume after a kill, inference into the same score store; and the rows of `weaks
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_training import CHECKPOINT_EVERY, ITERATIONS, SimulatedKill, assert_same_state, cam_inputs  # noqa: F401
+from test_training import (  # noqa: F401
+    CHECKPOINT_EVERY,
+    ITERATIONS,
+    SimulatedKill,
+    assert_same_state,
+    cam_inputs,
+    killed_then_resumed,
+)
 
 import weakseg.cam.train as cam_train
 from weakseg import store
@@ -18,7 +23,6 @@ from weakseg.cam.infer import run_infer_cam
 from weakseg.datasets import open_data
 from weakseg.nets.backbones import build_encoder
 from weakseg.nets.model_file import load_model_file
-from weakseg.training import CHECKPOINT
 
 # ------------------------------------------------------------------ encoder stages
 
@@ -98,15 +102,16 @@ def test_training_resumes_after_a_kill_to_identical_weights(tmp_path, cam_inputs
 
         return dying
 
-    monkeypatch.setattr(cam_train, "training_loss", loss_dying_after_first_checkpoint)
-    with pytest.raises(SimulatedKill):
-        cam_train.run_train_cam(config, data, sp, tmp_path / "b")
-    assert (tmp_path / "b" / CHECKPOINT).exists() and not (tmp_path / "b" / "model.pt").exists()
-    monkeypatch.setattr(cam_train, "training_loss", real_loss)
-    torch.manual_seed(12)
-    with caplog.at_level(logging.INFO, logger="weakseg"):
-        resumed = load_model_file(cam_train.run_train_cam(config, data, sp, tmp_path / "b"), "cam")
-    assert "resumed from checkpoint" in caplog.text
+    resumed = killed_then_resumed(
+        monkeypatch,
+        caplog,
+        cam_train,
+        "training_loss",
+        loss_dying_after_first_checkpoint,
+        lambda out: cam_train.run_train_cam(config, data, sp, out),
+        tmp_path / "b",
+        "cam",
+    )
     assert_same_state(resumed["model"], reference["model"])
     initial = load_model_file(
         cam_train.run_train_cam(

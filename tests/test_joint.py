@@ -3,13 +3,18 @@ labels, and the joint network's training (exact resume after a kill) and model f
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_training import CHECKPOINT_EVERY, ITERATIONS, SimulatedKill, assert_same_state, cam_inputs  # noqa: F401
+from test_training import (  # noqa: F401
+    CHECKPOINT_EVERY,
+    ITERATIONS,
+    SimulatedKill,
+    assert_same_state,
+    cam_inputs,
+    killed_then_resumed,
+)
 
 import weakseg.joint.train as joint_train
 from weakseg.datasets import IGNORE
@@ -18,7 +23,6 @@ from weakseg.joint.mining import ReliableJob, annealed_labels, annealed_threshol
 from weakseg.labels import BACKGROUND
 from weakseg.nets.model_file import load_model_file
 from weakseg.segment.predict import load_segmenter, predict_probabilities
-from weakseg.training import CHECKPOINT
 
 # ------------------------------------------------------------------ dense energy loss
 
@@ -203,15 +207,16 @@ def test_joint_training_resumes_after_a_kill_to_identical_weights(
             raise SimulatedKill("killed")
         return real_loss(*args)
 
-    monkeypatch.setattr(joint_train, "multilabel_loss", dying)
-    with pytest.raises(SimulatedKill):
-        joint_train.run_train_joint(config, data, sp, tmp_path / "b")
-    assert (tmp_path / "b" / CHECKPOINT).exists() and not (tmp_path / "b" / "model.pt").exists()
-    monkeypatch.setattr(joint_train, "multilabel_loss", real_loss)
-    torch.manual_seed(12)
-    with caplog.at_level(logging.INFO, logger="weakseg"):
-        resumed = load_model_file(joint_train.run_train_joint(config, data, sp, tmp_path / "b"), "segment")
-    assert "resumed from checkpoint" in caplog.text
+    resumed = killed_then_resumed(
+        monkeypatch,
+        caplog,
+        joint_train,
+        "multilabel_loss",
+        dying,
+        lambda out: joint_train.run_train_joint(config, data, sp, out),
+        tmp_path / "b",
+        "segment",
+    )
     assert_same_state(resumed["model"], reference["model"])
 
     # The model file is a segmenter: prediction rebuilds it from the file alone, with the mined prior.

@@ -92,6 +92,23 @@ def train(
     return model, rows
 
 
+def killed_then_resumed(monkeypatch, caplog, module, name: str, dying, run, out_dir, stage: str) -> dict:
+    """Run ``run(out_dir)`` with ``module.name`` replaced by ``dying`` (which raises SimulatedKill after
+    the first checkpoint), check the kill left a checkpoint and no model, rerun with the real one and
+    return the resumed model file, after checking it resumed."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, dying)
+    with pytest.raises(SimulatedKill):
+        run(out_dir)
+    assert (out_dir / CHECKPOINT).exists() and not (out_dir / "model.pt").exists()
+    monkeypatch.setattr(module, name, real)
+    torch.manual_seed(12)  # another torch RNG state than the killed run's: resume must restore it
+    with caplog.at_level(logging.INFO, logger="weakseg"):
+        resumed = load_model_file(run(out_dir), stage)
+    assert "resumed from checkpoint" in caplog.text
+    return resumed
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
