@@ -7,7 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 from weakseg.cli import find_command
 from weakseg.config import ConfigError, evaluation_splits, resolve, sections_for
-from weakseg.inspect.stages import expected_label_stages
+from weakseg.inspect.stages import expected_label_stages, run_rounds
 from weakseg.store import RunLayout
 
 _CONFIG_FILES = [str(p) for p in workflow.overwrite_configfiles] or ["config.yaml"]
@@ -22,7 +22,7 @@ N_SHARDS = config["shards"]
 SHARDS = list(range(N_SHARDS))
 # With one-stage training (joint.enabled) the joint network is round 0.
 JOINT = config["joint"]["enabled"]
-ROUNDS = list(range(0 if JOINT else 1, config["segment"]["rounds"] + 1))
+ROUNDS = run_rounds(config)
 HAS_VAL = config["dataset"]["val_split"] is not None
 TRAIN, VAL = config["dataset"]["train_split"], config["dataset"]["val_split"]
 # Evaluation rules join the DAG only for splits with ground-truth masks (evaluate.enabled).

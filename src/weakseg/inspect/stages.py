@@ -44,6 +44,13 @@ def round_stage_name(r: int, variant: str, split: str, train_split: str, annotat
     return f"round{r}_gated" if variant == "cleaned" else f"round{r}_{variant}"
 
 
+def run_rounds(config: dict) -> list[int]:
+    """The rounds a run of ``config`` makes: 1..segment.rounds, and round 0 (the one-stage network)
+    when joint.enabled."""
+    first = 0 if config.get("joint", {}).get("enabled") else 1
+    return list(range(first, config["segment"]["rounds"] + 1))
+
+
 def expected_label_stages(layout, config: dict) -> list[Stage]:
     """Every labels store a finished run of ``config`` has, in pipeline order."""
     train, val = config["dataset"]["train_split"], config["dataset"]["val_split"]
@@ -56,8 +63,7 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
     made = {train: ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)}
     if val:
         made[val] = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
-    first_round = 0 if config.get("joint", {}).get("enabled") else 1  # round 0: one-stage training
-    for r in range(first_round, seg["rounds"] + 1):
+    for r in run_rounds(config):
         for split, variants in made.items():
             stages += [
                 Stage(
