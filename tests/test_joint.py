@@ -20,7 +20,7 @@ import weakseg.joint.train as joint_train
 from weakseg.datasets import IGNORE
 from weakseg.joint.losses import dense_energy_loss
 from weakseg.joint.mining import ReliableJob, annealed_labels, annealed_threshold, par, reliable_job
-from weakseg.labels import BACKGROUND
+from weakseg.labels import BACKGROUND, Background
 from weakseg.nets.model_file import load_model_file
 from weakseg.segment.predict import load_segmenter, predict_probabilities
 
@@ -155,7 +155,7 @@ def test_reliable_job_keeps_crf_labels_that_agree_with_confident_scores_and_igno
         "bilateral_compat": 5,
         "unary_floor": 1e-5,
     }
-    job = ReliableJob(image, scores, np.array([0, 1]), np.array([0, 1]), valid, False, None, crf, 0.5, 0.0)
+    job = ReliableJob(image, scores, np.array([0, 1]), np.array([0, 1]), valid, Background(False), crf, 0.5)
     labels = reliable_job(job)
     assert (labels[:, :4] == 0).all() and (labels[:, 6:-1] == 1).all()
     assert (labels[:, 4:6] == IGNORE).all()  # CRF label 0, but the score is not confident

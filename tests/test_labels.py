@@ -28,7 +28,7 @@ def test_background_only_image_is_all_background():
     # An image labelled background only (empty foreground label set) under every rule.
     scores = np.full((2, 2, 2), 0.9, np.float32)
     assert (lr.decide(scores, [1, 2], [0], True, 0.3) == 0).all()
-    assert (lr.confident_labels(scores, [1, 2], [0], True, 0.3, 0.3, 0.5) == 0).all()
+    assert (lr.confident_labels(scores, [1, 2], [0], 0.3, lr.Background(True, 0.3, 0.5)) == 0).all()
     probs, classes = lr.with_background(scores, [1, 2], [0], True, 0.3)
     assert classes.tolist() == [0] and (probs == 1).all()
 
@@ -127,7 +127,9 @@ def test_uncertain_band_around_the_threshold():
     low, high = lr.uncertain_band(0.4, 0.5)
     assert low == pytest.approx(0.2) and high == pytest.approx(0.7)
     scores = np.array([[[0.1, 0.2, 0.3, 0.69, 0.7, 0.9]]], np.float32)
-    labels = lr.confident_labels(scores, [4], [0, 4], True, 0.99, 0.4, 0.5)  # confidence unused here
+    labels = lr.confident_labels(
+        scores, [4], [0, 4], 0.99, lr.Background(True, 0.4, 0.5)
+    )  # confidence unused here
     assert labels[0].tolist() == [0, 0, IGN, IGN, 4, 4]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from weakseg import config, store
 from weakseg.datasets import IGNORE
-from weakseg.labels import confident_labels, fraction_of_peak, store_threshold
+from weakseg.labels import Background, confident_labels, fraction_of_peak, store_threshold
 from weakseg.pseudo.clean import clean_annotation, run_clean
 from weakseg.pseudo.crf import crf_labels, crf_probabilities, dense_crf, run_crf
 from weakseg.pseudo.divergence import (
@@ -78,15 +78,15 @@ def test_fraction_of_peak_all_zero_maps_do_not_crash():
 def test_clean_segmentation_probabilities_background_competes():
     # Class 0 is a channel: it is a candidate like any class; pixels nobody keeps become 255, not 0.
     scores = np.array([[[0.7, 0.1, 0.05]], [[0.2, 0.9, 0.05]], [[0.1, 0.0, 0.9]]], np.float32)
-    labels = clean_annotation(scores, np.array([0, 1, 2]), np.array([0, 1]), 0.5, has_background=True)
+    labels = clean_annotation(scores, np.array([0, 1, 2]), np.array([0, 1]), 0.5, Background(True))
     assert labels[0].tolist() == [0, 1, IGNORE]
 
 
 def test_clean_rejects_bad_shapes_and_ratio():
     with pytest.raises(ValueError, match="shape"):
-        clean_annotation(np.zeros((2, 3, 3)), np.array([1]), np.array([1]), 0.5, False)
+        clean_annotation(np.zeros((2, 3, 3)), np.array([1]), np.array([1]), 0.5, Background(False))
     with pytest.raises(ValueError, match="ratio"):
-        clean_annotation(np.zeros((1, 3, 3)), np.array([1]), np.array([1]), 1.5, False)
+        clean_annotation(np.zeros((1, 3, 3)), np.array([1]), np.array([1]), 1.5, Background(False))
 
 
 def test_clean_with_implicit_background_ignores_the_uncertain_band():
@@ -95,12 +95,12 @@ def test_clean_with_implicit_background_ignores_the_uncertain_band():
     s5 = [0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.9]  # px1: 5 beats 3; px6: 5 is labelled too
     scores = np.array([[s3], [s5]], np.float32)
     labels = clean_annotation(
-        scores, np.array([3, 5]), np.array([0, 3, 5]), 0.9, True, threshold=0.4, margin=0.5
+        scores, np.array([3, 5]), np.array([0, 3, 5]), 0.9, Background(True, threshold=0.4, margin=0.5)
     )
     assert labels[0].tolist() == [3, 5, 3, IGNORE, IGNORE, 0, 5]
     # margin 0: every pixel is decided, exactly as the dense rule does at that threshold.
     dense = clean_annotation(
-        scores, np.array([3, 5]), np.array([0, 3, 5]), 0.9, True, threshold=0.4, margin=0.0
+        scores, np.array([3, 5]), np.array([0, 3, 5]), 0.9, Background(True, threshold=0.4, margin=0.0)
     )
     assert dense[0].tolist() == [3, 5, 3, 3, 0, 0, 5]
 
@@ -243,16 +243,18 @@ def test_reliable_regions_hand_made():
     s4 = [0.9, 0.9, 0.5, 0.2, 0.04, 0.04, 0.3]
     s6 = [0.1, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0]
     scores = np.array([[s4], [s6]], np.float32)
-    confident = confident_labels(scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.2, 0.5)
+    confident = confident_labels(scores, np.array([4, 6]), np.array([0, 4]), 0.3, Background(True, 0.2, 0.5))
     assert confident[0].tolist() == [4, 4, IGNORE, IGNORE, 0, 0, IGNORE]
     crf = np.array([[4, 4, 0, 4, 0, 4, 4]], np.uint8)
-    reliable = reliable_regions(crf, scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.2, 0.5)
+    reliable = reliable_regions(
+        crf, scores, np.array([4, 6]), np.array([0, 4]), 0.3, Background(True, 0.2, 0.5)
+    )
     assert reliable[0].tolist() == [4, 4, IGNORE, IGNORE, 0, IGNORE, IGNORE]
     # Without a background class the confidence decides (>= 0.3, inclusive) and nothing is background.
-    no_bg = reliable_regions(crf, scores, np.array([4, 6]), np.array([4]), False, 0.3)
+    no_bg = reliable_regions(crf, scores, np.array([4, 6]), np.array([4]), 0.3, Background(False))
     assert no_bg[0].tolist() == [4, 4, IGNORE, IGNORE, IGNORE, IGNORE, 4]
     with pytest.raises(ValueError, match="margin"):
-        confident_labels(scores, np.array([4, 6]), np.array([0, 4]), True, 0.3, 0.2, 1.0)
+        confident_labels(scores, np.array([4, 6]), np.array([0, 4]), 0.3, Background(True, 0.2, 1.0))
 
 
 # ---------------------------------------------------------------- store round trip
@@ -340,9 +342,7 @@ def test_store_round_trip(stores):
             classes,
             np.array([0, *classes]),
             CFG["pseudo"]["clean_ratio"],
-            True,
-            threshold,
-            CFG["pseudo"]["background"]["margin"],
+            Background(True, threshold, CFG["pseudo"]["background"]["margin"]),
         )
         np.testing.assert_array_equal(cleaned[image_id], expected)
     assert (cleaned["t3"] == 0).all() and (cleaned["t0"][6:12, 6:12] == 1).all()

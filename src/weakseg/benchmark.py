@@ -35,7 +35,7 @@ import pandas as pd
 
 from weakseg import store, timing
 from weakseg.cam import MODELS as CAM_MODELS
-from weakseg.commands import THREADS, Command, option
+from weakseg.commands import THREADS, Command, option, optional
 from weakseg.superpixels import METHODS as SUPERPIXEL_METHODS
 
 log = logging.getLogger("weakseg")
@@ -696,11 +696,11 @@ COMMAND = Command(
             help="what to measure (joint: the one-stage variants next to the config's two-step run)",
         ),
         option("--root", default="../shared/data/msrc21", help="dataset folder"),
-        option(
+        optional(
             "--config",
-            dest="config_path",
+            "config_path",
+            "run config of the pipeline and methods benchmarks",
             default="config/msrc21.yaml",
-            help="run config for the pipeline and methods benchmarks",
         ),
         option("--out", default="bench", help="folder for CSV output"),
         option(

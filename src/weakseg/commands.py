@@ -169,6 +169,11 @@ def required(flag: str, dest: str, help: str) -> Option:
     return option(flag, dest=dest, required=True, help=help)
 
 
+def optional(flag: str, dest: str, help: str, **options) -> Option:
+    """An optional option (a path, mostly) that fills parameter ``dest``."""
+    return option(flag, dest=dest, help=help, **options)
+
+
 def output(dest: str, help: str) -> Option:
     """The required ``--out`` of a command, filling parameter ``dest``."""
     return required("--out", dest, help)

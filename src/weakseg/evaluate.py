@@ -13,7 +13,17 @@ import pandas as pd
 
 from weakseg import config as config_mod
 from weakseg import store
-from weakseg.commands import DATA, GT, SPLIT_REQUIRED, SUPERPIXELS, Command, option, output, required
+from weakseg.commands import (
+    DATA,
+    GT,
+    SPLIT_REQUIRED,
+    SUPERPIXELS,
+    Command,
+    option,
+    optional,
+    output,
+    required,
+)
 from weakseg.datasets import IGNORE, open_data
 from weakseg.inspect.stages import STAGE_HELP
 from weakseg.labels import (
@@ -380,12 +390,12 @@ COMMANDS = (
             option("--stage", required=True, help="stage name written in the rows: " + STAGE_HELP),
             SPLIT_REQUIRED,
             output("out_csv", "output tidy metrics CSV"),
-            option(
+            optional(
                 "--selection",
-                dest="selection_csv",
-                help="reliability CSV: also rows <stage>_selected for the selected images",
+                "selection_csv",
+                "reliability CSV: also rows <stage>_selected for the selected images",
             ),
-            option("--per-image", dest="per_image_csv", help="CSV of per-image mIoU"),
+            optional("--per-image", "per_image_csv", "CSV of per-image mIoU"),
             option(
                 "--key",
                 help="score key of a scores store (default: the only key, or the one named like --stage)",

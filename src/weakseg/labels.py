@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -36,6 +37,17 @@ log = logging.getLogger("weakseg")
 BACKGROUND = 0  # class index of the background when a dataset has one
 LEVELS = 256  # scores are stored as uint8 levels (store.SCORE_SCALE); histograms use the same bins
 CALIBRATION_METHODS = ("otsu", "triangle", "fixed")
+
+
+@dataclass(frozen=True)
+class Background:
+    """A run's background decision, as one value: whether the dataset has a background class (0) and,
+    for CAM scores (implicit background), the calibrated ``threshold`` and the relative ``margin`` of
+    the uncertain band around it (``uncertain_band``)."""
+
+    has_background: bool
+    threshold: float | None = None
+    margin: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,27 +207,21 @@ def uncertain_band(threshold: float, margin: float) -> tuple[float, float]:
 
 
 def confident_labels(
-    scores: np.ndarray,
-    classes,
-    image_labels,
-    has_background: bool,
-    confidence: float,
-    threshold: float | None = None,
-    margin: float = 0.0,
+    scores: np.ndarray, classes, image_labels, confidence: float, background: Background
 ) -> np.ndarray:
     """uint8 (H, W): labels where the scores are confident, ``IGNORE`` elsewhere.
 
     Explicit channels (no background class, or segmentation probabilities): the argmax over the
     labelled classes where its score >= ``confidence``. Implicit background: outside the uncertain
     band around the background threshold (``uncertain_band``), the ``decide`` label."""
+    has_background = background.has_background
     if implicit_background(classes, has_background):
-        if threshold is None:
+        if background.threshold is None:
             raise ValueError(
                 "a background threshold is needed to label CAM scores of a dataset with background"
             )
-        return banded_labels(
-            scores, classes, image_labels, has_background, *uncertain_band(threshold, margin)
-        )
+        band = uncertain_band(background.threshold, background.margin)
+        return banded_labels(scores, classes, image_labels, has_background, *band)
     return banded_labels(scores, classes, image_labels, has_background, 0.0, confidence)
 
 

@@ -30,19 +30,9 @@ from weakseg.commands import Command, required
 
 FG_NAMES = ("apple", "brick", "cloth", "disc", "eel", "fern", "grid", "honey", "ice", "jade", "kelp", "lime")
 # Saturated RGB base colours, one per class; the background never uses saturated colours.
-FG_COLOURS = (
-    (215, 35, 35),
-    (40, 70, 215),
-    (230, 200, 30),
-    (35, 170, 60),
-    (200, 40, 200),
-    (30, 190, 200),
-    (240, 120, 20),
-    (120, 40, 200),
-    (140, 220, 40),
-    (20, 110, 130),
-    (200, 30, 110),
-    (110, 70, 20),
+FG_COLOURS = tuple(
+    tuple(bytes.fromhex(rgb))
+    for rgb in "d72323 2846d7 e6c81e 23aa3c c828c8 1ebec8 f07814 7828c8 8cdc28 146e82 c81e6e 6e4614".split()
 )
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "cross")
 MIN_VISIBLE = 0.35  # an object keeping less than this fraction of its pixels after occlusion is removed

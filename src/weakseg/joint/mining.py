@@ -118,11 +118,9 @@ class ReliableJob:
     classes: np.ndarray  # (K,) class index of each channel
     image_labels: np.ndarray  # class indices the image is labelled with
     valid: np.ndarray  # (H, W) bool: False on the padding of the training view
-    has_background: bool
-    background_threshold: float | None
+    background: label_rules.Background
     crf: dict  # pseudo.crf parameters (spatial ones already at the mining resolution)
     confidence: float
-    margin: float
 
 
 def reliable_job(job: ReliableJob) -> np.ndarray:
@@ -130,18 +128,11 @@ def reliable_job(job: ReliableJob) -> np.ndarray:
     the confident labels of those scores (``weakseg.pseudo.rrm.reliable_regions``); IGNORE
     elsewhere and on padding. Runs in a worker process (numpy and pydensecrf only)."""
     probs, prob_classes = crf_probabilities(
-        job.scores, job.classes, job.image_labels, job.has_background, job.background_threshold
+        job.scores, job.classes, job.image_labels, job.background.has_background, job.background.threshold
     )
     refined = crf_labels(job.image, probs, prob_classes, job.crf)
     reliable = reliable_regions(
-        refined,
-        job.scores,
-        job.classes,
-        job.image_labels,
-        job.has_background,
-        job.confidence,
-        job.background_threshold,
-        job.margin,
+        refined, job.scores, job.classes, job.image_labels, job.confidence, job.background
     )
     return np.where(job.valid, reliable, IGNORE).astype(np.uint8)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg import labels as label_rules
 from weakseg import store
 from weakseg.cam.losses import labelled_maps
 from weakseg.cam.models import multilabel_loss
@@ -111,6 +112,11 @@ class LabelMiner:
         crf = crf_at_resolution(self.pseudo["crf"], size / batch["size"])
         images = (image01 * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
         scores = maps.cpu().numpy().astype(np.float32)
+        background = label_rules.Background(
+            self.has_background,
+            self.pseudo["background"]["threshold"] if self.has_background else None,
+            self.pseudo["background"]["margin"],
+        )
         jobs = [
             ReliableJob(
                 images[b],
@@ -118,11 +124,9 @@ class LabelMiner:
                 self.fg,
                 batch["image_labels"][b],
                 valid[b],
-                self.has_background,
-                self.pseudo["background"]["threshold"] if self.has_background else None,
+                background,
                 crf,
                 self.pseudo["reliable"]["confidence"],
-                self.pseudo["background"]["margin"],
             )
             for b in range(len(images))
         ]

@@ -31,18 +31,14 @@ def clean_annotation(
     classes: np.ndarray,
     image_labels: np.ndarray,
     ratio: float,
-    has_background: bool,
-    threshold: float | None = None,
-    margin: float = 0.0,
+    background: label_rules.Background,
 ) -> np.ndarray:
     """Pixel labels (uint8 (H, W), 255 = ignore) from (K, H, W) scores of ``classes``: the SPN
     fraction-of-peak rule, or, with an implicit background, the confident labels of the calibrated
-    background rule (``threshold``, ``margin``)."""
-    if label_rules.implicit_background(classes, has_background):
-        return label_rules.confident_labels(
-            scores, classes, image_labels, has_background, 1.0, threshold, margin
-        )
-    return label_rules.fraction_of_peak(scores, classes, image_labels, ratio, has_background)
+    background rule."""
+    if label_rules.implicit_background(classes, background.has_background):
+        return label_rules.confident_labels(scores, classes, image_labels, 1.0, background)
+    return label_rules.fraction_of_peak(scores, classes, image_labels, ratio, background.has_background)
 
 
 def empty_labelled_maps(scores: np.ndarray, classes: np.ndarray, image_labels: np.ndarray) -> int:
@@ -53,19 +49,13 @@ def empty_labelled_maps(scores: np.ndarray, classes: np.ndarray, image_labels: n
 
 def _clean_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
-    labels = clean_annotation(
-        scores,
-        classes,
-        job.image_labels,
-        job.params["ratio"],
-        job.has_background,
-        job.background_threshold,
-        job.params["margin"],
-    )
+    labels = clean_annotation(scores, classes, job.image_labels, job.params["ratio"], job.background)
     counts = Counter(
         pixels=labels.size,
         ignored=int(np.count_nonzero(labels == IGNORE)),
-        background=int(np.count_nonzero(labels == label_rules.BACKGROUND)) if job.has_background else 0,
+        background=int(np.count_nonzero(labels == label_rules.BACKGROUND))
+        if job.background.has_background
+        else 0,
         empty_maps=empty_labelled_maps(scores, classes, job.image_labels),
         labelled_maps=int(label_rules.labelled_channels(classes, job.image_labels).size),
     )
@@ -74,8 +64,9 @@ def _clean_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
 
 def _decide_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
+    background = job.background
     labels = label_rules.decide(
-        scores, classes, job.image_labels, job.has_background, job.background_threshold
+        scores, classes, job.image_labels, background.has_background, background.threshold
     )
     return job.image_id, labels, Counter(pixels=labels.size, ignored=int(np.count_nonzero(labels == IGNORE)))
 
@@ -96,19 +87,18 @@ def run_clean(
     store at ``out_path``. Outside the train split the labels are unknown: all classes, or those
     predicted by the classifier of the CAM scores store ``labels_from`` (see ``known_labels``)."""
     ratio = config["pseudo"]["clean_ratio"] if ratio is None else ratio
-    margin = config["pseudo"]["background"]["margin"]
     _, jobs = make_jobs(
         config,
         data_path,
         scores_path,
         key,
-        {"ratio": ratio, "margin": margin},
+        {"ratio": ratio},
         shard,
         n_shards,
         split=split,
         labels_from=labels_from,
     )
-    threshold = jobs[0].background_threshold if jobs else None
+    threshold = jobs[0].background.threshold if jobs else None
     counts = write_labels(
         out_path, "clean", config, _clean_one, jobs, key=key, ratio=ratio, background_threshold=threshold
     )
@@ -143,7 +133,7 @@ def run_decide(
     _, jobs = make_jobs(
         config, data_path, scores_path, key, {}, shard, n_shards, split=split, labels_from=labels_from
     )
-    threshold = jobs[0].background_threshold if jobs else None
+    threshold = jobs[0].background.threshold if jobs else None
     counts = write_labels(
         out_path, "decide", config, _decide_one, jobs, key=key, background_threshold=threshold
     )

@@ -112,7 +112,7 @@ def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
             f"image is {image.shape[:2]}"
         )
     probs, prob_classes = crf_probabilities(
-        scores, classes, job.image_labels, job.has_background, job.background_threshold
+        scores, classes, job.image_labels, job.background.has_background, job.background.threshold
     )
     labels = crf_labels(image, probs, prob_classes, job.params["crf"])
     # How far the CRF moved labels from the argmax of its own input, for the log.
@@ -157,7 +157,7 @@ def run_crf(
         jobs,
         threads,
         key=key,
-        background_threshold=jobs[0].background_threshold if jobs else None,
+        background_threshold=jobs[0].background.threshold if jobs else None,
     )
     log.info(
         "crf: %.1f%% of pixels changed from the argmax of the scores",

@@ -31,8 +31,7 @@ class ImageJob:
 
     image_id: str
     image_labels: np.ndarray  # class indices, background included when the dataset has one
-    has_background: bool
-    background_threshold: float | None  # the calibrated rule's threshold (implicit background only)
+    background: label_rules.Background  # the run's background decision (threshold: implicit only)
     scores_path: str
     key: str
     params: dict = field(default_factory=dict)  # the stage's parameters from config['pseudo']
@@ -50,7 +49,7 @@ def job_scores(job: ImageJob) -> tuple[np.ndarray, np.ndarray]:
     """Read one image's scores; refuse a store that lacks a class the image is labelled with,
     since every stage would then silently mislabel that object."""
     scores, classes = store.get_scores(opened(job.scores_path, "scores"), job.key, job.image_id)
-    fg_labels = [int(c) for c in job.image_labels if not (job.has_background and c == 0)]
+    fg_labels = [int(c) for c in job.image_labels if not (job.background.has_background and c == 0)]
     missing = sorted(set(fg_labels) - set(classes.tolist()))
     if missing:
         raise store.StoreError(
@@ -68,19 +67,10 @@ def job_labels(job: ImageJob) -> np.ndarray:
     return store.get(opened(job.labels_path, "labels"), store.LABELS, job.image_id)
 
 
-def split_ids(
-    config: dict,
-    info: DatasetInfo,
-    group,
-    key: str,
-    shard: int = 0,
-    n_shards: int = 1,
-    split: str | None = None,
-) -> list[str]:
-    """Sorted ids of ``split`` (default: the train split) that have a ``key`` array in ``group``, one shard."""
+def split_ids(config: dict, info: DatasetInfo, group, key: str, split: str | None = None) -> list[str]:
+    """Sorted ids of ``split`` (default: the train split) that have a ``key`` array in ``group``."""
     present = set(store.ids_in(group, key))
-    ids = sorted(i for i in info.split(split or config["dataset"]["train_split"]) if i in present)
-    return store.shard_ids(ids, shard, n_shards)
+    return sorted(i for i in info.split(split or config["dataset"]["train_split"]) if i in present)
 
 
 def known_labels(
@@ -119,7 +109,7 @@ def make_jobs(
     ``labels_from``: a CAM scores store whose classifier predictions stand in for unknown image labels."""
     info, _ = open_data(data_path)
     scores_group = store.open_store(scores_path, "scores")
-    ids = split_ids(config, info, scores_group, key, shard, n_shards, split)
+    ids = store.shard_ids(split_ids(config, info, scores_group, key, split), shard, n_shards)
     if not ids:
         log.warning(
             "%s: no train image has a '%s' array (shard %d/%d); writing an empty store",
@@ -134,12 +124,14 @@ def make_jobs(
         store.get_attrs(scores_group, key, ids[0])["classes"], info.has_background
     ):
         threshold = label_rules.store_threshold(config, scores_path, key, data_path)
+    background = label_rules.Background(
+        info.has_background, threshold, config["pseudo"]["background"]["margin"]
+    )
     jobs = [
         ImageJob(
             i,
             known_labels(config, info, i, split, predicted),
-            info.has_background,
-            threshold,
+            background,
             os.fspath(scores_path),
             key,
             params,

@@ -23,16 +23,12 @@ def reliable_regions(
     scores: np.ndarray,
     classes: np.ndarray,
     image_labels: np.ndarray,
-    has_background: bool,
     confidence: float,
-    background_threshold: float | None = None,
-    margin: float = 0.0,
+    background: label_rules.Background,
 ) -> np.ndarray:
     """uint8 (H, W): the CRF label where it equals the confident label of the scores
     (``weakseg.labels.confident_labels``), else 255."""
-    confident = label_rules.confident_labels(
-        scores, classes, image_labels, has_background, confidence, background_threshold, margin
-    )
+    confident = label_rules.confident_labels(scores, classes, image_labels, confidence, background)
     crf_labels = np.asarray(crf_labels)
     if crf_labels.shape != confident.shape:
         raise ValueError(
@@ -47,14 +43,7 @@ def _reliable_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
     crf = job_labels(job)
     labels = reliable_regions(
-        crf,
-        scores,
-        classes,
-        job.image_labels,
-        job.has_background,
-        job.params["confidence"],
-        job.background_threshold,
-        job.params["margin"],
+        crf, scores, classes, job.image_labels, job.params["confidence"], job.background
     )
     return job.image_id, labels, Counter(pixels=labels.size, kept=int(np.count_nonzero(labels != IGNORE)))
 
@@ -72,12 +61,9 @@ def run_reliable(
 ) -> None:
     """Keep the CRF labels (store ``crf_path``) of the train images (one shard) that agree with confident
     ``key`` scores; writes a labels store at ``out_path``. ``confidence`` overrides the config's."""
-    params = {
-        "confidence": config["pseudo"]["reliable"]["confidence"],
-        "margin": config["pseudo"]["background"]["margin"],
-    }
-    if confidence is not None:
-        params["confidence"] = confidence
+    if confidence is None:
+        confidence = config["pseudo"]["reliable"]["confidence"]
+    params = {"confidence": confidence}
     _, jobs = make_jobs(config, data_path, scores_path, key, params, shard, n_shards, labels_path=crf_path)
     counts = write_labels(out_path, "reliable", config, _reliable_one, jobs, key=key)
     log.info(

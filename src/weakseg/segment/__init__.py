@@ -33,24 +33,6 @@ COMMANDS = (
         writes=("out_dir",),
         network=True,
     ),
-    Command(
-        "predict-seg",
-        "segmentation-net class probabilities for a split (scores store)",
-        "weakseg.segment.predict:run_predict_store",
-        (
-            *SHARD,
-            THREADS,
-            DATA,
-            required(
-                "--model", "model_path", "round<r>/model.pt written by train-seg (round 0: train-joint)"
-            ),
-            SPLIT_REQUIRED,
-            output("out_path", "output scores store (key seg)"),
-        ),
-        sections=("dataset", "device", "segment[prediction]"),
-        writes=("out_path",),
-        network=True,
-    ),
     # Writes where its user says, outside any run: no run lock.
     Command(
         "predict",
@@ -85,5 +67,23 @@ COMMANDS = (
             ),
         ),
         call="weakseg.segment.predict:predict_and_say",
+    ),
+    Command(
+        "predict-seg",
+        "segmentation-net class probabilities for a split (scores store)",
+        "weakseg.segment.predict:run_predict_store",
+        (
+            *SHARD,
+            THREADS,
+            DATA,
+            required(
+                "--model", "model_path", "round<r>/model.pt written by train-seg (round 0: train-joint)"
+            ),
+            SPLIT_REQUIRED,
+            output("out_path", "output scores store (key seg)"),
+        ),
+        sections=("dataset", "device", "segment[prediction]"),
+        writes=("out_path",),
+        network=True,
     ),
 )
