@@ -530,3 +530,22 @@ def test_run_train_seg_records_the_prior_and_never_resumes_on_other_annotations(
     write_annotations(tmp_path / "labels.zarr", annotations)
     run_train_seg(config, data, tmp_path / "labels.zarr", tmp_path / "selection.csv", tmp_path / "run")
     assert "starting afresh" in caplog.text
+
+
+def test_run_train_seg_warm_start_begins_at_the_given_weights(seg_inputs):
+    from weakseg.segment.train import run_train_seg
+
+    config, data, annotations, _, tmp_path = seg_inputs
+    write_annotations(tmp_path / "labels.zarr", annotations)
+    args = (data, tmp_path / "labels.zarr", tmp_path / "selection.csv")
+    first = torch.load(run_train_seg(config, *args, tmp_path / "round1"), weights_only=True)["model"]
+    # With a zero learning rate the weights stay where training began: the init model's, not a new draw.
+    still = {**config, "segment": {**config["segment"], "lr": 0.0, "seed": 7}}
+    warm = torch.load(
+        run_train_seg(still, *args, tmp_path / "warm", init_model=tmp_path / "round1" / "model.pt"),
+        weights_only=True,
+    )["model"]
+    cold = torch.load(run_train_seg(still, *args, tmp_path / "cold"), weights_only=True)["model"]
+    weights = [k for k, v in first.items() if v.dtype.is_floating_point and k.endswith("weight")]
+    assert weights and all(torch.equal(warm[k], first[k]) for k in weights)
+    assert not all(torch.equal(cold[k], first[k]) for k in weights)

@@ -90,6 +90,7 @@ def load(spec: str | Path | dict | None, run_from_file: bool = False) -> dict:
 SEGMENT_PREDICTION = ("infer_scales", "infer_flip", "prior_adjustment")
 SEGMENT_NOT_TRAINING = (
     "rounds",
+    "warm_start",  # what it changes reaches training as the --init model file
     "annotation",
     "reliable_confidence",
     "eval_crf",

@@ -366,6 +366,21 @@ def test_labels_only_dataset_runs_to_the_end_without_evaluation(labels_only_run,
     assert "\r" not in log and "device: auto -> cpu" in log and "loss=" in log
 
 
+def test_warm_start_feeds_the_previous_round_model_to_later_rounds_only(tiny_run, workdir, tmp_path):
+    check_ok(tiny_run[1])
+    config = yaml.safe_load(TINY.read_text())
+    config["segment"].update(rounds=2, warm_start=True)
+    configfile = tmp_path / "tiny_warm.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    dry = check_ok(snakemake(workdir, "-n", "-p", configfile=configfile))
+    commands = [line for line in dry.splitlines() if "weakseg train-seg" in line]
+    assert len(commands) == 1, dry[-3000:]  # round 1 is done and unchanged; round 2 is new
+    assert (
+        "--init results/tiny/round1/model.pt" in commands[0]
+        and "--out-dir results/tiny/round2" in commands[0]
+    )
+
+
 def test_snakemake_report_carries_every_image(tiny_run, workdir, tmp_path):
     import base64
     import html

@@ -99,10 +99,15 @@ def round_inputs(w):
             "labels": P(RUN.pseudo(config["segment"]["first_round_input"])),
             "selection": P(RUN.reliability),
         }
-    return {
+    inputs = {
         "labels": annotation_of(r - 1),
         "selection": P(RUN.round_reliability(r - 1)),
     }
+    if (
+        config["segment"]["warm_start"] and r >= 2
+    ):  # round 1's predecessor is no train-seg network
+        inputs["init"] = P(RUN.round_model(r - 1))
+    return inputs
 
 
 def annotation_of(r):

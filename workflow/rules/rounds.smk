@@ -1,7 +1,8 @@
 # Iterative segmentation rounds (SPN paper §6): train on the selected reliable pseudo-labels of
 # round r-1 (round 1: the pseudo-label stage; with joint.enabled, round 0), predict the training
 # images, clean with the image labels, optional CRF, reliability selection -> the annotations of
-# round r. Every round is trained from ImageNet weights, never from the previous round.
+# round r. Every round is trained from ImageNet weights, as in the paper; segment.warm_start starts
+# rounds 2, 3, ... from the previous round's weights instead.
 
 
 rule train_seg:
@@ -22,9 +23,10 @@ rule train_seg:
     params:
         cfg=cfg_for("train-seg"),
         out_dir=lambda w, output: P(Path(output[0]).parent),
+        init=lambda w, input: ["--init", input.init] if hasattr(input, "init") else [],
     shell:
         "weakseg train-seg --config {params.cfg:q} --data {input.data} --labels {input.labels}"
-        " --selection {input.selection} --out-dir {params.out_dir} --threads {threads}"
+        " --selection {input.selection} {params.init:q} --out-dir {params.out_dir} --threads {threads}"
         " --gpus {resources.gpu} 2> {log}"
 
 

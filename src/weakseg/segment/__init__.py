@@ -13,6 +13,7 @@ from weakseg.commands import (
     Command,
     non_negative,
     option,
+    optional,
     output,
     required,
 )
@@ -27,6 +28,9 @@ COMMANDS = (
             DATA,
             required("--labels", "labels_path", "labels store of the annotations to train on"),
             required("--selection", "selection_csv", "reliability CSV with image_selected"),
+            optional(
+                "--init", "init_model", "model.pt whose weights replace ImageNet's (segment.warm_start)"
+            ),
             OUT_DIR,
         ),
         sections=("dataset", "device", "segment[model]"),

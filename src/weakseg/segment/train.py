@@ -19,7 +19,7 @@ from weakseg import store
 from weakseg.config import training_section
 from weakseg.datasets import IGNORE, open_data, read_image
 from weakseg.nets.device import select_device
-from weakseg.nets.model_file import config_fingerprint, save_model
+from weakseg.nets.model_file import config_fingerprint, load_model_file, load_weights, save_model
 from weakseg.pseudo.divergence import selected_ids
 from weakseg.segment.models import build_segmenter
 from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
@@ -77,8 +77,12 @@ def prior_from_counts(counts) -> np.ndarray:
     return prior / prior.sum()
 
 
-def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, threads: int = 1) -> Path:
-    """Train ``config['segment']['model']`` on the selected annotations; writes ``out_dir/model.pt``."""
+def run_train_seg(
+    config: dict, data_path, labels_path, selection_csv, out_dir, threads: int = 1, init_model=None
+) -> Path:
+    """Train ``config['segment']['model']`` on the selected annotations; writes ``out_dir/model.pt``.
+    ``init_model``: a segmentation model file whose weights replace the ImageNet initialisation
+    (segment.warm_start: the previous round's)."""
     torch.set_num_threads(max(1, threads))
     seg = config["segment"]
     info, data = open_data(data_path)
@@ -89,7 +93,13 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
         raise ValueError(f"{selection_csv}: no selected image has an annotation in {labels_path}")
     device = select_device(config["device"])
     seed_everything(seg["seed"])  # random init of the heads (and of a non-pretrained encoder)
-    model = build_segmenter(seg, info.n_classes, info.has_background).to(device)
+    model = build_segmenter(seg, info.n_classes, info.has_background)
+    init_digest = []  # only a warm start adds to the fingerprint
+    if init_model:
+        load_weights(model, load_model_file(init_model, "segment")["model"], init_model, "segmentation")
+        init_digest = [hashlib.sha256(Path(init_model).read_bytes()).hexdigest()]
+        log.info("train-seg: starting from the weights of %s", init_model)
+    model = model.to(device)
     # One pass over the annotations: their class prior, and a digest so that a checkpoint trained on other
     # annotations (an earlier round's, or before a pseudo-label change) is never resumed.
     labels_digest = hashlib.sha256()
@@ -156,7 +166,7 @@ def run_train_seg(config: dict, data_path, labels_path, selection_csv, out_dir, 
         seed=seg["seed"],
         desc="train-seg",
         fingerprint=config_fingerprint(
-            training_section(seg), config["dataset"], ids, labels_digest.hexdigest()
+            training_section(seg), config["dataset"], ids, labels_digest.hexdigest(), *init_digest
         ),
         log_every=seg["log_every"],
     )
