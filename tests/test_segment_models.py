@@ -85,6 +85,23 @@ def test_forward_shapes(model, has_background):
     assert net.encoder.stride == 16
 
 
+def test_output_stride_8_doubles_the_feature_map_and_the_atrous_rates():
+    def built(stride):
+        seg = wconfig.load({"segment": {"output_stride": stride, "pretrained": False}})["segment"]
+        return build_segmenter(seg, N_CLASSES, True).eval()
+
+    x = torch.rand(1, 3, 64, 96)
+    coarse, fine = built(16), built(8)
+    assert coarse.features(x).shape[-2:] == (4, 6) and fine.features(x).shape[-2:] == (8, 12)
+    rates = [[b[0].dilation[0] for b in m.head[0].branches[1:]] for m in (coarse, fine)]
+    assert rates == [[6, 12, 18], [12, 24, 36]]
+    assert fine(x)["logits"].shape == (1, N_CLASSES, 64, 96)
+    # A model file saved before the key existed rebuilds at stride 16.
+    legacy = {k: v for k, v in wconfig.load({"segment": {"pretrained": False}})["segment"].items()}
+    del legacy["output_stride"]
+    assert build_segmenter(legacy, N_CLASSES, True).encoder.stride == 16
+
+
 def test_decoupled_decodes_labelled_classes_and_background_is_not_any_fg():
     net = calibrated(make_model("decoupled"))
     x, _, image_labels = make_batch()

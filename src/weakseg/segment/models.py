@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from weakseg.labels import IGNORE
 from weakseg.nets.backbones import build_encoder, freeze_encoder, normalise, trainable
 
-OUTPUT_STRIDE = 16  # encoder stride for dense prediction: dilated last stage(s), as in DeepLabv3
+# Encoder stride for dense prediction (dilated last stages, as in DeepLabv3) of model files saved before
+# segment.output_stride existed.
+OUTPUT_STRIDE = 16
 ASPP_CHANNELS = 128  # DeepLabv3 uses 256; 128 keeps the head cheap enough for CPU training
 ASPP_RATES = (6, 12, 18)  # DeepLabv3's atrous rates at output stride 16
 BRIDGE_CHANNELS = 128  # DecoupledNet: channels of the shared bridge / decoder input
@@ -115,12 +117,14 @@ class ASPP(nn.Module):
 
 
 class DeepLab(Segmenter):
-    """DeepLabv3: stride-16 encoder, ASPP head, bilinear upsampling; pixel-wise cross-entropy."""
+    """DeepLabv3: stride-16 (or 8) encoder, ASPP head, bilinear upsampling; pixel-wise cross-entropy."""
 
     def __init__(self, encoder: nn.Module, n_classes: int, has_background: bool):
         super().__init__(encoder, n_classes, has_background)
+        # The atrous rates double at output stride 8 (DeepLabv3), so that they span the same image extent.
+        rates = tuple(r * OUTPUT_STRIDE // encoder.stride for r in ASPP_RATES)
         self.head = nn.Sequential(
-            ASPP(encoder.out_channels, ASPP_CHANNELS),
+            ASPP(encoder.out_channels, ASPP_CHANNELS, rates),
             _conv_bn_relu(ASPP_CHANNELS, ASPP_CHANNELS, 3),
             nn.Conv2d(ASPP_CHANNELS, n_classes, 1),
         )
@@ -266,7 +270,7 @@ def build_segmenter(seg_config: dict, n_classes: int, has_background: bool) -> S
         seg_config["backbone"],
         pretrained=seg_config["pretrained"],
         weights=seg_config["weights"],
-        output_stride=OUTPUT_STRIDE,
+        output_stride=seg_config.get("output_stride", OUTPUT_STRIDE),
     )
     freeze_encoder(encoder, seg_config["freeze_encoder"], seg_config["pretrained"])
     return MODELS[name](encoder, n_classes, has_background)
