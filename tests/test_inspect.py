@@ -558,3 +558,16 @@ def test_stage_gains_say_what_each_stage_added():
     assert "round1 (train): mIoU 50.0 on 90% of pixels, -5.0 against reliable" in lines
     assert "round1 (val): mIoU 52.0, +12.0 against spcam_gated" in lines
     assert not any(line.startswith("crf_selected") for line in lines)
+
+
+def test_expected_stages_of_a_consensus_annotation(tmp_path):
+    from weakseg import config as wconfig
+    from weakseg.inspect.stages import expected_label_stages
+    from weakseg.store import RunLayout
+
+    cfg = wconfig.load({"segment": {"rounds": 1, "annotation": "consensus"}})
+    layout = RunLayout(tmp_path)
+    train = {s.name: s.path for s in expected_label_stages(layout, cfg) if s.split == "train"}
+    assert train["round1"] == layout.round_labels(1, "consensus", "train")
+    assert train["round1_reliable"] == layout.round_labels(1, "reliable", "train")
+    assert train["round1_crf"] == layout.round_labels(1, "crf", "train")

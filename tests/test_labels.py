@@ -149,3 +149,11 @@ def test_triangle_threshold_sits_past_a_dominant_low_mode():
     t = lr.triangle_threshold(hist)
     assert 0.15 < t < 0.35, t
     assert lr.calibrate_threshold(hist, "triangle", 0.5) == t
+
+
+def test_agreement_keeps_equal_labels_only():
+    first = np.array([[0, 1, 2, IGN]], np.uint8)
+    second = np.array([[0, 2, 2, IGN]], np.uint8)
+    assert lr.agreement(first, second).tolist() == [[0, IGN, 2, IGN]]
+    with pytest.raises(ValueError, match="shapes"):
+        lr.agreement(first, second[:, :3])

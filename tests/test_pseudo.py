@@ -406,3 +406,29 @@ def test_scores_missing_a_labelled_class_is_a_clear_error(stores):
     with pytest.raises(store.StoreError, match=r"t1.*\[3\]"):
         run_clean(CFG, data_path, bad, "spcam", tmp / "out.zarr")
     assert not (tmp / "out.zarr").exists()
+
+
+def test_consensus_keeps_the_round_labels_where_the_first_pseudo_labels_agree(stores):
+    from weakseg.pseudo.consensus import run_consensus
+
+    tmp, data_path, _ = stores
+    rng = np.random.default_rng(0)
+    train, maps = ["t0", "t1", "t2", "t3"], {}
+    for name in ("round", "first"):
+        maps[name] = {i: rng.choice(np.array([0, 1, 2, IGNORE], np.uint8), size=(H, W)) for i in train}
+        with store.writing(tmp / f"{name}.zarr", "labels", store.provenance("test")) as group:
+            for image_id, labels in maps[name].items():
+                store.put(group, store.LABELS, image_id, labels)
+    run_consensus(CFG, data_path, tmp / "round.zarr", tmp / "first.zarr", tmp / "consensus.zarr")
+    agreed, _ = _labels(tmp / "consensus.zarr")
+    assert sorted(agreed) == train
+    for image_id in train:
+        a, b, out = maps["round"][image_id], maps["first"][image_id], agreed[image_id]
+        np.testing.assert_array_equal(out[a == b], a[a == b])
+        assert (out[a != b] == IGNORE).all() and (out != IGNORE).any()
+    # A reference without one of the images is refused, naming the store, and writes nothing.
+    with store.writing(tmp / "partial.zarr", "labels", store.provenance("test")) as group:
+        store.put(group, store.LABELS, "t0", maps["first"]["t0"])
+    with pytest.raises(store.StoreError, match="partial.zarr: no labels for 3 images"):
+        run_consensus(CFG, data_path, tmp / "round.zarr", tmp / "partial.zarr", tmp / "bad.zarr")
+    assert not (tmp / "bad.zarr").exists()

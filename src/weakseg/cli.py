@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "weakseg.pseudo.crf",
     "weakseg.pseudo.rrm",
     "weakseg.pseudo.divergence",
+    "weakseg.pseudo.consensus",
     "weakseg.evaluate",
     "weakseg.config",
     "weakseg.inspect.panels",

@@ -225,6 +225,15 @@ def confident_labels(
     return banded_labels(scores, classes, image_labels, has_background, 0.0, confidence)
 
 
+def agreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """uint8 (H, W): the label where two label maps give the same one, ``IGNORE`` elsewhere (and where
+    both are ``IGNORE``)."""
+    first, second = np.asarray(first), np.asarray(second)
+    if first.shape != second.shape:
+        raise ValueError(f"label maps of shapes {first.shape} and {second.shape} cannot be compared")
+    return np.where(first == second, first, IGNORE).astype(np.uint8)
+
+
 def banded_labels(
     scores: np.ndarray, classes, image_labels, has_background: bool, low: float, high: float
 ) -> np.ndarray:

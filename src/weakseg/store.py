@@ -546,7 +546,7 @@ class RunLayout:
         return self.round_dir(r) / f"scores_{split}.zarr"
 
     def round_labels(self, r: int | str, variant: str, split: str) -> Path:
-        """A round's labels store: ``variant`` cleaned, crf or reliable of ``split``'s images."""
+        """A round's labels store: ``variant`` cleaned, crf, reliable or consensus of ``split``'s images."""
         return self.round_dir(r) / f"{variant}_{split}.zarr"
 
     def round_reliability(self, r: int | str) -> Path:
@@ -564,7 +564,7 @@ class RunLayout:
         if not self.round_dir(r).is_dir():
             return []
         found = (
-            re.fullmatch(r"(cleaned|crf|reliable)_(.+)", p.stem)
+            re.fullmatch(r"(cleaned|crf|reliable|consensus)_(.+)", p.stem)
             for p in sorted(self.round_dir(r).glob("*.zarr"))
         )
         return [(m.group(1), m.group(2), self.round_labels(r, m.group(1), m.group(2))) for m in found if m]

@@ -366,10 +366,10 @@ def test_labels_only_dataset_runs_to_the_end_without_evaluation(labels_only_run,
     assert "\r" not in log and "device: auto -> cpu" in log and "loss=" in log
 
 
-def test_warm_start_feeds_the_previous_round_model_to_later_rounds_only(tiny_run, workdir, tmp_path):
+def test_warm_start_and_consensus_annotation_wire_the_rounds(tiny_run, workdir, tmp_path):
     check_ok(tiny_run[1])
     config = yaml.safe_load(TINY.read_text())
-    config["segment"].update(rounds=2, warm_start=True)
+    config["segment"].update(rounds=2, warm_start=True, annotation="consensus")
     configfile = tmp_path / "tiny_warm.yaml"
     configfile.write_text(yaml.safe_dump(config))
     dry = check_ok(snakemake(workdir, "-n", "-p", configfile=configfile))
@@ -379,6 +379,13 @@ def test_warm_start_feeds_the_previous_round_model_to_later_rounds_only(tiny_run
         "--init results/tiny/round1/model.pt" in commands[0]
         and "--out-dir results/tiny/round2" in commands[0]
     )
+    # Round 2 trains on round 1's reliable regions where the first pseudo-labels agree.
+    assert "--labels results/tiny/round1/consensus_train.zarr" in commands[0]
+    consensus = [line for line in dry.splitlines() if "weakseg consensus" in line]
+    assert len(consensus) == 2 and all(
+        "--reference results/tiny/pseudo/reliable.zarr" in c for c in consensus
+    )
+    assert any("--labels results/tiny/round1/reliable_train.zarr" in c for c in consensus)
 
 
 def test_snakemake_report_carries_every_image(tiny_run, workdir, tmp_path):

@@ -128,6 +128,28 @@ rule reliable_round:
         " --crf {input.crf} --confidence {params.confidence} --out {output} 2> {log}"
 
 
+rule consensus_round:
+    input:
+        data=P(RUN.data),
+        labels=P(RUN.round_labels("{r}", "reliable", TRAIN)),
+        reference=P(RUN.pseudo(config["segment"]["first_round_input"])),
+    output:
+        directory(P(RUN.round_labels("{r}", "consensus", TRAIN))),
+    log:
+        log_for("consensus_round{r}"),
+    benchmark:
+        bench_for("consensus_round{r}")
+    conda:
+        CONDA_ENV
+    resources:
+        **CPU_RESOURCES,
+    params:
+        cfg=cfg_for("consensus"),
+    shell:
+        "weakseg consensus --config {params.cfg:q} --data {input.data} --labels {input.labels}"
+        " --reference {input.reference} --out {output} 2> {log}"
+
+
 rule reliability_round:
     input:
         data=P(RUN.data),

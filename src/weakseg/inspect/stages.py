@@ -5,8 +5,9 @@ A stage is named as its metrics row: (stage, split). Labels stores map to names 
     pseudo/cleaned.zarr, crf.zarr, reliable.zarr        cleaned, crf, reliable            (train)
     cam/<key>_gated_<val>.zarr                          cam_gated, spcam_gated            (val)
     round<r>/<segment.annotation>_<train>.zarr          round<r>: the round's annotation  (train)
-    round<r>/cleaned_<train>.zarr, crf_, reliable_      round<r>_cleaned, _crf, _reliable (train; the
-                                                        one that is the annotation is round<r>)
+    round<r>/cleaned_<train>.zarr, crf_, reliable_,     round<r>_cleaned, _crf, _reliable,
+    consensus_                                          _consensus (train; the one that is
+                                                        the annotation is round<r>)
     round<r>/cleaned_<val>.zarr, crf_<val>.zarr         round<r>_gated, round<r>_crf      (val)
 
 Metrics add rows without a labels store: superpixel_oracle, cam and spcam (scores, train), round<r> on
@@ -21,10 +22,17 @@ from pathlib import Path
 
 STAGE_HELP = (
     "superpixel_oracle, cam, spcam, cleaned, crf, reliable, round<r> (train); cam_gated, spcam_gated, "
-    "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable "
+    "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable, round<r>_consensus "
     "(train, a round's steps before its annotation)"
 )
 PSEUDO_VARIANTS = ("cleaned", "crf", "reliable")
+# The labels stores the workflow makes for a round's train annotation (segment.annotation), in order.
+ANNOTATION_STEPS = {
+    "cleaned": ("cleaned",),
+    "crf": ("crf",),
+    "reliable": ("crf", "reliable"),
+    "consensus": ("crf", "reliable", "consensus"),
+}
 CAM_KEYS = ("cam", "spcam")
 
 
@@ -60,7 +68,7 @@ def expected_label_stages(layout, config: dict) -> list[Stage]:
         stages += [Stage(f"{key}_gated", val, layout.gated(key, val)) for key in CAM_KEYS]
     # The workflow makes a round's train annotation and what it needs (reliable regions need the CRF),
     # and on val the gated prediction and, with segment.eval_crf, its CRF.
-    made = {train: ("crf", "reliable") if seg["annotation"] == "reliable" else (seg["annotation"],)}
+    made = {train: ANNOTATION_STEPS[seg["annotation"]]}
     if val:
         made[val] = ("cleaned", "crf") if seg["eval_crf"] else ("cleaned",)
     for r in run_rounds(config):

@@ -36,7 +36,7 @@ def reliable_regions(
             f"size {confident.shape}"
         )
     # Where the scores are unsure the confident label is 255, so the pixel stays 255 either way.
-    return np.where(crf_labels == confident, crf_labels, IGNORE).astype(np.uint8)
+    return label_rules.agreement(crf_labels, confident)
 
 
 def _reliable_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
