@@ -54,9 +54,9 @@ COMMAND = Command(
     run_consensus,
     (
         DATA,
+        output("out_path", "output labels store (.zarr), 255 where the two disagree"),
         required("--labels", "labels_path", "labels store of the round (its reliable regions)"),
         required("--reference", "reference_path", "labels store of the first round's pseudo-labels"),
-        output("out_path", "output labels store (.zarr), 255 where the two disagree"),
     ),
     sections=("dataset",),
     writes=("out_path",),
