@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -62,12 +63,20 @@ def map_images(fn: Callable[[T], R], items: Sequence[T], threads: int, desc: str
         yield from progress(map(fn, items), desc, total=len(items))
         return
     ctx = mp.get_context("fork")
-    with ctx.Pool(processes=threads) as pool:
+    with ctx.Pool(processes=threads, initializer=default_sigterm) as pool:
         for result, kernel_seconds in progress(
             pool.imap(partial(_with_kernel_seconds, fn), items, chunksize=1), desc, total=len(items)
         ):
             timing.add(kernel_seconds)  # the workers' kernels count in this job's kernel time
             yield result
+
+
+def default_sigterm() -> None:
+    """Initializer of worker processes: SIGTERM kills them outright. A forked worker inherits the
+    command's SIGTERM handler (unwind and clean up, ``weakseg.cli``); in a worker that unwinding runs
+    Python's exit path, which can wait forever on a thread or lock the fork left behind, and then the
+    pool's shutdown, which sends SIGTERM, never returns. Workers own no files: the parent cleans up."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _with_kernel_seconds(fn: Callable[[T], R], item: T) -> tuple[R, dict[str, float]]:

@@ -44,6 +44,7 @@ from weakseg.joint.mining import (
 from weakseg.joint.model import build_joint_network, joint_model_section
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, save_model
+from weakseg.parallel import default_sigterm
 from weakseg.segment.train import prior_from_counts
 from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
@@ -250,7 +251,9 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
     )
     pool = None
     if joint["method"] == "rrm":
-        pool = ProcessPoolExecutor(max_workers=max(1, threads), mp_context=mp.get_context("fork"))
+        pool = ProcessPoolExecutor(
+            max_workers=max(1, threads), mp_context=mp.get_context("fork"), initializer=default_sigterm
+        )
     miner = LabelMiner(config, fg, info.has_background, pool)
     try:
         train_loop(
