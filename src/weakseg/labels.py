@@ -230,7 +230,10 @@ def agreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     both are ``IGNORE``)."""
     first, second = np.asarray(first), np.asarray(second)
     if first.shape != second.shape:
-        raise ValueError(f"label maps of shapes {first.shape} and {second.shape} cannot be compared")
+        raise ValueError(
+            f"label maps of shapes {first.shape} and {second.shape} cannot be compared"
+            " (were both made from the same data store?)"
+        )
     return np.where(first == second, first, IGNORE).astype(np.uint8)
 
 
