@@ -9,13 +9,11 @@ import pytest
 import torch
 import yaml
 
-from e2e.test_workflow import TINY, check_ok, metric_stages, snakemake
+from e2e.test_workflow import IGNORE_TIMESTAMP_WARNING, TINY, check_ok, metric_stages, snakemake
 from weakseg import store
 
 
-@pytest.mark.filterwarnings(
-    "ignore:Object at .snakemake_timestamp"
-)  # Snakemake's marker in directory outputs
+@IGNORE_TIMESTAMP_WARNING
 @pytest.mark.parametrize("model", ["seam", "dual"])
 def test_tiny_workflow_with_cam_model(tmp_path, model):
     config = yaml.safe_load(TINY.read_text())

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from e2e.test_workflow import (
+    IGNORE_TIMESTAMP_WARNING,
     TINY,
     VENV_BIN,
     check_ok,
@@ -24,9 +25,7 @@ from weakseg.nets.model_file import load_model_file
 ITERATIONS, CHECKPOINT_EVERY = 12, 3
 
 
-@pytest.mark.filterwarnings(
-    "ignore:Object at .snakemake_timestamp"
-)  # Snakemake's marker in directory outputs
+@IGNORE_TIMESTAMP_WARNING
 @pytest.mark.parametrize("method", ["annealed", "rrm"])
 def test_joint_round0_trains_resumes_predicts_and_evaluates(tmp_path, method):
     config = yaml.safe_load(TINY.read_text())

@@ -30,6 +30,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# Snakemake's marker inside directory outputs, which zarr warns about when it opens such a store.
+IGNORE_TIMESTAMP_WARNING = pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp")
+
+
 def snakemake_command(workdir: Path, *args: str, configfile: Path = TINY) -> list[str]:
     """Run the repository's Snakefile with ``workdir`` as working directory (results/ goes there)."""
     return [
