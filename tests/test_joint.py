@@ -17,9 +17,11 @@ from test_training import (  # noqa: F401
 )
 
 import weakseg.joint.train as joint_train
+from weakseg.config import load
 from weakseg.datasets import IGNORE
-from weakseg.joint.losses import dense_energy_loss
+from weakseg.joint.losses import class_centre_loss, dense_energy_loss
 from weakseg.joint.mining import ReliableJob, annealed_labels, annealed_threshold, par, reliable_job
+from weakseg.joint.model import ReweightedAggregation
 from weakseg.labels import BACKGROUND, Background
 from weakseg.nets.model_file import load_model_file
 from weakseg.segment.predict import load_segmenter, predict_probabilities
@@ -80,6 +82,90 @@ def test_energy_counts_only_the_pixels_of_the_soft_filter_and_has_a_gradient():
     loss = dense_energy_loss(logits.softmax(1), image, weight, 2.0, 10.0, 2)
     loss.backward()
     assert float(loss.detach()) > 0.0 and float(logits.grad.abs().sum()) > 0.0
+
+
+def test_centre_loss_is_zero_for_separated_class_clusters_and_penalises_mixed_ones():
+    """Features that are one direction per class, with the probabilities of those classes: every
+    feature sits on its centre and the centres are sqrt(2) apart (beyond margin 1): no loss. The same
+    probabilities over features that ignore the classes cost both compactness and separation."""
+    labels = torch.zeros(1, 6, 8, dtype=torch.long)
+    labels[:, :, 4:] = 1
+    probs = one_hot(labels, 2)
+    clustered = one_hot(labels, 2).repeat(1, 2, 1, 1)  # 4 channels, 2 per class
+    assert float(class_centre_loss(clustered, probs, margin=1.0)) == pytest.approx(0.0, abs=1e-6)
+    mixed = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    loss = class_centre_loss(mixed, probs, margin=1.0)
+    assert float(loss.detach()) > 0.1
+    loss.backward()
+    assert mixed.grad.abs().sum() > 0
+    # Two classes with the same features: their centres coincide, which costs the whole margin.
+    same = torch.ones(1, 4, 6, 8)
+    assert float(class_centre_loss(same, probs, margin=1.0)) == pytest.approx(1.0, abs=1e-5)
+    # A class with (almost) no probability mass is not present and is not pushed away from the others.
+    absent = one_hot(torch.zeros(1, 6, 8, dtype=torch.long), 2)
+    assert float(class_centre_loss(same, absent, margin=1.0)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_rfam_reweights_its_levels_per_channel():
+    """R-FAM's level weights are a softmax over the levels; when they favour one level, the others do
+    not reach the output."""
+    torch.manual_seed(0)
+    aggregate = ReweightedAggregation((3, 5, 7), channels=4).eval()
+    levels = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4), torch.randn(2, 7, 4, 4)]
+    weights = aggregate.level_weights([p(x) for p, x in zip(aggregate.project, levels)])
+    assert weights.shape == (2, 3, 4, 1, 1)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 4, 1, 1))
+    assert aggregate(levels).shape == (2, 4, 4, 4)
+    with torch.no_grad():  # all weight on the middle level (stride 16)
+        aggregate.reweight[-1].weight.zero_()
+        aggregate.reweight[-1].bias.copy_(torch.tensor([-50.0] * 4 + [50.0] * 4 + [-50.0] * 4))
+    before = aggregate(levels)
+    changed = [levels[0] * 3 + 1, levels[1], levels[2] - 2]
+    # The pooled context sees only the reweighted sum, so changing the ignored levels changes nothing.
+    torch.testing.assert_close(aggregate(changed), before, atol=1e-5, rtol=0)
+    assert not torch.allclose(aggregate([levels[0], levels[1] * 2, levels[2]]), before)
+
+
+def test_joint_network_with_the_rrm_head_gives_logits_and_features_of_both_sub_branches():
+    from weakseg.joint.model import build_joint_network
+
+    cam_cfg = {**load({})["cam"], "model": "cam", "pretrained": False}
+    model = build_joint_network(cam_cfg, n_classes=4, has_background=True, head_channels=8, head="rrm").eval()
+    out = model.train_outputs(torch.rand(2, 3, 64, 48))
+    assert out["seg"].shape == (2, 4, 4, 3) and out["seg_features"].shape == (2, 16, 4, 3)
+    assert out["cam"].shape == (2, 3, 4, 3)
+    assert model(torch.rand(1, 3, 64, 48))["logits"].shape == (1, 4, 64, 48)
+    with pytest.raises(ValueError, match="expected input"):
+        model.train_outputs(torch.rand(2, 1, 64, 48))
+
+
+def test_the_miner_calibrates_background_on_recent_batches():
+    """The rrm miner's threshold comes from the decayed histogram of the batches' own CAM scores: after
+    the CAMs change from sharp to over-activating, the threshold moves with them."""
+    from weakseg.joint.train import LabelMiner
+
+    config = load({})
+    histogram = torch.zeros(256, dtype=torch.float64)
+    miner = LabelMiner(config, np.array([1, 2]), True, None, histogram)
+    assert miner.background_threshold() == config["pseudo"]["background"]["threshold"]
+    rng = np.random.default_rng(0)
+
+    def batch_of(background, objects):
+        scores = np.zeros((4, 2, 16, 16), np.float32)
+        scores[:, 0] = rng.uniform(*background, (4, 16, 16))
+        scores[:, 0, 4:12, 4:12] = rng.uniform(*objects, (4, 8, 8))
+        valid = np.ones((4, 16, 16), bool)
+        valid[:, :, 14:] = False
+        return scores, valid, {"image_labels": [np.array([0, 1])] * 4}
+
+    for _ in range(30):
+        miner.count_scores(*batch_of((0.0, 0.2), (0.45, 1.0)))
+    assert 0.2 < miner.background_threshold() < 0.45
+    for _ in range(60):
+        miner.count_scores(*batch_of((0.35, 0.6), (0.75, 1.0)))
+    assert 0.6 < miner.background_threshold() < 0.75
+    # The miner writes into the tensor it was given: the model's buffer, saved with the checkpoints.
+    assert histogram.sum() > 0
 
 
 # ------------------------------------------------------------------ annealed threshold
@@ -165,7 +251,7 @@ def test_reliable_job_keeps_crf_labels_that_agree_with_confident_scores_and_igno
 # ------------------------------------------------------------------ training, resume, model file
 
 
-def joint_config(config: dict, method: str) -> dict:
+def joint_config(config: dict, method: str, head: str = "plain", bcd_weight: float = 0.0) -> dict:
     return {
         **config,
         "cam": {**config["cam"], "model": "cam", "log_every": 1},
@@ -176,17 +262,21 @@ def joint_config(config: dict, method: str) -> dict:
             "iterations": ITERATIONS,
             "warmup": 1,
             "head_channels": 8,
+            "head": head,
             "label_stride": 2,
+            "rrm": {**config["joint"]["rrm"], "bcd": {"weight": bcd_weight, "margin": 1.0}},
         },
     }
 
 
-@pytest.mark.parametrize("method", ["annealed", "rrm"])
+@pytest.mark.parametrize(
+    "method, head, bcd_weight", [("annealed", "plain", 0.0), ("rrm", "plain", 0.0), ("rrm", "rrm", 0.1)]
+)
 def test_joint_training_resumes_after_a_kill_to_identical_weights(
-    tmp_path, cam_inputs, monkeypatch, caplog, method
+    tmp_path, cam_inputs, monkeypatch, caplog, method, head, bcd_weight
 ):
     config, data, sp = cam_inputs
-    config = joint_config(config, method)
+    config = joint_config(config, method, head, bcd_weight)
     reference_path = joint_train.run_train_joint(config, data, sp, tmp_path / "a")
     reference = load_model_file(reference_path, "segment")
     assert reference["config"]["segment"]["model"] == "joint"
@@ -196,6 +286,14 @@ def test_joint_training_resumes_after_a_kill_to_identical_weights(
     assert (log_rows["labelled"].iloc[1:] > 0).all()
     if method == "rrm":
         assert (log_rows["loss_energy"].iloc[1:] > 0).all()
+        # The synthetic dataset has a background class: the threshold is calibrated on the batches' CAMs
+        # (Otsu by default), so it leaves the fixed fallback once labels are mined.
+        assert log_rows["bg_threshold"].iloc[0] == config["pseudo"]["background"]["threshold"]
+        assert log_rows["bg_threshold"].iloc[1:].between(0, 1).all()
+        assert (log_rows["bg_threshold"].iloc[1:] != config["pseudo"]["background"]["threshold"]).any()
+        assert ("loss_bcd" in log_rows) == (bcd_weight > 0)
+        if bcd_weight > 0:
+            assert (log_rows["loss_bcd"].iloc[1:] > 0).all()
     else:
         assert log_rows["threshold"].is_monotonic_decreasing
 

@@ -108,6 +108,17 @@ def test_calibrated_threshold_adapts_to_two_score_distributions():
         lr.calibrate_threshold(np.ones(lr.LEVELS), "guess", 0.5)
 
 
+def test_running_threshold_is_the_fixed_one_until_scores_are_counted_and_masks_leave_out_padding():
+    assert lr.running_threshold(np.zeros(lr.LEVELS), "otsu", 0.42) == 0.42
+    hist = np.zeros(lr.LEVELS)
+    hist[25], hist[200] = 100, 50
+    assert lr.running_threshold(hist, "otsu", 0.42) == lr.otsu_threshold(hist)
+    scores = np.full((1, 2, 3), 0.5, np.float32)
+    mask = np.array([[True, False, False], [False, False, False]])
+    counted = lr.top_score_histogram(scores, [3], [3], mask)
+    assert counted.sum() == 1 and counted[round(0.5 * (lr.LEVELS - 1))] == 1
+
+
 def test_otsu_threshold_edge_cases():
     # Two single levels: the threshold lies midway between them, not against either.
     hist = np.zeros(lr.LEVELS)

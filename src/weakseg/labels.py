@@ -263,14 +263,17 @@ def banded_labels(
 # ----------------------------------------------------------------------------------------------
 
 
-def top_score_histogram(scores: np.ndarray, classes, image_labels) -> np.ndarray:
-    """(LEVELS,) counts of the best labelled score of each pixel, in uint8 score levels.
-    An image without a labelled channel adds nothing (its pixels say nothing about objects)."""
+def top_score_histogram(
+    scores: np.ndarray, classes, image_labels, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """(LEVELS,) counts of the best labelled score of each pixel (of the pixels where ``mask`` is True,
+    if given), in uint8 score levels. An image without a labelled channel adds nothing (its pixels say
+    nothing about objects)."""
     kept, kept_classes = restrict_to_labels(scores, classes, image_labels)
     if len(kept_classes) == 0:
         return np.zeros(LEVELS, np.int64)
     levels = np.clip(np.rint(kept.max(axis=0) * (LEVELS - 1)), 0, LEVELS - 1).astype(np.int64)
-    return np.bincount(levels.ravel(), minlength=LEVELS)
+    return np.bincount(levels[mask] if mask is not None else levels.ravel(), minlength=LEVELS)
 
 
 def otsu_threshold(histogram: np.ndarray) -> float:
@@ -328,6 +331,14 @@ def calibrate_threshold(histogram: np.ndarray, method: str, fixed: float) -> flo
     raise ValueError(
         f"pseudo.background.method: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}"
     )
+
+
+def running_threshold(histogram: np.ndarray, method: str, fixed: float) -> float:
+    """``calibrate_threshold`` of a histogram that may still be empty (one-stage training calibrates on
+    its recent batches): the fixed threshold until some labelled pixel has been counted."""
+    if np.asarray(histogram).sum() <= 0:
+        return float(fixed)
+    return calibrate_threshold(histogram, method, fixed)
 
 
 # ----------------------------------------------------------------------------------------------

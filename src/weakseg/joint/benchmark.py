@@ -6,7 +6,7 @@ prediction over each image's labels, what round 0 hands on before CRF and reliab
 val (the network alone, every class). The two-step row comes from a finished workflow run of the
 same config (``results/<run>``): its round-1 val rows, its RRM reliable pseudo-labels, and the sum
 of its job times up to round 1's val prediction (Snakemake's benchmark files). Run folders:
-``<results>/<run>_joint/<method>_it<iterations>/``; the table goes to ``joint_<run>.csv``.
+``<results>/<run>_joint/<variant>_it<iterations>/`` (``variant_name``); the table goes to ``joint_<run>.csv``.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ def energy_cost_ms(config: dict, n_classes: int, repeats: int = 5) -> float:
     return 1000 * (time.perf_counter() - started) / repeats
 
 
+def variant_name(joint: dict) -> str:
+    """The method and what the config adds to it: ``rrm+rfam`` (joint.head rrm), ``+bcd`` (its loss on)."""
+    name = joint["method"]
+    if joint["head"] == "rrm":
+        name += "+rfam"
+    if joint["method"] == "rrm" and joint["rrm"]["bcd"]["weight"] > 0:
+        name += "+bcd"
+    return name
+
+
 def bench_joint_method(cfg: dict, shared: store.RunLayout, method: str, threads: int) -> dict:
     from weakseg.benchmark import _link_inputs
     from weakseg.datasets import open_data
@@ -72,7 +82,8 @@ def bench_joint_method(cfg: dict, shared: store.RunLayout, method: str, threads:
     from weakseg.segment.predict import run_predict_store
 
     cfg = {**cfg, "joint": {**cfg["joint"], "enabled": True, "method": method}}
-    layout = store.RunLayout(shared.root / f"{method}_it{cfg['joint']['iterations']}")
+    variant = variant_name(cfg["joint"])
+    layout = store.RunLayout(shared.root / f"{variant}_it{cfg['joint']['iterations']}")
     _link_inputs(shared, layout)
     shutil.rmtree(layout.round_dir(0), ignore_errors=True)  # a resumed checkpoint would shorten the timing
     started = time.perf_counter()
@@ -100,7 +111,7 @@ def bench_joint_method(cfg: dict, shared: store.RunLayout, method: str, threads:
         )
         rows[split] = overall(tidy, stage)
     return {
-        "method": method,
+        "method": variant,
         "iterations": cfg["joint"]["iterations"],
         "train_s": train_s,
         "predict_ms_per_image": 1000 * predict_s / images,

@@ -71,3 +71,38 @@ def pixel_energy(
         agreement = (probs * padded_probs[:, :, rows, cols]).sum(1)
         total = total + kernel * (1.0 - agreement)
     return total
+
+
+def class_centre_loss(
+    features: torch.Tensor, probs: torch.Tensor, margin: float, min_mass: float = 0.01
+) -> torch.Tensor:
+    """RRM's BCD loss, per class: each image's feature centre of class k is the mean of its
+    L2-normalised features weighted by P(k); the loss is the mean squared distance of each feature to
+    its classes' centres (weighted by P) plus the mean over pairs of classes present in an image of
+    relu(margin - |c_a - c_b|^2). With a background class and one object that is RRM's
+    foreground/background pair.
+
+    features (B, C, h, w), probs (B, K, h, w) softmax probabilities at the same size. A class counts
+    as present in an image when its probability mass is at least ``min_mass`` of the pixels. Squared
+    distances of unit vectors lie in [0, 4], so ``margin`` is in those units.
+    """
+    if features.shape[0] != probs.shape[0] or features.shape[-2:] != probs.shape[-2:]:
+        raise ValueError(
+            f"centre loss: features {tuple(features.shape)} and probs {tuple(probs.shape)} must share batch and size"
+        )
+    f = F.normalize(features.flatten(2), dim=1)  # (B, C, N)
+    p = probs.flatten(2)  # (B, K, N)
+    mass = p.sum(-1)  # (B, K)
+    centres = torch.einsum("bkn,bcn->bkc", p, f) / mass.clamp(min=1e-6)[..., None]
+    # sum_k P_ik |f_i - c_k|^2 = 1 - 2 sum_k P_ik <f_i, c_k> + sum_k P_ik |c_k|^2 (|f_i| = 1, sum_k P_ik = 1)
+    closeness = torch.einsum("bkn,bkc,bcn->bn", p, centres, f)
+    spread = torch.einsum("bkn,bk->bn", p, (centres**2).sum(-1))
+    compactness = (1.0 - 2.0 * closeness + spread).mean()
+    present = mass >= min_mass * p.shape[-1]  # (B, K)
+    pairs = present[:, :, None] & present[:, None, :]
+    pairs &= ~torch.eye(p.shape[1], dtype=torch.bool, device=p.device)
+    if not bool(pairs.any()):
+        return compactness
+    gaps = torch.cdist(centres, centres) ** 2  # (B, K, K)
+    separation = F.relu(margin - gaps)[pairs].mean()
+    return compactness + separation

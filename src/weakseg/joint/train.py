@@ -4,7 +4,9 @@ Each iteration: a batch as in CAM training (``cam.train_sizes``, square pad + re
 encoder pass, the classification loss of the ``cam.model`` head, then labels mined from the batch's
 own CAMs (detached) at 1 / ``joint.label_stride`` of the input size, which supervise the
 segmentation head by cross-entropy (255 ignored). ``rrm`` adds the dense energy loss on the pixels
-the labels leave out. The first ``joint.warmup`` iterations train the classifier alone: the CAMs of
+the labels leave out, and optionally the BCD class-centre loss; with a background class its
+threshold is calibrated (``pseudo.background.method``) on the recent batches' own CAMs, since they
+change as the network trains. The first ``joint.warmup`` iterations train the classifier alone: the CAMs of
 a freshly initialised head would only teach noise.
 
 The CRF of ``rrm`` runs on a pool of ``threads`` worker processes, one job per image of the batch.
@@ -32,7 +34,7 @@ from weakseg.cam.losses import labelled_maps
 from weakseg.cam.models import multilabel_loss
 from weakseg.cam.train import classifier_training_ids, draw_resized_batch, to_tensor01
 from weakseg.datasets import IGNORE, open_data
-from weakseg.joint.losses import pixel_energy
+from weakseg.joint.losses import class_centre_loss, pixel_energy
 from weakseg.joint.mining import (
     ReliableJob,
     annealed_labels,
@@ -50,6 +52,9 @@ from weakseg.training import optimizer_and_schedule, seed_everything, train_loop
 
 log = logging.getLogger("weakseg")
 PSEUDO_KEYS = ("source", "background", "crf", "reliable")  # the pseudo.* keys the mining reads
+# Each earlier batch's counts in the background calibration fade by this per batch: the CAMs change as
+# the network trains, so the threshold follows the recent ones (about the last ten batches).
+SCORE_HISTORY_DECAY = 0.9
 
 
 def superpixel_means(maps: torch.Tensor, superpixels: torch.Tensor) -> torch.Tensor:
@@ -73,10 +78,37 @@ def superpixel_means(maps: torch.Tensor, superpixels: torch.Tensor) -> torch.Ten
 class LabelMiner:
     """Turns a batch's detached CAMs into label maps (B, L, L) uint8 by ``joint.method``."""
 
-    def __init__(self, config: dict, fg: np.ndarray, has_background: bool, pool: ProcessPoolExecutor | None):
+    def __init__(
+        self,
+        config: dict,
+        fg: np.ndarray,
+        has_background: bool,
+        pool: ProcessPoolExecutor | None,
+        score_histogram: torch.Tensor,
+    ):
         self.joint, self.pseudo = config["joint"], config["pseudo"]
         self.fg, self.has_background, self.pool = fg, has_background, pool
         self.crf_wait_s = 0.0
+        self.score_histogram = score_histogram
+
+    def background_threshold(self) -> float | None:
+        """The calibrated threshold of the recent batches' CAMs (None without a background class)."""
+        if not self.has_background:
+            return None
+        rule = self.pseudo["background"]
+        return label_rules.running_threshold(
+            self.score_histogram.cpu().numpy(), rule["method"], rule["threshold"]
+        )
+
+    def count_scores(self, scores: np.ndarray, valid: np.ndarray, batch: dict) -> None:
+        """Add a batch's best labelled scores to the decayed histogram the threshold is calibrated on."""
+        histogram = sum(
+            label_rules.top_score_histogram(scores[b], self.fg, batch["image_labels"][b], valid[b])
+            for b in range(len(scores))
+        )
+        self.score_histogram.mul_(SCORE_HISTORY_DECAY).add_(
+            torch.from_numpy(histogram).to(self.score_histogram)
+        )
 
     def threshold(self, iteration: int) -> float:
         """The annealed confident threshold th(t), t counted from the end of the warm-up."""
@@ -113,10 +145,10 @@ class LabelMiner:
         crf = crf_at_resolution(self.pseudo["crf"], size / batch["size"])
         images = (image01 * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
         scores = maps.cpu().numpy().astype(np.float32)
+        if self.has_background:
+            self.count_scores(scores, valid, batch)
         background = label_rules.Background(
-            self.has_background,
-            self.pseudo["background"]["threshold"] if self.has_background else None,
-            self.pseudo["background"]["margin"],
+            self.has_background, self.background_threshold(), self.pseudo["background"]["margin"]
         )
         jobs = [
             ReliableJob(
@@ -163,16 +195,18 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
     ids = classifier_training_ids(info, config["dataset"]["train_split"], data_path)
     device = select_device(config["device"])
     seed_everything(cam_cfg["seed"])
-    model = build_joint_network(cam_cfg, info.n_classes, info.has_background, joint["head_channels"]).to(
-        device
-    )
+    model = build_joint_network(
+        cam_cfg, info.n_classes, info.has_background, joint["head_channels"], joint["head"]
+    ).to(device)
     iterations = joint["iterations"]
     optimizer, scheduler = optimizer_and_schedule(model, {**cam_cfg, "iterations": iterations})
     source = "spcam" if cam_cfg["model"] == "spn" and config["pseudo"]["source"] == "spcam" else "cam"
     log.info(
-        "train-joint: %s, %s head on %s, labels from %s, %d images, %d iterations (%d warm-up), device %s",
+        "train-joint: %s, %s head and %s segmentation head on %s, labels from %s, %d images, %d iterations "
+        "(%d warm-up), device %s",
         joint["method"],
         cam_cfg["model"],
+        joint["head"],
         cam_cfg["backbone"],
         source,
         len(ids),
@@ -192,7 +226,7 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
             "size": size,
         }
 
-    energy = joint["rrm"]["energy"]
+    energy, bcd = joint["rrm"]["energy"], joint["rrm"]["bcd"]
     timing = {"energy_s": 0.0, "iterations": 0}
 
     def compute_loss(m, batch: dict, miner: LabelMiner) -> tuple[torch.Tensor, dict]:
@@ -201,6 +235,10 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
         cls_loss, parts = multilabel_loss(out, batch["y"], cam_cfg["gap_weight"])
         if iteration < joint["warmup"]:
             parts.update(loss_seg=0.0, loss_energy=0.0, labelled=0.0)
+            if joint["method"] == "rrm" and bcd["weight"] > 0:
+                parts["loss_bcd"] = 0.0
+            if joint["method"] == "rrm" and info.has_background:
+                parts["bg_threshold"] = miner.background_threshold()
             if joint["method"] == "annealed":  # every row of the log averages the same keys
                 parts["threshold"] = miner.threshold(iteration)
             return cls_loss, parts
@@ -234,6 +272,12 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
             timing["energy_s"] += time.perf_counter() - started
             total = total + energy["weight"] * energy_loss
             parts["loss_energy"] = float(energy_loss.detach())
+            if bcd["weight"] > 0:
+                bcd_loss = class_centre_loss(out["seg_features"], out["seg"].softmax(1), bcd["margin"])
+                total = total + bcd["weight"] * bcd_loss
+                parts["loss_bcd"] = float(bcd_loss.detach())
+            if info.has_background:
+                parts["bg_threshold"] = miner.background_threshold()
         else:
             parts["loss_energy"] = 0.0
             parts["threshold"] = miner.threshold(iteration)
@@ -254,7 +298,7 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
         pool = ProcessPoolExecutor(
             max_workers=max(1, threads), mp_context=mp.get_context("fork"), initializer=default_sigterm
         )
-    miner = LabelMiner(config, fg, info.has_background, pool)
+    miner = LabelMiner(config, fg, info.has_background, pool, model.score_histogram)
     try:
         train_loop(
             model=model,

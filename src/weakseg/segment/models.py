@@ -50,10 +50,14 @@ class Segmenter(nn.Module):
     def n_fg(self) -> int:
         return int(self.fg_classes.numel())
 
-    def features(self, x01: Tensor) -> Tensor:
+    def encoder_input(self, x01: Tensor) -> Tensor:
+        """The encoder's normalised input of a (B, 3, H, W) RGB batch in [0, 1]."""
         if x01.ndim != 4 or x01.shape[1] != 3:
             raise ValueError(f"segment: expected input (B, 3, H, W) RGB in [0, 1], got {tuple(x01.shape)}")
-        return self.encoder(normalise(x01, self.encoder))
+        return normalise(x01, self.encoder)
+
+    def features(self, x01: Tensor) -> Tensor:
+        return self.encoder(self.encoder_input(x01))
 
     def param_groups(self, lr: float, encoder_lr_mult: float) -> list[dict]:
         """The encoder's parameters at ``lr * encoder_lr_mult``, every other parameter at ``lr``."""
