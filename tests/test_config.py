@@ -220,6 +220,7 @@ def test_every_schema_key_has_a_description():
 def test_schema_enums_are_the_code_registries():
     """A choice the schema offers must exist in code, and a registered one must be selectable."""
     from weakseg import cam, superpixels
+    from weakseg.joint.model import SEG_HEADS
     from weakseg.nets.backbones import BACKBONES
     from weakseg.segment.models import MODELS as SEGMENT_MODELS
 
@@ -230,6 +231,7 @@ def test_schema_enums_are_the_code_registries():
     assert sorted(enum("segment", "model")) == sorted(SEGMENT_MODELS)
     assert enum("cam", "backbone") == enum("segment", "backbone")
     assert sorted(enum("cam", "backbone")) == sorted(BACKBONES)
+    assert sorted(enum("joint", "head")) == sorted(SEG_HEADS)
 
 
 def test_network_keys_are_declared_once_for_both_networks():

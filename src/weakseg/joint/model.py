@@ -32,7 +32,6 @@ from weakseg.labels import LEVELS
 from weakseg.segment.models import Segmenter, _conv_bn_relu
 
 JOINT_HEADS = ("cam", "spn")  # CAM generators whose head reads the shared encoder's features directly
-SEG_HEADS = ("plain", "rrm")  # joint.head
 
 
 def _local_layers(channels: int, head_channels: int) -> list[nn.Module]:
@@ -50,8 +49,10 @@ class PlainHead(nn.Sequential):
 
     taps: tuple[int, ...] = ()
 
-    def __init__(self, channels: int, head_channels: int, n_classes: int):
-        super().__init__(*_local_layers(channels, head_channels), nn.Conv2d(head_channels, n_classes, 1))
+    def __init__(self, encoder, head_channels: int, n_classes: int):
+        super().__init__(
+            *_local_layers(encoder.out_channels, head_channels), nn.Conv2d(head_channels, n_classes, 1)
+        )
 
     def forward(self, feats: Tensor, tapped: dict | None = None) -> tuple[Tensor, Tensor]:
         *body, classifier = self
@@ -119,12 +120,13 @@ class RRMHead(nn.Module):
         return self.classifier(features), features
 
 
+SEG_HEADS = {"plain": PlainHead, "rrm": RRMHead}  # joint.head
+
+
 def build_seg_head(name: str, encoder, head_channels: int, n_classes: int) -> nn.Module:
-    if name == "plain":
-        return PlainHead(encoder.out_channels, head_channels, n_classes)
-    if name == "rrm":
-        return RRMHead(encoder, head_channels, n_classes)
-    raise ConfigError(f"joint.head: expected one of {', '.join(SEG_HEADS)}, got {name!r}")
+    if name not in SEG_HEADS:
+        raise ConfigError(f"joint.head: expected one of {', '.join(SEG_HEADS)}, got {name!r}")
+    return SEG_HEADS[name](encoder, head_channels, n_classes)
 
 
 class JointNet(Segmenter):
