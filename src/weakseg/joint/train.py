@@ -229,19 +229,21 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
     energy, bcd = joint["rrm"]["energy"], joint["rrm"]["bcd"]
     timing = {"energy_s": 0.0, "iterations": 0}
 
+    def mining_state(miner: LabelMiner, iteration: int) -> dict:
+        """The mining rule's thresholds at this iteration, for the log (the same keys in every row)."""
+        if joint["method"] == "annealed":
+            return {"threshold": miner.threshold(iteration)}
+        return {"bg_threshold": miner.background_threshold()} if info.has_background else {}
+
     def compute_loss(m, batch: dict, miner: LabelMiner) -> tuple[torch.Tensor, dict]:
         iteration = scheduler.last_epoch  # steps taken so far: restored with the scheduler on resume
         out = m.train_outputs(batch["x"], batch["sp"])
         cls_loss, parts = multilabel_loss(out, batch["y"], cam_cfg["gap_weight"])
         if iteration < joint["warmup"]:
             parts.update(loss_seg=0.0, loss_energy=0.0, labelled=0.0)
-            if joint["method"] == "rrm" and bcd["weight"] > 0:
+            if joint["method"] == "rrm" and bcd["weight"] > 0:  # every row of the log averages the same keys
                 parts["loss_bcd"] = 0.0
-            if joint["method"] == "rrm" and info.has_background:
-                parts["bg_threshold"] = miner.background_threshold()
-            if joint["method"] == "annealed":  # every row of the log averages the same keys
-                parts["threshold"] = miner.threshold(iteration)
-            return cls_loss, parts
+            return cls_loss, {**parts, **mining_state(miner, iteration)}
         size = max(8, batch["size"] // joint["label_stride"])
         image01 = F.interpolate(batch["x"], size=(size, size), mode="area")
         valid = F.interpolate(batch["sp"][:, None].float(), size=(size, size), mode="nearest")[:, 0] >= 0
@@ -276,11 +278,9 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
                 bcd_loss = class_centre_loss(out["seg_features"], out["seg"].softmax(1), bcd["margin"])
                 total = total + bcd["weight"] * bcd_loss
                 parts["loss_bcd"] = float(bcd_loss.detach())
-            if info.has_background:
-                parts["bg_threshold"] = miner.background_threshold()
         else:
             parts["loss_energy"] = 0.0
-            parts["threshold"] = miner.threshold(iteration)
+        parts.update(mining_state(miner, iteration))
         timing["iterations"] += 1
         with torch.no_grad():
             m.mined_pixels += torch.bincount(target[labelled], minlength=m.n_classes).to(m.mined_pixels)

@@ -29,7 +29,8 @@ def reliable_regions(
     """uint8 (H, W): the CRF label where it equals the confident label of the scores
     (``weakseg.labels.confident_labels``), else 255."""
     confident = label_rules.confident_labels(scores, classes, image_labels, confidence, background)
-    # agreement refuses CRF labels of another size than the scores. Where the scores are unsure the confident label is 255, so the pixel stays 255 either way.
+    # agreement refuses CRF labels of another size than the scores. Where the scores are unsure the
+    # confident label is 255, so the pixel stays 255 either way.
     return label_rules.agreement(crf_labels, confident)
 
 
