@@ -219,9 +219,11 @@ def test_every_schema_key_has_a_description():
 
 def test_schema_enums_are_the_code_registries():
     """A choice the schema offers must exist in code, and a registered one must be selectable."""
-    from weakseg import cam, superpixels
+    from weakseg import cam, store, superpixels
+    from weakseg.inspect.stages import ANNOTATION_STEPS
     from weakseg.joint.model import SEG_HEADS
     from weakseg.nets.backbones import BACKBONES
+    from weakseg.pseudo.consensus import RULES as CHECKING_RULES
     from weakseg.segment.models import MODELS as SEGMENT_MODELS
 
     props = config.schema()["properties"]
@@ -232,6 +234,9 @@ def test_schema_enums_are_the_code_registries():
     assert enum("cam", "backbone") == enum("segment", "backbone")
     assert sorted(enum("cam", "backbone")) == sorted(BACKBONES)
     assert sorted(enum("joint", "head")) == sorted(SEG_HEADS)
+    # every annotation has its steps, and the checked ones a rule of `weakseg consensus` and a store name
+    assert sorted(enum("segment", "annotation")) == sorted(ANNOTATION_STEPS)
+    assert set(CHECKING_RULES) <= set(enum("segment", "annotation")) <= set(store.ROUND_LABEL_VARIANTS)
 
 
 def test_network_keys_are_declared_once_for_both_networks():

@@ -432,3 +432,12 @@ def test_consensus_keeps_the_round_labels_where_the_first_pseudo_labels_agree(st
     with pytest.raises(store.StoreError, match="partial.zarr: no labels for 3 images"):
         run_consensus(CFG, data_path, tmp / "round.zarr", tmp / "partial.zarr", tmp / "bad.zarr")
     assert not (tmp / "bad.zarr").exists()
+    # Pruned: the first labels stand except where the round gives another label.
+    run_consensus(CFG, data_path, tmp / "round.zarr", tmp / "first.zarr", tmp / "pruned.zarr", "pruned")
+    kept, _ = _labels(tmp / "pruned.zarr")
+    for image_id in train:
+        a, b, out = maps["round"][image_id], maps["first"][image_id], kept[image_id]
+        contradicted = (a != IGNORE) & (a != b)
+        np.testing.assert_array_equal(out[~contradicted], b[~contradicted])
+        assert (out[contradicted] == IGNORE).all() and contradicted.any()
+        assert ((out != IGNORE) & (b != a)).any()  # where the round is silent the first labels stay

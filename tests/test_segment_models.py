@@ -549,6 +549,39 @@ def test_run_train_seg_records_the_prior_and_never_resumes_on_other_annotations(
     assert "starting afresh" in caplog.text
 
 
+def _cam_model_file(config, path, backbone="efficientnet_lite0"):
+    from weakseg.cam.models import build_classifier
+
+    cam_config = {**config["cam"], "backbone": backbone, "pretrained": False}
+    torch.manual_seed(3)  # a draw of its own: equal weights below can only come from this file
+    net = build_classifier(cam_config, N_CLASSES - 1)
+    save_model(path, net, {**config, "cam": cam_config}, [str(c) for c in range(N_CLASSES)], True, "cam")
+    return net
+
+
+def test_run_train_seg_init_cam_begins_at_the_cam_encoder(seg_inputs):
+    from weakseg.segment.train import run_train_seg
+
+    config, data, annotations, _, tmp_path = seg_inputs
+    write_annotations(tmp_path / "labels.zarr", annotations)
+    args = (data, tmp_path / "labels.zarr", tmp_path / "selection.csv")
+    cam = _cam_model_file(config, tmp_path / "cam.pt").state_dict()
+    still = {**config, "segment": {**config["segment"], "lr": 0.0}}
+    seg = torch.load(
+        run_train_seg(still, *args, tmp_path / "seg", init_encoder=tmp_path / "cam.pt"), weights_only=True
+    )["model"]
+    # (weights, not BatchNorm running statistics: those move in training mode even at a zero rate)
+    encoder = [k for k in seg if k.startswith("encoder.") and k.endswith("weight")]
+    assert encoder and all(torch.equal(seg[k], cam[k]) for k in encoder)
+    cold = torch.load(run_train_seg(still, *args, tmp_path / "cold"), weights_only=True)["model"]
+    assert not all(torch.equal(cold[k], cam[k]) for k in encoder)
+    # A CAM network on another backbone cannot lend its encoder: refused before training, naming the keys.
+    _cam_model_file(config, tmp_path / "lite1.pt", backbone="efficientnet_lite1")
+    with pytest.raises(ValueError, match="segment.init: cam needs segment.backbone = cam.backbone"):
+        run_train_seg(config, *args, tmp_path / "bad", init_encoder=tmp_path / "lite1.pt")
+    assert not (tmp_path / "bad" / "model.pt").exists()
+
+
 def test_run_train_seg_warm_start_begins_at_the_given_weights(seg_inputs):
     from weakseg.segment.train import run_train_seg
 

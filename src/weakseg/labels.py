@@ -225,16 +225,30 @@ def confident_labels(
     return banded_labels(scores, classes, image_labels, has_background, 0.0, confidence)
 
 
-def agreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """uint8 (H, W): the label where two label maps give the same one, ``IGNORE`` elsewhere (and where
-    both are ``IGNORE``)."""
+def comparable(first, second) -> tuple[np.ndarray, np.ndarray]:
+    """The two label maps as arrays, refused unless they have one shape."""
     first, second = np.asarray(first), np.asarray(second)
     if first.shape != second.shape:
         raise ValueError(
             f"label maps of shapes {first.shape} and {second.shape} cannot be compared"
             " (were both made from the same data store?)"
         )
+    return first, second
+
+
+def agreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """uint8 (H, W): the label where two label maps give the same one, ``IGNORE`` elsewhere (and where
+    both are ``IGNORE``)."""
+    first, second = comparable(first, second)
     return np.where(first == second, first, IGNORE).astype(np.uint8)
+
+
+def pruned(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """uint8 (H, W): ``first``'s labels, ``IGNORE`` where ``second`` gives another label (where
+    ``second`` is ``IGNORE``, ``first`` stands)."""
+    first, second = comparable(first, second)
+    contradicted = (second != IGNORE) & (second != first)
+    return np.where(contradicted, IGNORE, first).astype(np.uint8)
 
 
 def banded_labels(

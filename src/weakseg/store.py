@@ -58,6 +58,9 @@ DATA_STORE = "data.zarr"  # the first store of every run: its folder is the run 
 RUN_LOCK = ".weakseg.lock"  # in the run directory: who writes this run
 RUN_LOCK_TOKEN = "WEAKSEG_RUN_LOCK"  # environment variable: the token of the lock held by a parent process
 TMP_MARK = ".tmp-"  # <final name>.tmp-<writer>: where a writer builds a store or file
+# A round's labels stores, <variant>_<split>.zarr: its prediction cleaned, CRF-refined, reliable regions,
+# and those checked against the first pseudo-labels (segment.annotation consensus, pruned).
+ROUND_LABEL_VARIANTS = ("cleaned", "crf", "reliable", "consensus", "pruned")
 
 
 class StoreError(UserError, RuntimeError):
@@ -546,7 +549,7 @@ class RunLayout:
         return self.round_dir(r) / f"scores_{split}.zarr"
 
     def round_labels(self, r: int | str, variant: str, split: str) -> Path:
-        """A round's labels store: ``variant`` cleaned, crf, reliable or consensus of ``split``'s images."""
+        """A round's labels store: ``variant`` (one of ``ROUND_LABEL_VARIANTS``) of ``split``'s images."""
         return self.round_dir(r) / f"{variant}_{split}.zarr"
 
     def round_reliability(self, r: int | str) -> Path:
@@ -564,7 +567,7 @@ class RunLayout:
         if not self.round_dir(r).is_dir():
             return []
         found = (
-            re.fullmatch(r"(cleaned|crf|reliable|consensus)_(.+)", p.stem)
+            re.fullmatch(rf"({'|'.join(ROUND_LABEL_VARIANTS)})_(.+)", p.stem)
             for p in sorted(self.round_dir(r).glob("*.zarr"))
         )
         return [(m.group(1), m.group(2), self.round_labels(r, m.group(1), m.group(2))) for m in found if m]

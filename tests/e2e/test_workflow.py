@@ -382,9 +382,27 @@ def test_warm_start_and_consensus_annotation_wire_the_rounds(tiny_run, workdir, 
     assert (
         "--init results/tiny/round1/model.pt" in commands[0]
         and "--out-dir results/tiny/round2" in commands[0]
+        and "--init-encoder" not in commands[0]
     )
     # Round 2 trains on round 1's reliable regions where the first pseudo-labels agree.
     assert "--labels results/tiny/round1/consensus_train.zarr" in commands[0]
+    # segment.init: cam retrains round 1 from the CAM network's encoder; round 2 still warm-starts.
+    config["segment"]["init"] = "cam"
+    configfile.write_text(yaml.safe_dump(config))
+    dry_cam = check_ok(snakemake(workdir, "-n", "-p", configfile=configfile))
+    train = sorted(line for line in dry_cam.splitlines() if "weakseg train-seg" in line)
+    assert len(train) == 2, dry_cam[-3000:]
+    round1 = next(c for c in train if "--out-dir results/tiny/round1" in c)
+    round2 = next(c for c in train if "--out-dir results/tiny/round2" in c)
+    assert "--init-encoder results/tiny/cam/model.pt" in round1 and "--init " not in round1
+    assert "--init results/tiny/round1/model.pt" in round2 and "--init-encoder" not in round2
+    # segment.annotation: pruned -> round 2 trains on the first labels that round 1 does not contradict.
+    config["segment"]["annotation"] = "pruned"
+    configfile.write_text(yaml.safe_dump(config))
+    dry_pruned = check_ok(snakemake(workdir, "-n", "-p", configfile=configfile))
+    checking = [line for line in dry_pruned.splitlines() if "weakseg consensus" in line]
+    assert checking and all("--rule pruned" in c and "pruned_train.zarr" in c for c in checking)
+    assert "--labels results/tiny/round1/pruned_train.zarr" in dry_pruned
     consensus = [line for line in dry.splitlines() if "weakseg consensus" in line]
     assert len(consensus) == 2 and all(
         "--reference results/tiny/pseudo/reliable.zarr" in c for c in consensus

@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from weakseg.cli import find_command
 from weakseg.config import ConfigError, evaluation_splits, resolve, sections_for
 from weakseg.inspect.stages import expected_label_stages, run_rounds
+from weakseg.pseudo.consensus import RULES as CHECKING_RULES
 from weakseg.store import RunLayout
 
 _CONFIG_FILES = [str(p) for p in workflow.overwrite_configfiles] or ["config.yaml"]
@@ -27,6 +28,9 @@ HAS_VAL = config["dataset"]["val_split"] is not None
 TRAIN, VAL = config["dataset"]["train_split"], config["dataset"]["val_split"]
 # Evaluation rules join the DAG only for splits with ground-truth masks (evaluate.enabled).
 EVAL_SPLITS = evaluation_splits(config)
+# The annotations that check a round's reliable regions against the first pseudo-labels (rule
+# consensus_round), as a wildcard pattern.
+CHECKED_ANNOTATIONS = "|".join(CHECKING_RULES)
 EVAL_TRAIN = TRAIN in EVAL_SPLITS
 EVAL_VAL = HAS_VAL and VAL in EVAL_SPLITS
 RES = config["resources"]
@@ -95,10 +99,12 @@ def round_inputs(w):
     if (
         r == 1 and not JOINT
     ):  # with one-stage training round 1 trains on round 0's annotation
-        return {
-            "labels": P(RUN.pseudo(config["segment"]["first_round_input"])),
-            "selection": P(RUN.reliability),
-        }
+        return with_cam_encoder(
+            {
+                "labels": P(RUN.pseudo(config["segment"]["first_round_input"])),
+                "selection": P(RUN.reliability),
+            }
+        )
     inputs = {
         "labels": annotation_of(r - 1),
         "selection": P(RUN.round_reliability(r - 1)),
@@ -107,6 +113,24 @@ def round_inputs(w):
         config["segment"]["warm_start"] and r >= 2
     ):  # round 1's predecessor is no train-seg network
         inputs["init"] = P(RUN.round_model(r - 1))
+    return with_cam_encoder(inputs)
+
+
+def init_options(wildcards, input):
+    """train-seg's options naming the weights a round starts from (see round_inputs)."""
+    flags = {"init": "--init", "init_encoder": "--init-encoder"}
+    return [
+        part
+        for key, flag in flags.items()
+        if hasattr(input, key)
+        for part in (flag, getattr(input, key))
+    ]
+
+
+def with_cam_encoder(inputs):
+    """segment.init: cam -> a round that does not warm-start begins with the CAM network's encoder."""
+    if config["segment"]["init"] == "cam" and "init" not in inputs:
+        inputs["init_encoder"] = P(RUN.cam_model)
     return inputs
 
 

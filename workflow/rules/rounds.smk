@@ -1,8 +1,8 @@
 # Iterative segmentation rounds (SPN paper §6): train on the selected reliable pseudo-labels of
 # round r-1 (round 1: the pseudo-label stage; with joint.enabled, round 0), predict the training
 # images, clean with the image labels, optional CRF, reliability selection -> the annotations of
-# round r. Every round is trained from ImageNet weights, as in the paper; segment.warm_start starts
-# rounds 2, 3, ... from the previous round's weights instead.
+# round r. Every round is trained from ImageNet weights, as in the paper; segment.init: cam starts the
+# encoder from the CAM network's, segment.warm_start rounds 2, 3, ... from the previous round's weights.
 
 
 rule train_seg:
@@ -23,7 +23,7 @@ rule train_seg:
     params:
         cfg=cfg_for("train-seg"),
         out_dir=lambda w, output: P(Path(output[0]).parent),
-        init=lambda w, input: ["--init", input.init] if hasattr(input, "init") else [],
+        init=init_options,
     shell:
         "weakseg train-seg --config {params.cfg:q} --data {input.data} --labels {input.labels}"
         " --selection {input.selection} {params.init:q} --out-dir {params.out_dir} --threads {threads}"
@@ -128,17 +128,21 @@ rule reliable_round:
         " --crf {input.crf} --confidence {params.confidence} --out {output} 2> {log}"
 
 
+# segment.annotation consensus or pruned: the round's reliable regions checked against the first
+# pseudo-labels.
 rule consensus_round:
     input:
         data=P(RUN.data),
         labels=P(RUN.round_labels("{r}", "reliable", TRAIN)),
         reference=P(RUN.pseudo(config["segment"]["first_round_input"])),
     output:
-        directory(P(RUN.round_labels("{r}", "consensus", TRAIN))),
+        directory(P(RUN.round_labels("{r}", "{rule}", TRAIN))),
     log:
-        log_for("consensus_round{r}"),
+        log_for("{rule}_round{r}"),
     benchmark:
-        bench_for("consensus_round{r}")
+        bench_for("{rule}_round{r}")
+    wildcard_constraints:
+        rule=CHECKED_ANNOTATIONS,
     conda:
         CONDA_ENV
     resources:
@@ -147,7 +151,7 @@ rule consensus_round:
         cfg=cfg_for("consensus"),
     shell:
         "weakseg consensus --config {params.cfg:q} --data {input.data} --labels {input.labels}"
-        " --reference {input.reference} --out {output} 2> {log}"
+        " --reference {input.reference} --rule {wildcards.rule} --out {output} 2> {log}"
 
 
 rule reliability_round:

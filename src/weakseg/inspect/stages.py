@@ -6,8 +6,8 @@ A stage is named as its metrics row: (stage, split). Labels stores map to names 
     cam/<key>_gated_<val>.zarr                          cam_gated, spcam_gated            (val)
     round<r>/<segment.annotation>_<train>.zarr          round<r>: the round's annotation  (train)
     round<r>/cleaned_<train>.zarr, crf_, reliable_,     round<r>_cleaned, _crf, _reliable,
-    consensus_                                          _consensus (train; the one that is
-                                                        the annotation is round<r>)
+    consensus_, pruned_                                 _consensus, _pruned (train; the one
+                                                        that is the annotation is round<r>)
     round<r>/cleaned_<val>.zarr, crf_<val>.zarr         round<r>_gated, round<r>_crf      (val)
 
 Metrics add rows without a labels store: superpixel_oracle, cam and spcam (scores, train), round<r> on
@@ -22,7 +22,7 @@ from pathlib import Path
 
 STAGE_HELP = (
     "superpixel_oracle, cam, spcam, cleaned, crf, reliable, round<r> (train); cam_gated, spcam_gated, "
-    "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable, round<r>_consensus "
+    "round<r>, round<r>_gated, round<r>_crf (val); round<r>_cleaned, round<r>_crf, round<r>_reliable, round<r>_consensus, round<r>_pruned "
     "(train, a round's steps before its annotation)"
 )
 PSEUDO_VARIANTS = ("cleaned", "crf", "reliable")
@@ -32,6 +32,7 @@ ANNOTATION_STEPS = {
     "crf": ("crf",),
     "reliable": ("crf", "reliable"),
     "consensus": ("crf", "reliable", "consensus"),
+    "pruned": ("crf", "reliable", "pruned"),
 }
 CAM_KEYS = ("cam", "spcam")
 

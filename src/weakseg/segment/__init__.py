@@ -31,6 +31,11 @@ COMMANDS = (
             optional(
                 "--init", "init_model", "model.pt whose weights replace ImageNet's (segment.warm_start)"
             ),
+            optional(
+                "--init-encoder",
+                "init_encoder",
+                "CAM model.pt whose encoder replaces ImageNet's; the heads start fresh (segment.init: cam)",
+            ),
             OUT_DIR,
         ),
         sections=("dataset", "device", "segment[model]"),

@@ -1,7 +1,8 @@
 """Train a segmentation network on the selected pseudo-labels of the previous round.
 
 Every round starts from ImageNet weights (never from the previous round's network: the SPN paper
-retrains from scratch so a round does not inherit the previous round's bias). Batches are random
+retrains from scratch so a round does not inherit the previous round's bias), unless segment.init: cam
+starts its encoder from the CAM network's or segment.warm_start from the previous round's weights. Batches are random
 scale + crop + flip of the selected images; label pixels 255 (unreliable / padding) are ignored.
 """
 
@@ -18,6 +19,7 @@ import torch
 from weakseg import store
 from weakseg.config import training_section
 from weakseg.datasets import IGNORE, open_data, read_image
+from weakseg.errors import InputError
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import config_fingerprint, load_model_file, load_weights, save_model
 from weakseg.pseudo.divergence import selected_ids
@@ -77,12 +79,35 @@ def prior_from_counts(counts) -> np.ndarray:
     return prior / prior.sum()
 
 
+def load_cam_encoder(model, cam_model, seg: dict) -> None:
+    """Replace ``model.encoder``'s weights with the encoder of the CAM model file ``cam_model``
+    (segment.init: cam). Its backbone must be the segmenter's."""
+    cam = load_model_file(cam_model, "cam")
+    cam_backbone = cam["config"]["cam"]["backbone"]
+    if cam_backbone != seg["backbone"]:
+        raise InputError(
+            f"segment.init: cam needs segment.backbone = cam.backbone, but {cam_model} has a "
+            f"{cam_backbone} encoder and segment.backbone is {seg['backbone']}"
+        )
+    prefix = "encoder."
+    encoder = {k[len(prefix) :]: v for k, v in cam["model"].items() if k.startswith(prefix)}
+    load_weights(model.encoder, encoder, cam_model, "segmentation encoder")
+
+
 def run_train_seg(
-    config: dict, data_path, labels_path, selection_csv, out_dir, threads: int = 1, init_model=None
+    config: dict,
+    data_path,
+    labels_path,
+    selection_csv,
+    out_dir,
+    threads: int = 1,
+    init_model=None,
+    init_encoder=None,
 ) -> Path:
     """Train ``config['segment']['model']`` on the selected annotations; writes ``out_dir/model.pt``.
     ``init_model``: a segmentation model file whose weights replace the ImageNet initialisation
-    (segment.warm_start: the previous round's)."""
+    (segment.warm_start: the previous round's). ``init_encoder``: a CAM model file whose encoder
+    replaces ImageNet's (segment.init: cam)."""
     torch.set_num_threads(max(1, threads))
     seg = config["segment"]
     info, data = open_data(data_path)
@@ -94,10 +119,14 @@ def run_train_seg(
     device = select_device(config["device"])
     seed_everything(seg["seed"])  # random init of the heads (and of a non-pretrained encoder)
     model = build_segmenter(seg, info.n_classes, info.has_background)
-    init_digest = []  # only a warm start adds to the fingerprint
+    init_digest = []  # only weights other than ImageNet's add to the fingerprint
+    if init_encoder:
+        load_cam_encoder(model, init_encoder, seg)
+        init_digest.append(hashlib.sha256(Path(init_encoder).read_bytes()).hexdigest())
+        log.info("train-seg: the encoder starts from the CAM network's, %s", init_encoder)
     if init_model:
         load_weights(model, load_model_file(init_model, "segment")["model"], init_model, "segmentation")
-        init_digest = [hashlib.sha256(Path(init_model).read_bytes()).hexdigest()]
+        init_digest.append(hashlib.sha256(Path(init_model).read_bytes()).hexdigest())
         log.info("train-seg: starting from the weights of %s", init_model)
     model = model.to(device)
     # One pass over the annotations: their class prior, and a digest so that a checkpoint trained on other
