@@ -243,12 +243,12 @@ def agreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return np.where(first == second, first, IGNORE).astype(np.uint8)
 
 
-def pruned(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """uint8 (H, W): ``first``'s labels, ``IGNORE`` where ``second`` gives another label (where
-    ``second`` is ``IGNORE``, ``first`` stands)."""
-    first, second = comparable(first, second)
-    contradicted = (second != IGNORE) & (second != first)
-    return np.where(contradicted, IGNORE, first).astype(np.uint8)
+def pruned(checker: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 (H, W): ``labels``, ``IGNORE`` where ``checker`` gives another label (where ``checker`` is
+    ``IGNORE``, ``labels`` stand)."""
+    checker, labels = comparable(checker, labels)
+    contradicted = (checker != IGNORE) & (checker != labels)
+    return np.where(contradicted, IGNORE, labels).astype(np.uint8)
 
 
 def banded_labels(

@@ -30,7 +30,7 @@ log = logging.getLogger("weakseg")
 # How a round's reliable regions (first argument) and the first pseudo-labels (second) combine.
 RULES = {
     "consensus": label_rules.agreement,
-    "pruned": lambda round_labels, first: label_rules.pruned(first, round_labels),
+    "pruned": label_rules.pruned,
 }
 
 

@@ -2,8 +2,9 @@
 
 Every round starts from ImageNet weights (never from the previous round's network: the SPN paper
 retrains from scratch so a round does not inherit the previous round's bias), unless segment.init: cam
-starts its encoder from the CAM network's or segment.warm_start from the previous round's weights. Batches are random
-scale + crop + flip of the selected images; label pixels 255 (unreliable / padding) are ignored.
+starts its encoder from the CAM network's or segment.warm_start from the previous round's weights.
+Batches are random scale + crop + flip of the selected images; label pixels 255 (unreliable / padding)
+are ignored.
 """
 
 from __future__ import annotations
