@@ -599,3 +599,25 @@ def test_run_train_seg_warm_start_begins_at_the_given_weights(seg_inputs):
     weights = [k for k, v in first.items() if v.dtype.is_floating_point and k.endswith("weight")]
     assert weights and all(torch.equal(warm[k], first[k]) for k in weights)
     assert not all(torch.equal(cold[k], first[k]) for k in weights)
+
+
+@pytest.mark.parametrize(("size", "dilation"), [((16, 16), 18), ((16, 40), 18), ((5, 3), 4), ((20, 20), 6)])
+def test_atrous_conv_skipping_padding_taps_keeps_output_and_gradients(size, dilation):
+    """Taps that can only read padding are skipped (dimension <= dilation); nothing else changes."""
+    from weakseg.segment.models import AtrousConv2d
+
+    torch.manual_seed(0)
+    conv = AtrousConv2d(6, 4, 3, padding=dilation, dilation=dilation, bias=True)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    grad_out = torch.randn(2, 4, *size)
+    (conv(x) * grad_out).sum().backward()
+    fast = conv(x).detach(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()
+    x.grad = conv.weight.grad = conv.bias.grad = None
+    plain = F.conv2d(x, conv.weight, conv.bias, 1, dilation, dilation)
+    (plain * grad_out).sum().backward()
+    for got, want in zip(fast, (plain.detach(), x.grad, conv.weight.grad, conv.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    off_centre = torch.ones(3, 3, dtype=torch.bool)
+    off_centre[1, 1] = False
+    if all(s <= dilation for s in size):  # only the centre tap can have a gradient
+        assert not conv.weight.grad[:, :, off_centre].any()

@@ -89,9 +89,29 @@ class Segmenter(nn.Module):
             )
 
 
+class AtrousConv2d(nn.Conv2d):
+    """A stride-1 'same' convolution that skips the taps which can only read padding.
+
+    Along a dimension no longer than the dilation, every off-centre tap of every output position falls
+    outside the map (DeepLab's rate 18 on a 16 x 16 feature map, for one): the convolution there is
+    the centre row or column of the kernel without padding. Same output and gradients (the skipped
+    taps' gradient is zero either way), at a fraction of the cost.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, padding = self.weight, list(self.padding)
+        for axis, (size, kernel, dilation) in enumerate(zip(x.shape[-2:], self.kernel_size, self.dilation)):
+            if kernel > 1 and size <= dilation:
+                weight = weight.narrow(2 + axis, kernel // 2, 1)
+                padding[axis] = 0
+        if weight is self.weight:
+            return super().forward(x)
+        return F.conv2d(x, weight, self.bias, 1, tuple(padding), self.dilation, self.groups)
+
+
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        AtrousConv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
