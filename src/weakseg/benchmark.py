@@ -474,13 +474,15 @@ def bench_speed(
     encoder, untrained heads: the times do not depend on the head weights): CAM inference per image
     (every class upsampled on a plain network, against the kept classes on a channels-last one with
     BatchNorm folded), segmentation prediction per image (every class resized on a plain network,
-    against the image's classes on a channels-last one with BatchNorm folded) and the CAM training step per
-    batch (superpixel pooling of the upsampled scores against the weighted pooling); plus the batch
+    against the image's classes on a channels-last one with BatchNorm folded), the CAM training step per
+    batch (superpixel pooling of the upsampled scores against the weighted pooling) and the segmentation
+    training step (dense ASPP convolutions against skipping the taps that read only padding); plus the batch
     preparation a training step waits for without the prefetch thread. Images: every k-th of the
     data store, so train and val mix as in the run."""
     import copy
 
     import torch
+    import torch.nn.functional as F
 
     from weakseg.cam.infer import image_scores
     from weakseg.cam.losses import training_loss
@@ -489,7 +491,7 @@ def bench_speed(
     from weakseg.config import load, run_dir
     from weakseg.datasets import open_data, read_image
     from weakseg.nets.backbones import fold_batchnorm
-    from weakseg.segment.models import build_segmenter
+    from weakseg.segment.models import AtrousConv2d, build_segmenter
     from weakseg.segment.predict import predict_probabilities
 
     torch.set_num_threads(max(1, threads))
@@ -613,6 +615,45 @@ def bench_speed(
             ),
         )
     row("train-cam batch preparation (overlapped by the prefetch thread)", "batch", steps, prep_s, 0.0)
+
+    # The segmentation step on crops of the same batches (random pixel labels: the time does not depend
+    # on them), every ASPP convolution dense against the one that skips the taps reading only padding.
+    crop = seg["crop_size"]
+    seg_batches = [
+        {
+            "x": F.interpolate(b["x"], size=(crop, crop), mode="bilinear", align_corners=False),
+            "labels": torch.from_numpy(rng.integers(0, info.n_classes, (len(b["x"]), crop, crop))),
+            "image_labels": torch.ones(len(b["x"]), info.n_classes),
+        }
+        for b in batches
+    ]
+    seg_nets = []
+    for skip in (False, True):
+        net = build_segmenter(seg, info.n_classes, info.has_background).train()
+        for module in net.modules():
+            if isinstance(module, AtrousConv2d):
+                module.skip_padding_taps = skip
+        seg_nets.append((net, torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)))
+
+    def seg_step(net_and_optimizer):
+        net, optimizer = net_and_optimizer
+
+        def run(batch):
+            loss, _ = net.loss(net(batch["x"]), batch["labels"], batch["image_labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    for net_and_optimizer in seg_nets:  # first steps set up kernels and optimizer state: not timed
+        seg_step(net_and_optimizer)(seg_batches[0])
+    row(
+        f"train-seg step ({crop} px crops)",
+        "batch",
+        steps,
+        *interleaved(seg_batches, seg_step(seg_nets[0]), seg_step(seg_nets[1])),
+    )
     table = pd.DataFrame(rows, columns=SPEED_COLUMNS)
     hits = pd.DataFrame(
         [
