@@ -376,7 +376,7 @@ def test_store_round_trip(stores):
     assert selected_ids(tmp / "pseudo" / "reliability.csv") == sorted(csv.loc[csv["selected"], "id"].unique())
     assert "t3" not in selected_ids(tmp / "pseudo" / "reliability.csv")
 
-    run_crf(CFG, data_path, scores_path, "spcam", tmp / "crf.zarr", threads=2)
+    run_crf(CFG, data_path, scores_path, "spcam", tmp / "crf.zarr", threads=2, unary="scores")
     crf, group = _labels(tmp / "crf.zarr")
     assert sorted(crf) == train and group.attrs["provenance"]["stage"] == "crf"
     for image_id, objects in SCENES.items():

@@ -232,7 +232,15 @@ def bench_crf(config_path: str, out_dir: Path) -> None:
     for threads in (1, 2):
         out = Path(tempfile.mkdtemp(prefix="weakseg-crf-")) / "crf.zarr"
         started = time.perf_counter()
-        run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], out, threads)
+        run_crf(
+            cfg,
+            layout.data,
+            layout.scores,
+            cfg["pseudo"]["source"],
+            out,
+            threads,
+            model_path=layout.cam_model,
+        )
         n = len(store.ids_in(store.open_store(out, "labels"), store.LABELS))
         rows.append(
             {"threads": threads, "images": n, "ms_per_image": 1000 * (time.perf_counter() - started) / n}
@@ -385,7 +393,16 @@ def bench_method(cfg: dict, shared: store.RunLayout, method: str, split: str, th
             per_image_csv=layout.per_image_csv(key, split),
             key=key,
         )
-    run_crf(cfg, layout.data, layout.scores, cfg["pseudo"]["source"], layout.crf, threads, split=split)
+    run_crf(
+        cfg,
+        layout.data,
+        layout.scores,
+        cfg["pseudo"]["source"],
+        layout.crf,
+        threads,
+        split=split,
+        model_path=layout.cam_model,
+    )
     metrics["crf"] = run_evaluate(
         cfg,
         layout.data,

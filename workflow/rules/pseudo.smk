@@ -34,6 +34,7 @@ rule crf:
     input:
         data=P(RUN.data),
         scores=P(RUN.scores),
+        model=P(RUN.cam_model),  # its encoder's features, for pseudo.crf.unary: prototypes
     output:
         directory(shard_path(RUN.crf)),
     log:
@@ -52,7 +53,7 @@ rule crf:
         shards=N_SHARDS,
     shell:
         "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key {params.key}"
-        " --out {output} --threads {threads} --shard {params.shard} --shards {params.shards} 2> {log}"
+        " --model {input.model} --out {output} --threads {threads} --shard {params.shard} --shards {params.shards} 2> {log}"
 
 
 rule reliable:

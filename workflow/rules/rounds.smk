@@ -100,7 +100,7 @@ rule crf_round:
         shard=lambda w: int(getattr(w, "shard", 0)),
         shards=N_SHARDS,
     shell:
-        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg"
+        "weakseg crf --config {params.cfg:q} --data {input.data} --scores {input.scores} --key seg --unary scores"
         " --split {wildcards.split} --labels-from {input.labels_from} --out {output} --threads {threads}"
         " --shard {params.shard} --shards {params.shards} 2> {log}"
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from weakseg import store, timing
 from weakseg.cam.models import build_classifier, max_normalise
-from weakseg.datasets import open_data, read_image
+from weakseg.datasets import DatasetInfo, open_data, read_image
 from weakseg.nets.backbones import fold_batchnorm
 from weakseg.nets.device import select_device
 from weakseg.nets.model_file import ModelFileError, load_model_file, load_weights
@@ -97,6 +97,20 @@ def image_scores(
     return max_normalise(cam_total), spcam[:, sp].reshape(-1, h, w), prob_sum / len(scales)
 
 
+def load_cam_model(model_path, info: DatasetInfo) -> torch.nn.Module:
+    """The CAM network of a ``weakseg train-cam`` model file, in eval mode, refused unless it was
+    trained on the classes of ``info`` (the data store it will be applied to)."""
+    ckpt = load_model_file(model_path, "cam")
+    if list(ckpt["class_names"]) != list(info.class_names):
+        raise ModelFileError(
+            f"{model_path}: model classes {ckpt['class_names']} differ from the data store's"
+        )
+    cam = ckpt["config"]["cam"]
+    model = build_classifier({**cam, "pretrained": False}, len(info.fg_classes))
+    load_weights(model, ckpt["model"], model_path, f"'{cam.get('model')}' / '{cam.get('backbone')}'")
+    return model.eval()
+
+
 def run_infer_cam(
     config: dict,
     data_path,
@@ -116,15 +130,8 @@ def run_infer_cam(
     """
     torch.set_num_threads(max(1, threads))
     device = select_device(config["device"])
-    ckpt = load_model_file(model_path, "cam")
     info, data = open_data(data_path)
-    if list(ckpt["class_names"]) != list(info.class_names):
-        raise ModelFileError(
-            f"{model_path}: model classes {ckpt['class_names']} differ from the data store's"
-        )
-    model = build_classifier({**ckpt["config"]["cam"], "pretrained": False}, len(info.fg_classes))
-    cam = ckpt["config"]["cam"]
-    load_weights(model, ckpt["model"], model_path, f"'{cam.get('model')}' / '{cam.get('backbone')}'")
+    model = load_cam_model(model_path, info)
     # channels-last weights make the convolutions run in that layout, which CPU kernels run faster at
     # inference; BatchNorm folded into the convolutions saves a pass over every feature map
     fold_batchnorm(model.to(device, memory_format=torch.channels_last))

@@ -110,10 +110,15 @@ class Encoder(nn.Module):
         return self.forward_features(x)[0]
 
     def forward_features(
-        self, x: Tensor, after: Mapping[int, nn.Module] | None = None, taps: Collection[int] = ()
+        self,
+        x: Tensor,
+        after: Mapping[int, nn.Module] | None = None,
+        taps: Collection[int] = (),
+        stop_after: int | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """The forward pass, also returning the outputs of the layers in ``taps`` and applying
         ``after[i]`` to the output of layer ``i`` (a tap holds that output before ``after[i]``).
+        ``stop_after``: the last layer to run (default: all); what is returned is its output.
 
         Frozen layers run without autograd only up to the first ``after`` module: a trainable module
         inside the frozen part needs the gradient through the frozen layers that follow it.
@@ -129,6 +134,8 @@ class Encoder(nn.Module):
                 tapped[i] = x
             if i in after:
                 x = after[i](x)
+            if i == stop_after:
+                break
         return x, tapped
 
 

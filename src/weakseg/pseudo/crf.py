@@ -1,21 +1,25 @@
 """Dense CRF refinement (Krähenbühl & Koltun 2011, via pydensecrf) of class score maps into labels.
 
-Scores become per-pixel class probabilities over the image's labelled classes (plus a background
-channel derived from low scores when the scores carry none), -log of them is the unary, and a
-Gaussian (smoothness) plus a bilateral (colour) kernel pull labels onto image edges.
+The unary is -log of per-pixel class probabilities over the image's labelled classes (plus a
+background channel derived from low scores when the scores carry none), and a Gaussian (smoothness)
+plus a bilateral (colour) kernel pull labels onto image edges. The probabilities (``pseudo.crf.unary``)
+are the normalised scores themselves, or, for CAM scores, the similarity of each pixel's encoder
+features to per-image class prototypes built from the cleaned annotation (``weakseg.pseudo.prototypes``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from functools import lru_cache
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
 from weakseg import labels as label_rules
 from weakseg import timing
-from weakseg.commands import THREADS, Command
+from weakseg.commands import THREADS, Command, option, optional
+from weakseg.errors import UserError
 from weakseg.pseudo.clean import LABEL_RULE_SECTIONS, SCORES_TO_LABELS
 from weakseg.pseudo.jobs import ImageJob, job_image, job_scores, make_jobs, write_labels
 
@@ -30,6 +34,7 @@ CRF_KEYS = (
     "bilateral_compat",
     "unary_floor",
 )
+UNARIES = ("scores", "prototypes")
 
 
 def crf_probabilities(
@@ -103,6 +108,40 @@ def crf_labels(
     return np.asarray(prob_classes)[marginals.argmax(axis=0)].astype(np.uint8)
 
 
+@lru_cache(maxsize=2)
+def _feature_encoder(model_path: str, data_path: str):
+    """The encoder of a CAM model file, loaded once per worker process. One torch thread: the stage
+    runs one worker process per core."""
+    import torch
+
+    from weakseg.cam.infer import load_cam_model
+    from weakseg.datasets import open_data
+
+    torch.set_num_threads(1)
+    return load_cam_model(model_path, open_data(data_path)[0]).encoder
+
+
+def _unary_probabilities(job: ImageJob, scores, classes, image) -> tuple[np.ndarray, np.ndarray]:
+    if job.params["unary"] == "scores":
+        return crf_probabilities(
+            scores, classes, job.image_labels, job.background.has_background, job.background.threshold
+        )
+    from weakseg.pseudo.prototypes import image_prototype_probabilities
+
+    encoder = _feature_encoder(job.params["model_path"], job.data_path)
+    with timing.kernel("prototypes"):
+        return image_prototype_probabilities(
+            encoder,
+            image,
+            scores,
+            classes,
+            job.image_labels,
+            job.background,
+            job.params["clean_ratio"],
+            job.params["temperature"],
+        )
+
+
 def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
     scores, classes = job_scores(job)
     image = job_image(job)
@@ -111,9 +150,7 @@ def _crf_one(job: ImageJob) -> tuple[str, np.ndarray, Counter]:
             f"{job.scores_path}: '{job.key}/{job.image_id}' scores are {scores.shape[1:]} but the "
             f"image is {image.shape[:2]}"
         )
-    probs, prob_classes = crf_probabilities(
-        scores, classes, job.image_labels, job.background.has_background, job.background.threshold
-    )
+    probs, prob_classes = _unary_probabilities(job, scores, classes, image)
     labels = crf_labels(image, probs, prob_classes, job.params["crf"])
     # How far the CRF moved labels from the argmax of its own input, for the log.
     changed = int(np.count_nonzero(labels != prob_classes[probs.argmax(axis=0)]))
@@ -131,12 +168,32 @@ def run_crf(
     n_shards: int = 1,
     split: str | None = None,
     labels_from=None,
+    model_path=None,
+    unary: str | None = None,
 ) -> None:
     """CRF-refine the ``key`` scores of the images of ``split`` (default train; one shard) into a labels
     store at ``out_path``, on ``threads`` worker processes; logs images/s. Outside the train split
     image labels are unknown: every class in the scores competes, or those the classifier of the CAM
-    scores store ``labels_from`` predicts present (see ``known_labels``)."""
-    params = {"crf": dict(config["pseudo"]["crf"])}
+    scores store ``labels_from`` predicts present (see ``known_labels``).
+
+    ``unary`` (default ``pseudo.crf.unary``): ``scores``, or ``prototypes``, which needs the CAM model
+    file ``model_path`` whose encoder gives the features."""
+    crf_cfg = config["pseudo"]["crf"]
+    unary = unary or crf_cfg["unary"]
+    if unary not in UNARIES:
+        raise UserError(f"pseudo.crf.unary: expected one of {', '.join(UNARIES)}, got {unary!r}")
+    if unary == "prototypes" and model_path is None:
+        raise UserError(
+            "pseudo.crf.unary 'prototypes' needs the CAM model file whose encoder gives the features "
+            "(weakseg crf --model cam/model.pt), or --unary scores"
+        )
+    params = {
+        "crf": {k: v for k, v in crf_cfg.items() if k in CRF_KEYS},
+        "unary": unary,
+        "model_path": None if model_path is None else str(model_path),
+        "clean_ratio": config["pseudo"]["clean_ratio"],
+        "temperature": crf_cfg["prototype_temperature"],
+    }
     _, jobs = make_jobs(
         config,
         data_path,
@@ -157,10 +214,12 @@ def run_crf(
         jobs,
         threads,
         key=key,
+        unary=unary,
         background_threshold=jobs[0].background.threshold if jobs else None,
     )
     log.info(
-        "crf: %.1f%% of pixels changed from the argmax of the scores",
+        "crf: %s unary; %.1f%% of pixels changed from the argmax of the scores",
+        unary,
         100.0 * counts["changed"] / max(counts["pixels"], 1),
     )
     timing.log_kernel_seconds()
@@ -170,7 +229,16 @@ COMMAND = Command(
     "crf",
     "dense CRF refinement of score maps",
     run_crf,
-    (THREADS, *SCORES_TO_LABELS),
+    (
+        THREADS,
+        *SCORES_TO_LABELS,
+        optional(
+            "--model",
+            "model_path",
+            "cam/model.pt written by train-cam: its encoder's features make the 'prototypes' unary",
+        ),
+        option("--unary", choices=UNARIES, default=None, help="override pseudo.crf.unary"),
+    ),
     sections=LABEL_RULE_SECTIONS,
     writes=("out_path",),
 )
