@@ -226,6 +226,28 @@ def test_reliability_curve_small_sets_and_nan_divergence():
     assert curve["miou"].tolist()[0] == 1.0 and curve["miou"].tolist()[1] < 1.0
 
 
+def test_annotation_curve_scores_each_annotation_on_its_own_class_per_class_selection():
+    # Image "a": class 1 right, class 2 all wrong. Image "b": class 1 half wrong, class 2 right.
+    gt_a = np.array([1, 1, 2, 2], np.uint8)
+    gt_b = np.array([1, 1, 2, 2], np.uint8)
+    conf_a = metrics.Confusion(3).add(gt_a, np.array([1, 1, 0, 0], np.uint8))
+    conf_b = metrics.Confusion(3).add(gt_b, np.array([1, 0, 2, 2], np.uint8))
+    rows = [(1, 0.1, conf_a), (2, 0.9, conf_a), (1, 0.5, conf_b), (2, 0.2, conf_b)]
+    curve = metrics.annotation_curve(rows, 2)
+    assert list(curve.columns) == metrics.ANNOTATION_CURVE_COLUMNS
+    assert curve["annotations"].tolist() == [2, 4]
+    # Half: class 1 keeps image a (IoU 1), class 2 keeps image b (IoU 1): image a's wrong class 2 does
+    # not count against its class 1 annotation.
+    assert curve["miou"].iloc[0] == pytest.approx(1.0)
+    # All: class 1 pools TP 3, FN 1 (IoU 3/4); class 2 pools TP 2, FN 2 (IoU 2/4).
+    assert curve["miou"].iloc[1] == pytest.approx((3 / 4 + 2 / 4) / 2)
+    # The reverse ranking keeps the two worse annotations first.
+    reverse = metrics.annotation_curve([(c, -score, conf) for c, score, conf in rows], 2)
+    assert reverse["miou"].iloc[0] == pytest.approx((1 / 2 + 0.0) / 2)
+    with pytest.raises(ValueError, match="no annotations"):
+        metrics.annotation_curve([], 2)
+
+
 # ---------------------------------------------------------------- store edge
 
 CLASSES = ["background", "cat", "dog"]

@@ -15,6 +15,7 @@ from weakseg.pseudo.clean import clean_annotation, run_clean
 from weakseg.pseudo.crf import crf_labels, crf_probabilities, dense_crf, run_crf
 from weakseg.pseudo.divergence import (
     CSV_COLUMNS,
+    class_agreements,
     class_divergences,
     run_reliability,
     select_top_k,
@@ -441,3 +442,16 @@ def test_consensus_keeps_the_round_labels_where_the_first_pseudo_labels_agree(st
         np.testing.assert_array_equal(out[~contradicted], b[~contradicted])
         assert (out[contradicted] == IGNORE).all() and contradicted.any()
         assert ((out != IGNORE) & (b != a)).any()  # where the round is silent the first labels stay
+
+
+def test_class_agreements_share_of_the_dense_region_the_confident_labels_confirm():
+    dense = np.zeros((4, 6), np.uint8)
+    dense[:, 2:] = 3  # class 3 grown over 16 pixels
+    confident = np.full((4, 6), IGNORE, np.uint8)
+    confident[:, :2] = 0
+    confident[1:3, 4:6] = 3  # confirms 4 of class 3's 16 pixels
+    confident[0, 2] = 0  # and disputes one
+    result = class_agreements(dense, confident, [0, 3, 5, IGNORE])
+    assert result == {0: 1.0, 3: pytest.approx(4 / 16)}  # 5 is absent from the dense annotation
+    with pytest.raises(ValueError, match="one shape"):
+        class_agreements(dense, confident[:, :4], [3])

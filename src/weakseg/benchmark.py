@@ -12,6 +12,8 @@
     weakseg benchmark speed         the fast paths of issue 18 against their reference paths, run
                                     alternately in one process on the same real images: ms per unit
                                     and the ratio (a shared machine's load hits both alike)
+    weakseg benchmark reliability   a finished run's reliability curves: the divergence of the first
+                                    annotation against its agreement with the confident labels
     weakseg benchmark joint         the one-stage variants (weakseg.joint.benchmark) next to the
                                     config's two-step run
 
@@ -220,6 +222,70 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
         out_dir / f"{cfg['run']}_quality.csv",
     )
     _print_table(f"{cfg['run']}: bytes per image", bytes_per_image(run), out_dir / f"{cfg['run']}_bytes.csv")
+
+
+def bench_reliability(config_path: str, out_dir: Path) -> None:
+    """The reliability curves of a finished run's first annotation (``segment.first_round_input``) under
+    two per-annotation scores: the SPN's divergence of its shape, and its agreement with the confident
+    labels (``class_agreements`` of the CRF against the cleaned annotation; 1 - agreement ranks).
+
+    Two curves each, against the train ground truth: ``images``, the pipeline's own curve (images by
+    their least reliable annotation, cumulative mIoU over whole images: ``metrics.reliability_curve``),
+    and ``annotations``, each annotation scored on its own class under a per-class selection
+    (``metrics.annotation_curve``). Background is not an annotation there: it is annotated alone on
+    images labelled background only, where it is right by construction.
+    """
+    from weakseg.config import load, run_dir
+    from weakseg.datasets import open_data
+    from weakseg.metrics import Confusion, annotation_curve, reliability_curve
+    from weakseg.pseudo.divergence import class_agreements, class_divergences
+    from weakseg.pseudo.jobs import split_ids
+
+    cfg = load(config_path)
+    layout = store.RunLayout(run_dir(cfg))
+    variant = cfg["segment"]["first_round_input"]
+    info, _ = open_data(layout.data)
+    gt = store.open_store(layout.gt, "gt")
+    labels, dense, confident = (
+        store.open_store(layout.pseudo(name), "labels") for name in (variant, "crf", "cleaned")
+    )
+    fg = set(info.fg_classes.tolist())
+    scores = {"divergence": [], "agreement": []}  # (image id, class, score), lower = more reliable
+    confusions = {}
+    for image_id in split_ids(cfg, info, labels, store.LABELS):
+        if image_id not in store.ids_in(gt, store.MASKS):
+            continue
+        annotation = store.get(labels, store.LABELS, image_id)
+        confusions[image_id] = Confusion(info.n_classes).add(store.get(gt, store.MASKS, image_id), annotation)
+        classes = [c for c in info.image_labels(image_id).tolist() if c in fg]
+        scored = classes if classes or not info.has_background else [0]
+        shape = class_divergences(annotation, scored)
+        agreement = class_agreements(
+            store.get(dense, store.LABELS, image_id), store.get(confident, store.LABELS, image_id), scored
+        )
+        for c in scored:
+            scores["divergence"].append((image_id, c, shape[c][2] if c in shape else np.inf))
+            scores["agreement"].append((image_id, c, 1.0 - agreement.get(c, 0.0)))
+    if not confusions:
+        raise ValueError(f"{layout.gt}: no train image has a ground-truth mask; nothing to measure")
+    points = cfg["evaluate"]["reliability_curve_points"]
+    frames = []
+    for name, rows in scores.items():
+        worst = pd.DataFrame(rows, columns=["id", "class", "score"]).groupby("id")["score"].max()
+        images = reliability_curve([(worst[i], conf) for i, conf in confusions.items()], points)
+        own = [(c, score, confusions[i]) for i, c, score in rows if not (info.has_background and c == 0)]
+        annotations = annotation_curve(own, points)
+        frames.append(images.assign(score=name, curve="images").drop(columns="k"))
+        frames.append(annotations.assign(score=name, curve="annotations").drop(columns="annotations"))
+    table = pd.concat(frames, ignore_index=True)
+    table["fraction"] = (table["fraction"] * points).round().astype(int) / points  # the nominal fraction
+    wide = table.pivot_table(index="fraction", columns=["score", "curve"], values="miou").reset_index()
+    wide.columns = ["fraction"] + [f"{score}_{curve}" for score, curve in wide.columns[1:]]
+    _print_table(
+        f"{cfg['run']}: reliability curves of the {variant} annotation (train mIoU as more are kept)",
+        wide,
+        out_dir / f"{cfg['run']}_reliability.csv",
+    )
 
 
 def bench_crf(config_path: str, out_dir: Path) -> None:
@@ -724,6 +790,8 @@ def run_benchmark(
         bench_pipeline(config_path, out_dir, max(threads, 2))
     elif what == "crf":
         bench_crf(config_path, out_dir)
+    elif what == "reliability":
+        bench_reliability(config_path, out_dir)
     elif what == "bytes":
         from weakseg.config import load, run_dir
 
@@ -750,8 +818,9 @@ COMMAND = Command(
     (
         option(
             "what",
-            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed", "joint"],
-            help="what to measure (joint: the one-stage variants next to the config's two-step run)",
+            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed", "joint", "reliability"],
+            help="what to measure (joint: the one-stage variants next to the config's two-step run; "
+            "reliability: a finished run's reliability curves under two annotation scores)",
         ),
         option("--root", default="../shared/data/msrc21", help="dataset folder"),
         optional(

@@ -31,6 +31,7 @@ from weakseg.labels import BACKGROUND, check_scores, top_class
 TIDY_COLUMNS = ["stage", "split", "metric", "class", "value"]
 SWEEP_COLUMNS = ["threshold", "miou", "mean_class_acc"]
 CURVE_COLUMNS = ["k", "fraction", "miou"]
+ANNOTATION_CURVE_COLUMNS = ["fraction", "annotations", "miou"]
 PER_IMAGE_COLUMNS = ["id", "miou", "pixel_acc", "labelled_fraction"]
 
 
@@ -304,3 +305,40 @@ def reliability_curve(rows: Iterable[tuple[float, Confusion]], points: int) -> p
         done = k
         records.append({"k": k, "fraction": k / n, "miou": confusion_metrics(total)["miou"]})
     return pd.DataFrame(records, columns=CURVE_COLUMNS)
+
+
+def annotation_curve(rows: Iterable[tuple[int, float, Confusion]], points: int) -> pd.DataFrame:
+    """mIoU of the annotations that a per-class selection keeps, for fractions 1/points .. 1.
+
+    ``rows``: one (class, score, confusion of the annotation's image) per annotation; lower scores
+    are more reliable (NaN last). At fraction f each class keeps its ceil(f * n_c) lowest-scored
+    annotations, as ``pseudo.top_fraction`` does (SPN paper, Fig. 3a: top-K per class). The IoU of
+    class c pools, over its kept annotations only, the pixels labelled c or of ground truth c in those
+    images; the curve is the mean over classes. Unlike ``reliability_curve`` it scores each
+    annotation on its own class, so another class of the same image neither helps nor hurts it.
+    Returns columns fraction, annotations (kept), miou.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("annotation_curve got no annotations")
+    if points < 1:
+        raise ValueError(f"points must be at least 1, got {points}")
+    by_class: dict[int, list[tuple[float, int, tuple[int, int, int]]]] = {}
+    for position, (c, score, conf) in enumerate(rows):
+        m = conf.matrix
+        tp = int(m[c, c])
+        counts = (tp, int(m[:, c].sum()) - tp, int(m[c, :].sum()) - tp)  # TP, FP, FN of class c
+        key = np.inf if np.isnan(score) else float(score)
+        by_class.setdefault(int(c), []).append((key, position, counts))
+    ranked = {c: np.array([counts for _, _, counts in sorted(v)], np.int64) for c, v in by_class.items()}
+    records = []
+    for f in np.arange(1, points + 1) / points:
+        ious, kept = [], 0
+        for counts in ranked.values():
+            k = max(1, int(np.ceil(f * len(counts) - 1e-9)))
+            tp, fp, fn = counts[:k].sum(axis=0)
+            kept += k
+            if tp + fp + fn:
+                ious.append(tp / (tp + fp + fn))
+        records.append({"fraction": f, "annotations": kept, "miou": float(np.mean(ious)) if ious else np.nan})
+    return pd.DataFrame(records, columns=ANNOTATION_CURVE_COLUMNS)

@@ -77,6 +77,30 @@ def class_divergences(labels: np.ndarray, classes) -> dict[int, tuple[int, int, 
     return result
 
 
+def class_agreements(dense: np.ndarray, confident: np.ndarray, classes) -> dict[int, float]:
+    """{class: share of the dense annotation's pixels of the class that ``confident`` labels the same}
+    for each class of ``classes`` present in ``dense``.
+
+    ``dense`` is a complete annotation (the CRF's), ``confident`` the labels the scores are sure of
+    (the cleaned annotation, ignore in the uncertain band). A low share means the dense annotation
+    put the class where the scores did not: the RRM paper's reliable regions, scored per annotation.
+    It catches what the shape cannot: a region grown over the background along a straight boundary is
+    compact, yet mostly unsupported.
+    """
+    dense, confident = np.asarray(dense), np.asarray(confident)
+    if dense.shape != confident.shape or dense.ndim != 2:
+        raise ValueError(
+            f"expected two (H, W) label maps of one shape, got {dense.shape} and {confident.shape}"
+        )
+    result = {}
+    for c in sorted({int(c) for c in classes} - {IGNORE}):
+        region = dense == c
+        area = int(region.sum())
+        if area:
+            result[c] = float((confident[region] == c).sum()) / area
+    return result
+
+
 def select_top_k(table: pd.DataFrame, k: int | None, fraction: float) -> pd.DataFrame:
     """Add ``rank`` (0 = lowest divergence within the class) and ``selected`` to a table with columns
     id, class, divergence (one row per annotation).
