@@ -238,7 +238,7 @@ def bench_reliability(config_path: str, out_dir: Path) -> None:
     from weakseg.config import load, run_dir
     from weakseg.datasets import open_data
     from weakseg.metrics import Confusion, annotation_curve, reliability_curve
-    from weakseg.pseudo.divergence import class_agreements, class_divergences
+    from weakseg.pseudo.divergence import annotated_classes, class_agreements, class_divergences
     from weakseg.pseudo.jobs import split_ids
 
     cfg = load(config_path)
@@ -249,16 +249,15 @@ def bench_reliability(config_path: str, out_dir: Path) -> None:
     labels, dense, confident = (
         store.open_store(layout.pseudo(name), "labels") for name in (variant, "crf", "cleaned")
     )
-    fg = set(info.fg_classes.tolist())
+    with_masks = set(store.ids_in(gt, store.MASKS))
     scores = {"divergence": [], "agreement": []}  # (image id, class, score), lower = more reliable
     confusions = {}
     for image_id in split_ids(cfg, info, labels, store.LABELS):
-        if image_id not in store.ids_in(gt, store.MASKS):
+        if image_id not in with_masks:
             continue
         annotation = store.get(labels, store.LABELS, image_id)
         confusions[image_id] = Confusion(info.n_classes).add(store.get(gt, store.MASKS, image_id), annotation)
-        classes = [c for c in info.image_labels(image_id).tolist() if c in fg]
-        scored = classes if classes or not info.has_background else [0]
+        scored = annotated_classes(info, image_id)
         shape = class_divergences(annotation, scored)
         agreement = class_agreements(
             store.get(dense, store.LABELS, image_id), store.get(confident, store.LABELS, image_id), scored

@@ -282,6 +282,12 @@ def superpixel_oracle(superpixels: np.ndarray, gt: np.ndarray, ignore: int = IGN
     return majority[sp]
 
 
+def _kept(fraction: float, n: int) -> int:
+    """How many of n ranked items a fraction keeps: ceil(fraction * n), at least 1 (the epsilon keeps
+    e.g. 0.3 * 10 from rounding up to 4)."""
+    return max(1, int(np.ceil(fraction * n - 1e-9)))
+
+
 def reliability_curve(rows: Iterable[tuple[float, Confusion]], points: int) -> pd.DataFrame:
     """mIoU of the k most reliable annotations (lowest divergence first) for k at ``points``
     evenly spaced fractions 1/points .. 1 of all annotations (SPN paper, Fig. 3a).
@@ -296,7 +302,7 @@ def reliability_curve(rows: Iterable[tuple[float, Confusion]], points: int) -> p
     divergence = np.array([d for d, _ in rows], np.float64)
     order = np.argsort(np.where(np.isnan(divergence), np.inf, divergence), kind="stable")
     n = len(rows)
-    ks = sorted({max(1, int(np.ceil(f * n - 1e-9))) for f in np.arange(1, points + 1) / points})
+    ks = sorted({_kept(f, n) for f in np.arange(1, points + 1) / points})
     total = Confusion(rows[0][1].n_classes)
     records, done = [], 0
     for k in ks:
@@ -335,7 +341,7 @@ def annotation_curve(rows: Iterable[tuple[int, float, Confusion]], points: int) 
     for f in np.arange(1, points + 1) / points:
         ious, kept = [], 0
         for counts in ranked.values():
-            k = max(1, int(np.ceil(f * len(counts) - 1e-9)))
+            k = _kept(f, len(counts))
             tp, fp, fn = counts[:k].sum(axis=0)
             kept += k
             if tp + fp + fn:

@@ -38,6 +38,15 @@ CSV_COLUMNS = [
 NO_CLASS, NO_CLASS_NAME = -1, "none"  # the row of an image whose annotation labels none of its classes
 
 
+def annotated_classes(info, image_id: str) -> list[int]:
+    """The classes whose annotations an image contributes: its labelled foreground classes. An image
+    labelled background only is annotated by its background region: whole (divergence 0, right by
+    construction) unless a stage left holes of ignore in it."""
+    fg_classes = set(info.fg_classes.tolist())
+    fg = [c for c in info.image_labels(image_id).tolist() if c in fg_classes]
+    return fg if fg or not info.has_background else [0]
+
+
 def class_divergences(labels: np.ndarray, classes) -> dict[int, tuple[int, int, float]]:
     """{class: (area, perimeter, divergence)} for each class of ``classes`` present in ``labels``.
 
@@ -173,13 +182,9 @@ def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFra
     group = store.open_store(labels_path, "labels")
     ids = split_ids(config, info, group, store.LABELS)
     pseudo = config["pseudo"]
-    fg_classes = set(info.fg_classes.tolist())
     annotations, missing_classes = {}, 0
     for image_id in ids:
-        fg = [c for c in info.image_labels(image_id).tolist() if c in fg_classes]
-        # An image labelled background only is annotated by its background region: whole (divergence
-        # 0, right by construction) unless a stage left holes of ignore in it.
-        scored = fg if fg or not info.has_background else [0]
+        scored = annotated_classes(info, image_id)
         annotations[image_id] = class_divergences(store.get(group, store.LABELS, image_id), scored)
         missing_classes += len(scored) - len(annotations[image_id])
     table = reliability_table(annotations, info.class_names, pseudo["top_k"], pseudo["top_fraction"])
