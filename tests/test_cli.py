@@ -37,7 +37,7 @@ def test_every_command_is_listed():
         "clean",
         "crf",
         "rrm",
-        "divergence",
+        "reliability",
         "train-seg",
         "predict-seg",
         "evaluate",

@@ -326,7 +326,7 @@ def test_run_evaluate_labels_store_round_trip(tmp_path):
         "train",
         tmp_path / "m" / "oracle.csv",
     )
-    pd.DataFrame({"id": ids, "image_divergence": [0.1, 0.9, 0.2]}).to_csv(tmp_path / "div.csv", index=False)
+    pd.DataFrame({"id": ids, "image_score": [0.1, 0.9, 0.2]}).to_csv(tmp_path / "div.csv", index=False)
     curve = ev.run_reliability_curve(
         tmp_path / "gt.zarr", tmp_path / "crf.zarr", tmp_path / "div.csv", tmp_path / "m" / "curve.csv", 3
     )

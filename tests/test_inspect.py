@@ -129,10 +129,12 @@ def run_dir(tmp_path: Path) -> Path:
             "area": [80, 80],
             "perimeter": [36, 36],
             "divergence": [0.2, 0.7],
+            "consistency": [0.8, 0.3],
+            "score": [0.2, 0.7],
             "rank": [1, 2],
             "selected": [1, 0],
             "image_selected": [1, 0],
-            "image_divergence": [0.2, 0.7],
+            "image_score": [0.2, 0.7],
         }
     ).to_csv(layout.reliability, index=False)
     pd.DataFrame({"k": [1, 2], "fraction": [0.5, 1.0], "miou": [0.8, 0.6]}).to_csv(
@@ -377,7 +379,7 @@ def test_report_is_one_self_contained_page(run_dir):
     items = {i["data-id"]: i for i in page.items}
     assert set(items) == {"a", "b"}
     assert float(items["b"]["data-iou"]) == pytest.approx(0.3)
-    assert float(items["b"]["data-divergence"]) == pytest.approx(0.7)
+    assert float(items["b"]["data-reliability"]) == pytest.approx(0.7)
     assert items["b"]["data-classes"] == "background;dog" and items["b"]["data-split"] == "train"
     assert '<td class="name">round1</td>' in text and "0.6000" in text
     # the per-class table has a column per (stage, split) and a row per class
@@ -518,7 +520,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         ("c", False),
     ]  # final-stage mIoU worst first, unscored last
     assert gallery("#sort=id|asc&class=dog") == [("a", True), ("b", False), ("c", False)]
-    assert gallery("#sort=data-divergence|desc") == [("b", False), ("a", False), ("c", False)]
+    assert gallery("#sort=data-reliability|desc") == [("b", False), ("a", False), ("c", False)]
     assert gallery("#sort=data-iou-crf|desc") == [("a", False), ("b", False), ("c", False)]
     image = _read_png(browser.screenshot(out.as_uri(), profile, tmp_path / "shot.png"))
     assert image.shape[:2] == (900, 1200) and image.std() > 5  # something was drawn

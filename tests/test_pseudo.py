@@ -363,9 +363,15 @@ def test_store_round_trip(stores):
     parts = [set(_labels(tmp / f"cleaned-{s}.zarr")[0]) for s in (0, 1)]
     assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(train)
 
-    table = run_reliability(CFG, data_path, tmp / "cleaned.zarr", tmp / "pseudo" / "reliability.csv")
+    by_shape = {**CFG, "pseudo": {**CFG["pseudo"], "reliability_score": "divergence"}}
+    table = run_reliability(by_shape, data_path, tmp / "cleaned.zarr", tmp / "pseudo" / "reliability.csv")
     csv = pd.read_csv(tmp / "pseudo" / "reliability.csv", dtype={"id": str})
     assert list(csv.columns) == CSV_COLUMNS and len(csv) == len(table)
+    assert (csv["score"] == csv["divergence"]).all() and csv["consistency"].isna().all()
+    # The content score needs the model whose encoder gives the features: refused without it.
+    with pytest.raises(ValueError, match="needs --model"):
+        run_reliability(CFG, data_path, tmp / "cleaned.zarr", tmp / "pseudo" / "other.csv")
+    assert not (tmp / "pseudo" / "other.csv").exists()
     empty = csv[csv["id"] == "t3"].iloc[0]
     assert empty["class"] == -1 and math.isinf(empty["divergence"]) and not empty["selected"]
     assert set(csv.loc[csv["id"] == "t1", "class"]) == {2, 3}

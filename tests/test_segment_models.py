@@ -601,6 +601,34 @@ def test_run_train_seg_warm_start_begins_at_the_given_weights(seg_inputs):
     assert not all(torch.equal(cold[k], first[k]) for k in weights)
 
 
+def test_run_train_seg_warm_start_lr_mult_scales_only_a_warm_started_round(seg_inputs):
+    from weakseg.segment.train import run_train_seg
+
+    config, data, annotations, _, tmp_path = seg_inputs
+    write_annotations(tmp_path / "labels.zarr", annotations)
+    args = (data, tmp_path / "labels.zarr", tmp_path / "selection.csv")
+    first = torch.load(run_train_seg(config, *args, tmp_path / "round1"), weights_only=True)["model"]
+    weights = [k for k, v in first.items() if v.dtype.is_floating_point and k.endswith("weight")]
+
+    def trained(name, mult, init):
+        seg = {**config["segment"], "lr": 0.01, "seed": 7}
+        model = run_train_seg(
+            {**config, "segment": seg}, *args, tmp_path / name, init_model=init, init_lr_mult=mult
+        )
+        return torch.load(model, weights_only=True)["model"]
+
+    init = tmp_path / "round1" / "model.pt"
+    # Adam moves each weight by about the rate per step: at a vanishing rate the warm start stays put,
+    # at the full rate it moves.
+    still, moved = trained("fine", 1e-9, init), trained("full", 1.0, init)
+    for k in weights:
+        torch.testing.assert_close(still[k], first[k], rtol=0, atol=1e-7)
+    assert max(float((moved[k] - first[k]).abs().max()) for k in weights) > 1e-4
+    # A round that does not warm-start trains at segment.lr whatever the multiplier.
+    cold_fine, cold_full = trained("cold_fine", 1e-9, None), trained("cold_full", 1.0, None)
+    assert all(torch.equal(cold_fine[k], cold_full[k]) for k in weights)
+
+
 @pytest.mark.parametrize(("size", "dilation"), [((16, 16), 18), ((16, 40), 18), ((5, 3), 4), ((20, 20), 6)])
 def test_atrous_conv_skipping_padding_taps_keeps_output_and_gradients(size, dilation):
     """Taps that can only read padding are skipped (dimension <= dilation); nothing else changes."""

@@ -12,8 +12,8 @@
     weakseg benchmark speed         the fast paths of issue 18 against their reference paths, run
                                     alternately in one process on the same real images: ms per unit
                                     and the ratio (a shared machine's load hits both alike)
-    weakseg benchmark reliability   a finished run's reliability curves: the divergence of the first
-                                    annotation against its agreement with the confident labels
+    weakseg benchmark reliability   a finished run's reliability curves of its first annotation by
+                                    divergence, consistency and agreement with the confident labels
     weakseg benchmark joint         the one-stage variants (weakseg.joint.benchmark) next to the
                                     config's two-step run
 
@@ -226,8 +226,10 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
 
 def bench_reliability(config_path: str, out_dir: Path) -> None:
     """The reliability curves of a finished run's first annotation (``segment.first_round_input``) under
-    two per-annotation scores: the SPN's divergence of its shape, and its agreement with the confident
-    labels (``class_agreements`` of the CRF against the cleaned annotation; 1 - agreement ranks).
+    three per-annotation scores: the SPN's divergence of its shape; its consistency with the dataset's
+    class prototypes (``pseudo.consistency``, seeded by the cleaned annotation; 1 - consistency ranks);
+    and its agreement with the confident labels (``class_agreements`` of the CRF against the cleaned
+    annotation; 1 - agreement ranks). ``pseudo.reliability_score`` picks one of the first two.
 
     Two curves each, against the train ground truth: ``images``, the pipeline's own curve (images by
     their least reliable annotation, cumulative mIoU over whole images: ``metrics.reliability_curve``),
@@ -238,23 +240,35 @@ def bench_reliability(config_path: str, out_dir: Path) -> None:
     from weakseg.config import load, run_dir
     from weakseg.datasets import open_data
     from weakseg.metrics import Confusion, annotation_curve, reliability_curve
+    from weakseg.pseudo.consistency import dataset_consistency, load_feature_encoder
     from weakseg.pseudo.divergence import annotated_classes, class_agreements, class_divergences
     from weakseg.pseudo.jobs import split_ids
 
     cfg = load(config_path)
     layout = store.RunLayout(run_dir(cfg))
     variant = cfg["segment"]["first_round_input"]
-    info, _ = open_data(layout.data)
+    info, data = open_data(layout.data)
     gt = store.open_store(layout.gt, "gt")
     labels, dense, confident = (
         store.open_store(layout.pseudo(name), "labels") for name in (variant, "crf", "cleaned")
     )
     with_masks = set(store.ids_in(gt, store.MASKS))
-    scores = {"divergence": [], "agreement": []}  # (image id, class, score), lower = more reliable
+    scores = {"divergence": [], "consistency": [], "agreement": []}  # (id, class, score), lower = better
+    ids = [i for i in split_ids(cfg, info, labels, store.LABELS) if i in with_masks]
+    if not ids:
+        raise ValueError(f"{layout.gt}: no train image has a ground-truth mask; nothing to measure")
+    content = dataset_consistency(
+        info,
+        data,
+        load_feature_encoder(layout.cam_model, info),
+        confident,
+        labels,
+        ids,
+        lambda image_id: annotated_classes(info, image_id),
+        cfg["pseudo"]["consistency_temperature"],
+    )
     confusions = {}
-    for image_id in split_ids(cfg, info, labels, store.LABELS):
-        if image_id not in with_masks:
-            continue
+    for image_id in ids:
         annotation = store.get(labels, store.LABELS, image_id)
         confusions[image_id] = Confusion(info.n_classes).add(store.get(gt, store.MASKS, image_id), annotation)
         scored = annotated_classes(info, image_id)
@@ -264,9 +278,8 @@ def bench_reliability(config_path: str, out_dir: Path) -> None:
         )
         for c in scored:
             scores["divergence"].append((image_id, c, shape[c][2] if c in shape else np.inf))
+            scores["consistency"].append((image_id, c, 1.0 - content[image_id].get(c, 0.0)))
             scores["agreement"].append((image_id, c, 1.0 - agreement.get(c, 0.0)))
-    if not confusions:
-        raise ValueError(f"{layout.gt}: no train image has a ground-truth mask; nothing to measure")
     points = cfg["evaluate"]["reliability_curve_points"]
     frames = []
     for name, rows in scores.items():

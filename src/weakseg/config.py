@@ -91,6 +91,7 @@ SEGMENT_PREDICTION = ("infer_scales", "infer_flip", "prior_adjustment")
 SEGMENT_NOT_TRAINING = (
     "rounds",
     "warm_start",  # what it changes reaches training as the --init model file
+    "warm_start_lr_mult",  # and this as its --init-lr-mult
     "annotation",
     "reliable_confidence",
     "eval_crf",

@@ -353,8 +353,8 @@ def run_oracle(data_path, gt_path, superpixels_path, split: str, out_csv) -> pd.
 
 def run_reliability_curve(gt_path, labels_path, reliability_csv, out_csv, points: int) -> pd.DataFrame:
     """mIoU of the most reliable annotations of a labels store as more are kept (columns k,
-    fraction, miou), ranking images by the ``image_divergence`` column of ``reliability_csv``."""
-    table = _read_id_table(reliability_csv, ["id", "image_divergence"]).drop_duplicates("id")
+    fraction, miou), ranking images by the ``image_score`` column of ``reliability_csv``."""
+    table = _read_id_table(reliability_csv, ["id", "image_score"]).drop_duplicates("id")
     gt_group = store.open_store(gt_path, "gt")
     if "class_names" not in gt_group.attrs:
         raise store.StoreError(f"{gt_path}: attribute 'class_names' missing (re-run ingest)")
@@ -364,8 +364,8 @@ def run_reliability_curve(gt_path, labels_path, reliability_csv, out_csv, points
     confs = image_confusions(
         gt_path, list(table["id"]), n_classes, predict, str(labels_path), "reliability curve"
     )
-    divergence = dict(zip(table["id"], table["image_divergence"].astype(float)))
-    curve = reliability_curve([(divergence[i], conf) for i, conf in confs.items()], points)
+    score = dict(zip(table["id"], table["image_score"].astype(float)))
+    curve = reliability_curve([(score[i], conf) for i, conf in confs.items()], points)
     write_csv(curve, out_csv)
     return curve
 
@@ -424,9 +424,7 @@ COMMANDS = (
         (
             GT,
             required("--labels", "labels_path", "labels store of the ranked annotations"),
-            required(
-                "--reliability", "reliability_csv", "reliability CSV (image_divergence ranks the images)"
-            ),
+            required("--reliability", "reliability_csv", "reliability CSV (image_score ranks the images)"),
             option(
                 "--points",
                 type=int,

@@ -289,18 +289,18 @@ def _kept(fraction: float, n: int) -> int:
 
 
 def reliability_curve(rows: Iterable[tuple[float, Confusion]], points: int) -> pd.DataFrame:
-    """mIoU of the k most reliable annotations (lowest divergence first) for k at ``points``
+    """mIoU of the k most reliable annotations (lowest reliability score first) for k at ``points``
     evenly spaced fractions 1/points .. 1 of all annotations (SPN paper, Fig. 3a).
 
-    NaN divergences sort last (least reliable). Returns columns k, fraction (= k / n), miou.
+    NaN scores sort last (least reliable). Returns columns k, fraction (= k / n), miou.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("reliability_curve got no annotations")
     if points < 1:
         raise ValueError(f"points must be at least 1, got {points}")
-    divergence = np.array([d for d, _ in rows], np.float64)
-    order = np.argsort(np.where(np.isnan(divergence), np.inf, divergence), kind="stable")
+    score = np.array([d for d, _ in rows], np.float64)
+    order = np.argsort(np.where(np.isnan(score), np.inf, score), kind="stable")
     n = len(rows)
     ks = sorted({_kept(f, n) for f in np.arange(1, points + 1) / points})
     total = Confusion(rows[0][1].n_classes)

@@ -116,15 +116,35 @@ def round_inputs(w):
     return with_cam_encoder(inputs)
 
 
+def reliability_inputs(model, seeds):
+    """What the reliability rules read besides the annotation: with pseudo.reliability_score
+    consistency, the model file whose encoder gives the features and the labels of the prototypes.
+    """
+    if config["pseudo"]["reliability_score"] != "consistency":
+        return {}
+    return {"model": model, "seeds": seeds}
+
+
+def consistency_options(wildcards, input):
+    """weakseg reliability's --model / --seeds (see reliability_inputs)."""
+    return " ".join(
+        f"--{k} {input[k]}" for k in ("model", "seeds") if k in input.keys()
+    )
+
+
 def init_options(wildcards, input):
-    """train-seg's options naming the weights a round starts from (see round_inputs)."""
+    """train-seg's options naming the weights a round starts from (see round_inputs), and the learning
+    rate of a warm start."""
     flags = {"init": "--init", "init_encoder": "--init-encoder"}
-    return [
+    options = [
         part
         for key, flag in flags.items()
         if hasattr(input, key)
         for part in (flag, getattr(input, key))
     ]
+    if hasattr(input, "init"):
+        options += ["--init-lr-mult", str(config["segment"]["warm_start_lr_mult"])]
+    return options
 
 
 def with_cam_encoder(inputs):

@@ -81,6 +81,7 @@ rule reliable:
 
 rule reliability:
     input:
+        unpack(lambda w: reliability_inputs(P(RUN.cam_model), P(RUN.pseudo("cleaned")))),
         data=P(RUN.data),
         labels=P(RUN.pseudo(SELECTED_VARIANT)),
     output:
@@ -91,13 +92,15 @@ rule reliability:
         bench_for("reliability")
     conda:
         CONDA_ENV
+    threads: THREADS
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg_for("divergence"),
+        cfg=cfg_for("reliability"),
+        consistency=consistency_options,
     shell:
-        "weakseg divergence --config {params.cfg:q} --data {input.data} --labels {input.labels}"
-        " --out {output} 2> {log}"
+        "weakseg reliability --config {params.cfg:q} --data {input.data} --labels {input.labels}"
+        " {params.consistency} --threads {threads} --out {output} 2> {log}"
 
 
 rule evaluate_pseudo:

@@ -156,6 +156,11 @@ rule consensus_round:
 
 rule reliability_round:
     input:
+        unpack(
+            lambda w: reliability_inputs(
+                P(RUN.round_model(w.r)), P(RUN.round_labels(w.r, "reliable", TRAIN))
+            )
+        ),
         data=P(RUN.data),
         labels=lambda w: annotation_of(int(w.r)),
     output:
@@ -166,13 +171,15 @@ rule reliability_round:
         bench_for("reliability_round{r}")
     conda:
         CONDA_ENV
+    threads: THREADS
     resources:
         **CPU_RESOURCES,
     params:
-        cfg=cfg_for("divergence"),
+        cfg=cfg_for("reliability"),
+        consistency=consistency_options,
     shell:
-        "weakseg divergence --config {params.cfg:q} --data {input.data} --labels {input.labels}"
-        " --out {output} 2> {log}"
+        "weakseg reliability --config {params.cfg:q} --data {input.data} --labels {input.labels}"
+        " {params.consistency} --threads {threads} --out {output} 2> {log}"
 
 
 rule evaluate_round_train:

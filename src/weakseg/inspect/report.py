@@ -306,9 +306,10 @@ def read_training_logs(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(p) for name, p in paths.items() if p.exists()}
 
 
-def image_divergence(layout: store.RunLayout) -> pd.Series | None:
-    table = _read_csv(layout.reliability, ("id", "image_divergence"))
-    return None if table is None else table.groupby("id", sort=False)["image_divergence"].first()
+def image_reliability(layout: store.RunLayout) -> pd.Series | None:
+    """Each train image's reliability score (its least reliable annotation's; lower is more reliable)."""
+    table = _read_csv(layout.reliability, ("id", "image_score"))
+    return None if table is None else table.groupby("id", sort=False)["image_score"].first()
 
 
 def read_benchmarks(layout: store.RunLayout) -> dict[str, pd.DataFrame]:
@@ -536,7 +537,7 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
         if final
         else None
     )
-    divergence = image_divergence(run.layout)
+    reliability = image_reliability(run.layout)
     chosen = gallery_order(final_miou, list(info.ids), n_images)
     split_of = {i: split for split, ids in info.splits.items() for i in ids}
     items, tile_width = [], 160
@@ -545,8 +546,8 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
         tile_width = max(tile_width, min(320, 2 * image.shape[1]))
         labelled = np.asarray(info.image_labels(image_id), np.uint8)
         legend = pn.legend_for([*label_maps, labelled], info.class_names, run.palette)
-        div = divergence.get(image_id) if divergence is not None else None
-        div = None if div is None or pd.isna(div) else float(div)
+        score = reliability.get(image_id) if reliability is not None else None
+        score = None if score is None or pd.isna(score) else float(score)
         scores = {
             s: float(m[image_id]) for s, m in miou.items() if image_id in m.index and not pd.isna(m[image_id])
         }
@@ -557,10 +558,10 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
                 "split": split_of.get(image_id, ""),
                 "classes": [info.class_names[c] for c in info.image_labels(image_id)],
                 "final_iou": _attr_value(scores.get(final_stage)),
-                "divergence_attr": _attr_value(div),
+                "reliability_attr": _attr_value(score),
                 "iou_attrs": [(_iou_attr(s), _attr_value(scores.get(s))) for s in stages],
                 "scores": [f"mIoU {s} {_fmt(v)}" for s, v in scores.items()]
-                + ([f"divergence {_fmt(div)}"] if div else []),
+                + ([f"reliability score {_fmt(score)}"] if score is not None else []),
                 "tiles": [{"title": image_id, "kind": "image", "src": image_uri(image, lossless=False)}]
                 + [
                     {"title": c.title, "kind": c.kind, "src": image_uri(c.tile, lossless=c.kind == "labels")}
@@ -585,8 +586,8 @@ def gallery_context(run: pn.RunPanels, metrics: pd.DataFrame | None, n_images: i
             (f"{_iou_attr(stage)}|desc", f"mIoU {stage}, best first"),
         ]
     sort_options += [
-        ("data-divergence|desc", "divergence, highest first"),
-        ("data-divergence|asc", "divergence, lowest first"),
+        ("data-reliability|desc", "reliability score, least reliable first"),
+        ("data-reliability|asc", "reliability score, most reliable first"),
     ]
     note = (
         f"{len(items)} of {len(info.ids)} images, spread from worst to best at the final stage."

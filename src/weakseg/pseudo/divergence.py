@@ -1,10 +1,12 @@
-"""Reliability of pseudo-label annotations by shape (SPN paper, Kwak et al. 2017, §6).
+"""Reliability of pseudo-label annotations and the top-K selection (SPN paper, Kwak et al. 2017, §6).
 
 The annotation of an image for class c is the set of pixels labelled c (possibly several blobs).
 Its divergence = perimeter^2 / area: compact annotations score low and are trusted most; ragged or
-fragmented ones, typical of wrong pseudo-labels, score high. Per class, the k annotations of lowest
-divergence (or a fraction of them) are selected, and an image is selected when it is selected for
-at least one class.
+fragmented ones, typical of wrong pseudo-labels, score high. ``pseudo.reliability_score`` says what
+ranks the annotations: the divergence (the SPN's shape cue) or 1 - the consistency of the annotation
+with the dataset's class prototypes (``weakseg.pseudo.consistency``, a content cue). Per class, the k
+annotations of lowest score (or a fraction of them) are selected, and an image is selected when it is
+selected for at least one class. An image's own score is that of its least reliable annotation.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from weakseg import store
-from weakseg.commands import DATA, Command, output, required
+from weakseg.commands import DATA, THREADS, Command, optional, output, required
 from weakseg.datasets import IGNORE, open_data
+from weakseg.errors import InputError
 from weakseg.pseudo.jobs import split_ids
 
 log = logging.getLogger("weakseg")
@@ -30,10 +33,12 @@ CSV_COLUMNS = [
     "area",
     "perimeter",
     "divergence",
+    "consistency",
+    "score",
     "rank",
     "selected",
     "image_selected",
-    "image_divergence",
+    "image_score",
 ]
 NO_CLASS, NO_CLASS_NAME = -1, "none"  # the row of an image whose annotation labels none of its classes
 
@@ -110,15 +115,15 @@ def class_agreements(dense: np.ndarray, confident: np.ndarray, classes) -> dict[
     return result
 
 
-def select_top_k(table: pd.DataFrame, k: int | None, fraction: float) -> pd.DataFrame:
-    """Add ``rank`` (0 = lowest divergence within the class) and ``selected`` to a table with columns
-    id, class, divergence (one row per annotation).
+def select_top_k(table: pd.DataFrame, k: int | None, fraction: float, by: str = "divergence") -> pd.DataFrame:
+    """Add ``rank`` (0 = lowest ``by`` within the class) and ``selected`` to a table with columns
+    id, class and ``by`` (one row per annotation; lower is more reliable).
 
     Selected: rank < k, or rank < ceil(fraction * annotations of the class) when k is None. Ties in
-    divergence are broken by id so that the selection is reproducible. Rows of class -1 (no
-    annotation) get rank -1 and are never selected; neither is an infinite divergence.
+    the score are broken by id so that the selection is reproducible. Rows of class -1 (no
+    annotation) get rank -1 and are never selected; neither is an infinite score.
     """
-    for column in ("id", "class", "divergence"):
+    for column in ("id", "class", by):
         if column not in table.columns:
             raise ValueError(f"reliability table: missing column '{column}' (has {list(table.columns)})")
     if k is None and not 0 < fraction <= 1:
@@ -129,12 +134,12 @@ def select_top_k(table: pd.DataFrame, k: int | None, fraction: float) -> pd.Data
     out["rank"] = -1
     out["selected"] = False
     scored = out.index[out["class"] >= 0]
-    order = out.loc[scored].sort_values(["class", "divergence", "id"], kind="stable")
+    order = out.loc[scored].sort_values(["class", by, "id"], kind="stable")
     out.loc[order.index, "rank"] = order.groupby("class").cumcount().to_numpy()
     sizes = out.loc[scored].groupby("class")["id"].transform("size")
     quota = sizes.apply(lambda n: k if k is not None else math.ceil(fraction * n))
     out.loc[scored, "selected"] = (
-        (out.loc[scored, "rank"] < quota) & np.isfinite(out.loc[scored, "divergence"])
+        (out.loc[scored, "rank"] < quota) & np.isfinite(out.loc[scored, by])
     ).to_numpy()
     if k is not None:
         short = sorted(int(c) for c, n in out.loc[scored].groupby("class").size().items() if n < k)
@@ -150,16 +155,25 @@ def select_top_k(table: pd.DataFrame, k: int | None, fraction: float) -> pd.Data
 
 
 def reliability_table(
-    annotations: dict[str, dict[int, tuple[int, int, float]]], class_names, k: int | None, fraction: float
+    annotations: dict[str, dict[int, tuple[int, int, float]]],
+    class_names,
+    k: int | None,
+    fraction: float,
+    consistency: dict[str, dict[int, float]] | None = None,
 ) -> pd.DataFrame:
-    """The tidy per-annotation table (columns CSV_COLUMNS) from {id: class_divergences(...)}."""
+    """The tidy per-annotation table (columns CSV_COLUMNS) from {id: class_divergences(...)}.
+
+    With ``consistency`` ({id: {class: consistency}}) the score is 1 - consistency, else the
+    divergence; the consistency column is NaN without it. An annotation without a consistency (or
+    an image without annotation) scores inf and is never selected."""
     rows = []
     for image_id, per_class in annotations.items():
         if not per_class:
-            rows.append((image_id, NO_CLASS, NO_CLASS_NAME, 0, 0, math.inf))
+            rows.append((image_id, NO_CLASS, NO_CLASS_NAME, 0, 0, math.inf, math.nan))
+        content = consistency.get(image_id, {}) if consistency is not None else {}
         for c, (area, perimeter, divergence) in per_class.items():
-            rows.append((image_id, c, class_names[c], area, perimeter, divergence))
-    table = pd.DataFrame(rows, columns=CSV_COLUMNS[:6]).astype(
+            rows.append((image_id, c, class_names[c], area, perimeter, divergence, content.get(c, math.nan)))
+    table = pd.DataFrame(rows, columns=CSV_COLUMNS[:7]).astype(
         {
             "id": str,
             "class": np.int64,
@@ -167,18 +181,27 @@ def reliability_table(
             "area": np.int64,
             "perimeter": np.int64,
             "divergence": np.float64,
+            "consistency": np.float64,
         }
     )
-    table = select_top_k(table, k, fraction)
+    if consistency is None:
+        table["score"] = table["divergence"]
+    else:
+        table["score"] = (1.0 - table["consistency"]).fillna(math.inf)
+    table = select_top_k(table, k, fraction, by="score")
     by_image = table.groupby("id")
     table["image_selected"] = by_image["selected"].transform("any").astype(bool)
-    table["image_divergence"] = by_image["divergence"].transform("max")
+    table["image_score"] = by_image["score"].transform("max")
     return table[CSV_COLUMNS]
 
 
-def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFrame:
-    """Score every train annotation of a labels store and write the table to ``out_csv`` (atomically)."""
-    info, _ = open_data(data_path)
+def run_reliability(
+    config: dict, data_path, labels_path, out_csv, model_path=None, seeds_path=None, threads: int = 1
+) -> pd.DataFrame:
+    """Score every train annotation of a labels store and write the table to ``out_csv`` (atomically).
+    ``pseudo.reliability_score: consistency`` needs ``model_path`` (the model file whose encoder gives
+    the features) and ``seeds_path`` (the labels store whose pixels make the class prototypes)."""
+    info, data = open_data(data_path)
     group = store.open_store(labels_path, "labels")
     ids = split_ids(config, info, group, store.LABELS)
     pseudo = config["pseudo"]
@@ -187,13 +210,41 @@ def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFra
         scored = annotated_classes(info, image_id)
         annotations[image_id] = class_divergences(store.get(group, store.LABELS, image_id), scored)
         missing_classes += len(scored) - len(annotations[image_id])
-    table = reliability_table(annotations, info.class_names, pseudo["top_k"], pseudo["top_fraction"])
+    consistency = None
+    if pseudo["reliability_score"] == "consistency":
+        if model_path is None or seeds_path is None:
+            raise InputError(
+                "pseudo.reliability_score 'consistency' needs --model (a CAM or segmentation model file) "
+                "and --seeds (the labels store of the class prototypes)"
+            )
+        import torch
+
+        from weakseg.pseudo.consistency import dataset_consistency, load_feature_encoder
+
+        torch.set_num_threads(max(1, threads))
+        seeds = store.open_store(seeds_path, "labels")
+        absent = sorted(set(ids) - set(store.ids_in(seeds, store.LABELS)))
+        if absent:
+            raise InputError(f"{seeds_path}: no seed labels for {len(absent)} images, e.g. {absent[0]}")
+        consistency = dataset_consistency(
+            info,
+            data,
+            load_feature_encoder(model_path, info),
+            seeds,
+            group,
+            ids,
+            lambda image_id: list(annotations[image_id]),
+            pseudo["consistency_temperature"],
+        )
+    table = reliability_table(
+        annotations, info.class_names, pseudo["top_k"], pseudo["top_fraction"], consistency
+    )
     store.write_table(table, out_csv)
 
     empty = int((table["class"] == NO_CLASS).sum())
     if empty:
         log.warning(
-            "reliability: %d of %d images label none of their classes (divergence inf, never selected)",
+            "reliability: %d of %d images label none of their classes (score inf, never selected)",
             empty,
             len(ids),
         )
@@ -203,9 +254,10 @@ def run_reliability(config: dict, data_path, labels_path, out_csv) -> pd.DataFra
         )
     n_selected = table.loc[table["image_selected"], "id"].nunique()
     log.info(
-        "reliability: %d annotations of %d images; %d images selected -> %s",
+        "reliability: %d annotations of %d images ranked by %s; %d images selected -> %s",
         int((table["class"] >= 0).sum()),
         len(ids),
+        pseudo["reliability_score"],
         n_selected,
         out_csv,
     )
@@ -225,12 +277,19 @@ def selected_ids(csv_path) -> list[str]:
 
 
 COMMAND = Command(
-    "divergence",
-    "divergence (perimeter^2/area) per annotation and top-K selection",
+    "reliability",
+    "reliability of each annotation (pseudo.reliability_score) and the top-K selection",
     run_reliability,
     (
+        THREADS,
         DATA,
         required("--labels", "labels_path", "labels store whose annotations are scored"),
+        optional(
+            "--model",
+            "model_path",
+            "consistency: the CAM or segmentation model file whose encoder gives the features",
+        ),
+        optional("--seeds", "seeds_path", "consistency: the labels store whose pixels make the prototypes"),
         output("out_csv", "CSV of scores and selection"),
     ),
     sections=("dataset", "pseudo"),

@@ -31,6 +31,13 @@ COMMANDS = (
             optional(
                 "--init", "init_model", "model.pt whose weights replace ImageNet's (segment.warm_start)"
             ),
+            option(
+                "--init-lr-mult",
+                dest="init_lr_mult",
+                type=float,
+                default=1.0,
+                help="a run that starts from --init trains at segment.lr x this (segment.warm_start_lr_mult)",
+            ),
             optional(
                 "--init-encoder",
                 "init_encoder",

@@ -104,11 +104,15 @@ def run_train_seg(
     threads: int = 1,
     init_model=None,
     init_encoder=None,
+    init_lr_mult: float = 1.0,
 ) -> Path:
     """Train ``config['segment']['model']`` on the selected annotations; writes ``out_dir/model.pt``.
     ``init_model``: a segmentation model file whose weights replace the ImageNet initialisation
     (segment.warm_start: the previous round's). ``init_encoder``: a CAM model file whose encoder
-    replaces ImageNet's (segment.init: cam)."""
+    replaces ImageNet's (segment.init: cam). ``init_lr_mult`` scales the learning rate of a run that
+    starts from ``init_model`` (segment.warm_start_lr_mult)."""
+    if init_lr_mult <= 0:
+        raise InputError(f"--init-lr-mult: expected a positive number, got {init_lr_mult}")
     torch.set_num_threads(max(1, threads))
     seg = config["segment"]
     info, data = open_data(data_path)
@@ -128,7 +132,9 @@ def run_train_seg(
     if init_model:
         load_weights(model, load_model_file(init_model, "segment")["model"], init_model, "segmentation")
         init_digest.append(hashlib.sha256(Path(init_model).read_bytes()).hexdigest())
-        log.info("train-seg: starting from the weights of %s", init_model)
+        # A warm start continues a trained network: segment.warm_start_lr_mult scales every rate.
+        seg = {**seg, "lr": seg["lr"] * init_lr_mult}
+        log.info("train-seg: starting from the weights of %s, lr %.2e", init_model, seg["lr"])
     model = model.to(device)
     # One pass over the annotations: their class prior, and a digest so that a checkpoint trained on other
     # annotations (an earlier round's, or before a pseudo-label change) is never resumed.
