@@ -23,12 +23,11 @@ from weakseg.pseudo.divergence import CSV_COLUMNS, run_reliability
 SURE = math.exp(5) / (math.exp(5) + 1)  # softmax of similarities 1 and 0 at temperature 5
 
 
-def _halves(h: int = 4, w: int = 4) -> torch.Tensor:
-    """Unit features: the left half of the grid looks like class 1, the right half like background."""
-    features = torch.zeros(2, h, w)
-    features[1, :, : w // 2] = 1.0
-    features[0, :, w // 2 :] = 1.0
-    return features
+def _halves() -> torch.Tensor:
+    """(2, 4, 4) unit features: one-hot of the class each cell shows, object (1) left, background right."""
+    shown = torch.zeros(4, 4, dtype=torch.long)
+    shown[:, :2] = 1
+    return torch.nn.functional.one_hot(shown, 2).permute(2, 0, 1).float()
 
 
 def test_an_annotation_grown_over_the_background_scores_lower_than_the_object_it_grew_from():
