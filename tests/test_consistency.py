@@ -13,12 +13,9 @@ from weakseg import config, store
 from weakseg.datasets import open_data
 from weakseg.labels import IGNORE
 from weakseg.nets.model_file import ModelFileError, save_model
-from weakseg.pseudo.consistency import (
-    annotation_consistency,
-    class_feature_sums,
-    load_feature_encoder,
-)
+from weakseg.pseudo.consistency import annotation_consistency, load_feature_encoder
 from weakseg.pseudo.divergence import CSV_COLUMNS, run_reliability
+from weakseg.pseudo.prototypes import class_feature_sums
 
 SURE = math.exp(5) / (math.exp(5) + 1)  # softmax of similarities 1 and 0 at temperature 5
 
@@ -50,7 +47,7 @@ def test_class_feature_sums_weigh_cells_by_coverage_and_ignore_adds_to_no_class(
     features = _halves()
     labels = np.full((8, 8), IGNORE, np.uint8)
     labels[:, 2:6] = 1  # covers the right half of the left half's cells and the left half of the others'
-    sums = class_feature_sums(features, labels, 3)
+    sums = class_feature_sums(features, labels, range(3))
     # 8 cells half covered on each side: 4 units of each feature direction; classes 0 and 2 get nothing.
     np.testing.assert_allclose(sums.numpy(), [[0, 0], [4, 4], [0, 0]], atol=1e-5)
 

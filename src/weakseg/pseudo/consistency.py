@@ -26,21 +26,7 @@ from weakseg import store
 from weakseg.datasets import IGNORE, DatasetInfo, read_image
 from weakseg.nets.model_file import ModelFileError
 from weakseg.parallel import progress
-from weakseg.pseudo.prototypes import encoder_features
-
-
-def _cell_weights(labels: np.ndarray, classes, grid) -> torch.Tensor:
-    """(K, h*w): the fraction of each feature cell that each class of ``classes`` covers in ``labels``."""
-    masks = torch.from_numpy(np.stack([np.asarray(labels) == c for c in classes]).astype(np.float32))
-    return F.interpolate(masks[None], size=tuple(grid), mode="area")[0].reshape(len(classes), -1)
-
-
-def class_feature_sums(features: torch.Tensor, labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """(n_classes, D): per class, the sum of (D, h, w) ``features`` weighted by the share of each cell that
-    ``labels`` (H, W) gives the class. 255 (ignore) adds to no class. Summed over images and normalised,
-    these are the dataset's class prototypes."""
-    weights = _cell_weights(labels, range(n_classes), features.shape[-2:])
-    return weights @ features.reshape(features.shape[0], -1).T
+from weakseg.pseudo.prototypes import cell_weights, class_feature_sums, encoder_features
 
 
 def annotation_consistency(
@@ -67,7 +53,7 @@ def annotation_consistency(
     cells = features.reshape(features.shape[0], -1)
     similarity = (prototypes[competitors] @ cells).clamp(min=0)
     probability = torch.softmax(temperature * similarity, dim=0)  # (K, h*w)
-    weights = _cell_weights(labels, scored, features.shape[-2:])
+    weights = cell_weights(labels, scored, features.shape[-2:])
     result = {}
     for row, c in enumerate(scored):
         total = float(weights[row].sum())
@@ -117,7 +103,7 @@ def dataset_consistency(
     sums = None
     for image_id in progress(ids, "consistency: prototypes"):
         features = encoder_features(encoder, read_image(data, image_id))
-        part = class_feature_sums(features, store.get(seeds, store.LABELS, image_id), info.n_classes)
+        part = class_feature_sums(features, store.get(seeds, store.LABELS, image_id), range(info.n_classes))
         sums = part if sums is None else sums + part
     if sums is None:
         return {}

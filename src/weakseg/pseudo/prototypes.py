@@ -43,15 +43,26 @@ def encoder_features(encoder: Encoder, image: np.ndarray) -> torch.Tensor:
     return (torch.cat(parts, dim=1) / len(parts) ** 0.5)[0]
 
 
+def cell_weights(labels: np.ndarray, classes, grid) -> torch.Tensor:
+    """(K, h*w): the fraction of each cell of an (h, w) feature grid that each class of ``classes``
+    covers in the (H, W) ``labels``; 255 (ignore) covers no class."""
+    masks = torch.from_numpy(np.stack([np.asarray(labels) == c for c in classes]).astype(np.float32))
+    return F.interpolate(masks[None], size=tuple(grid), mode="area")[0].reshape(len(classes), -1)
+
+
+def class_feature_sums(features: torch.Tensor, labels: np.ndarray, classes) -> torch.Tensor:
+    """(K, D): per class of ``classes``, the sum of the (D, h, w) ``features`` weighted by
+    ``cell_weights``. Normalised, one image's sums are its prototypes; summed over images first, the
+    dataset's (``weakseg.pseudo.consistency``)."""
+    weights = cell_weights(labels, classes, features.shape[-2:])
+    return weights @ features.reshape(features.shape[0], -1).T
+
+
 def class_prototypes(features: torch.Tensor, seeds: np.ndarray, classes: np.ndarray) -> torch.Tensor:
     """(K, D) unit prototypes of ``classes`` from (D, h, w) features and (H, W) seed labels: per class,
     the mean feature weighted by the fraction of each grid cell its seed pixels cover. A class with no
     seed pixel gets a zero prototype (similarity 0 everywhere)."""
-    grid = features.shape[-2:]
-    masks = torch.from_numpy(np.stack([np.asarray(seeds) == c for c in classes]).astype(np.float32))
-    weights = F.interpolate(masks[None], size=grid, mode="area")[0].reshape(len(classes), -1)  # (K, h*w)
-    sums = weights @ features.reshape(features.shape[0], -1).T  # (K, D)
-    return F.normalize(sums, dim=1)  # a zero row stays zero
+    return F.normalize(class_feature_sums(features, seeds, classes), dim=1)  # a zero row stays zero
 
 
 def prototype_probabilities(
