@@ -649,3 +649,62 @@ def test_atrous_conv_skipping_padding_taps_keeps_output_and_gradients(size, dila
     off_centre[1, 1] = False
     if all(s <= dilation for s in size):  # only the centre tap can have a gradient
         assert not conv.weight.grad[:, :, off_centre].any()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_label_stride_resizes_the_logits_to_the_subsampled_labels(model):
+    from weakseg.segment.train import subsample_labels
+
+    x, labels, image_labels = make_batch(64)
+    coarse = torch.from_numpy(np.stack([subsample_labels(lab.numpy(), 4) for lab in labels]))
+    # 16-pixel class blocks keep their classes as 4-label blocks: each label is read inside its cell
+    assert torch.equal(coarse, labels[:, ::16, ::16].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    net = make_model(model).train()
+    out = net(x, image_labels, output_size=coarse.shape[-2:])
+    assert out["logits"].shape == (2, N_CLASSES, 16, 16)
+    loss, _ = net.loss(out, coarse, image_labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert net(x, image_labels)["logits"].shape[-2:] == x.shape[-2:]  # no output_size: the input's size
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_bfloat16_prediction_is_close_to_float32_but_not_equal(model):
+    net = calibrated(make_model(model))
+    image = (make_batch(64)[0][0].permute(1, 2, 0) * 255).round().byte().numpy()
+    exact = predict_probabilities(net, image, [1.0], True, "cpu")
+    fast = predict_probabilities(net, image, [1.0], True, "cpu", precision="bfloat16")
+    assert fast.dtype == np.float32 and np.allclose(fast.sum(0), 1.0, atol=1e-4)
+    assert not np.array_equal(fast, exact)  # the network did run in bfloat16
+    # A random deep encoder amplifies rounding more than a trained one, and its near-uniform
+    # probabilities make the argmax fragile: a bound on the mean difference.
+    assert float(np.abs(fast - exact).mean()) < 0.03
+
+
+def test_autocast_refuses_an_unknown_precision():
+    from weakseg.nets.device import autocast
+
+    with pytest.raises(ValueError, match="precision"):
+        autocast("cpu", "float16")
+
+
+def test_run_train_seg_at_a_label_stride_and_in_bfloat16(seg_inputs):
+    from weakseg.segment.train import run_train_seg
+
+    config, data, annotations, _, tmp_path = seg_inputs
+    write_annotations(tmp_path / "labels.zarr", annotations)
+    args = (data, tmp_path / "labels.zarr", tmp_path / "selection.csv")
+
+    def trained(name, **segment):
+        model = run_train_seg({**config, "segment": {**config["segment"], **segment}}, *args, tmp_path / name)
+        return torch.load(model, weights_only=True)["model"]
+
+    exact, strided, bf16 = (
+        trained("exact"),
+        trained("strided", label_stride=4),
+        trained("bf16", precision="bfloat16"),
+    )
+    weights = [k for k, v in exact.items() if v.dtype.is_floating_point and k.endswith("weight")]
+    for other in (strided, bf16):
+        assert all(other[k].dtype == torch.float32 and torch.isfinite(other[k]).all() for k in weights)
+        assert not all(torch.equal(other[k], exact[k]) for k in weights)  # each setting changed training

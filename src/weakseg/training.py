@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from weakseg import timing
+from weakseg.nets.device import autocast
 from weakseg.nets.model_file import atomic_torch_save
 from weakseg.parallel import progress
 
@@ -83,6 +84,7 @@ def train_loop(
     desc: str,
     fingerprint: str = "",
     log_every: int = 25,
+    precision: str = "float32",
 ) -> list[dict]:
     """Run ``iterations`` optimisation steps, resuming from ``out_dir/checkpoints/last.pt`` if present.
 
@@ -90,6 +92,7 @@ def train_loop(
     ``compute_loss(model, batch)`` returns the loss and a dict of floats for the log. Every
     ``log_every`` iterations (and at the last) one log row — the mean loss and parts over those
     iterations, and the learning rate — goes to the progress bar and to ``out_dir/train_log.csv``.
+    ``precision`` bfloat16 runs ``compute_loss`` under bfloat16 autocast (``nets.device.autocast``).
     Returns the log rows. A checkpoint whose ``fingerprint`` (a digest of the training config)
     differs from this run's is ignored: a changed config starts training afresh.
     """
@@ -142,7 +145,8 @@ def train_loop(
             rng_state = rng.bit_generator.state
             pending = prefetch.submit(next_batch, rng) if it + 1 < iterations else None
             with timing.kernel("train_step"):  # forward, backward and update on a ready batch
-                loss, parts = compute_loss(model, batch)
+                with autocast(next(model.parameters()).device, precision):
+                    loss, parts = compute_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

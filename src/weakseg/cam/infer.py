@@ -27,7 +27,7 @@ from weakseg import store, timing
 from weakseg.cam.models import build_classifier, max_normalise
 from weakseg.datasets import DatasetInfo, open_data, read_image
 from weakseg.nets.backbones import fold_batchnorm
-from weakseg.nets.device import select_device
+from weakseg.nets.device import autocast, select_device
 from weakseg.nets.model_file import ModelFileError, load_model_file, load_weights
 from weakseg.parallel import progress
 
@@ -52,6 +52,7 @@ def image_scores(
     device: torch.device,
     spcam_merge: str = "max",
     keep=None,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (CAM, SP-CAM, label probabilities) for one image: maps (K, H, W) in [0, 1] and (K,) of
     the classes ``keep`` (indices of the model's classes, in that order; default all C).
@@ -61,7 +62,8 @@ def image_scores(
     the mean superpixel score as the SP branch is trained), through a sigmoid, averaged over scales
     (and flips): what the model believes the image contains.
     Every class is normalised on its own, so only the kept classes are upsampled and pooled: the
-    result equals computing all classes and selecting ``keep`` afterwards.
+    result equals computing all classes and selecting ``keep`` afterwards. ``precision``: the
+    network's forward pass (``cam.precision``); what follows it is float32.
     """
     h, w = image.shape[:2]
     sp = torch.from_numpy(superpixels.astype(np.int64)).to(device).reshape(-1)
@@ -76,8 +78,9 @@ def image_scores(
         size = (max(8, round(w * s)), max(8, round(h * s)))
         x = torch.from_numpy(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
         x = _flip_batch(x[None].float().div(255).to(device), flip)
-        with timing.kernel("forward"):
+        with timing.kernel("forward"), autocast(device, precision):
             maps = model.inference_maps(x)
+        maps = {k: v.float() for k, v in maps.items()}
         if keep is not None:
             maps = {k: v.index_select(1, keep) for k, v in maps.items()}
         cam = F.interpolate(maps["cam"].clamp(min=0), size=(h, w), mode="bilinear", align_corners=False)
@@ -155,6 +158,7 @@ def run_infer_cam(
                 device,
                 cam_cfg["spcam_merge"],
                 keep=keep,
+                precision=cam_cfg["precision"],
             )
             store.put_scores(
                 out,

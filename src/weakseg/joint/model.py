@@ -174,11 +174,13 @@ class JointNet(Segmenter):
             out["sp_map"] = self.cam_net._sp_scores(feats)
         return out
 
-    def forward(self, x01: Tensor, image_labels: Tensor | None = None) -> dict:
-        """Segmentation logits at the input's size and the image-level logits (``image_labels`` unused)."""
+    def forward(self, x01: Tensor, image_labels: Tensor | None = None, output_size=None) -> dict:
+        """Segmentation logits at the input's size (or ``output_size``) and the image-level logits
+        (``image_labels`` unused)."""
         feats, tapped = self.encode(x01)
+        size = tuple(output_size or x01.shape[-2:])
         logits = F.interpolate(
-            self.seg_head(feats, tapped)[0], size=x01.shape[-2:], mode="bilinear", align_corners=False
+            self.seg_head(feats, tapped)[0], size=size, mode="bilinear", align_corners=False
         )
         return {"logits": logits, "cls": self.cam_net.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)}
 

@@ -37,3 +37,13 @@ def check_gpu_request(preference: str, gpus: int) -> None:
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); check the node's "
             "driver, or set device: cpu to run on the CPU"
         )
+
+
+def autocast(device: torch.device | str, precision: str = "float32"):
+    """The autocast context of a network section's ``precision``: bfloat16 runs convolutions and
+    matrix products in bfloat16 (the op list of torch.autocast; losses and reductions stay float32),
+    float32 changes nothing."""
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision: expected float32 or bfloat16, got '{precision}'")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")

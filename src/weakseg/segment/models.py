@@ -2,8 +2,10 @@
 
 Both share one interface so that training and prediction never branch on the model kind:
 
-* ``forward(x01, image_labels=None)`` takes RGB in [0, 1] and returns ``{"logits": (B, n_classes, H, W),
-  "cls": (B, n_fg) or None}``; ``softmax(logits)`` is the model's class distribution per pixel.
+* ``forward(x01, image_labels=None, output_size=None)`` takes RGB in [0, 1] and returns ``{"logits":
+  (B, n_classes, H, W), "cls": (B, n_fg) or None}``; ``softmax(logits)`` is the model's class
+  distribution per pixel. ``output_size`` (h, w) resizes the logits to it instead of the input's size
+  (training at ``segment.label_stride``).
 * ``loss(out, pixel_labels, image_labels)`` -> (scalar loss, {name: float}) with 255 = ignore.
 * ``param_groups(lr, encoder_lr_mult)`` -> optimizer groups (pretrained encoder at a smaller rate).
 * buffer ``label_prior`` (n_classes,): class frequencies of the training pixel labels.
@@ -155,10 +157,11 @@ class DeepLab(Segmenter):
             nn.Conv2d(ASPP_CHANNELS, n_classes, 1),
         )
 
-    def forward(self, x01: Tensor, image_labels: Tensor | None = None) -> dict:
+    def forward(self, x01: Tensor, image_labels: Tensor | None = None, output_size=None) -> dict:
         """``image_labels`` is accepted for interface parity with DecoupledNet and not used."""
         logits = self.head(self.features(x01))
-        logits = F.interpolate(logits, size=x01.shape[-2:], mode="bilinear", align_corners=False)
+        size = tuple(output_size or x01.shape[-2:])
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return {"logits": logits, "cls": None}
 
     def loss(self, out: dict, pixel_labels: Tensor, image_labels: Tensor) -> tuple[Tensor, dict]:
@@ -218,14 +221,14 @@ class DecoupledNet(Segmenter):
             # feature magnitude, should decide what the shared decoder sees.
             return cam / cam.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(cam.dtype).tiny)
 
-    def forward(self, x01: Tensor, image_labels: Tensor | None = None) -> dict:
+    def forward(self, x01: Tensor, image_labels: Tensor | None = None, output_size=None) -> dict:
         """With ``image_labels`` (B, n_classes) only the labelled fg classes are decoded (training, and
         prediction restricted to an image's classes); otherwise every fg class is decoded.
 
         Extra outputs: ``mask_logits`` (B, n_fg, H, W) binary decoder logits and ``decoded`` (B, n_fg) bool.
         """
         features = self.features(x01)
-        batch, (height, width) = features.shape[0], x01.shape[-2:]
+        batch, (height, width) = features.shape[0], tuple(output_size or x01.shape[-2:])
         cls = self.classifier(features.mean(dim=(2, 3)))
         if image_labels is None:
             decoded = torch.ones(batch, self.n_fg, dtype=torch.bool, device=x01.device)

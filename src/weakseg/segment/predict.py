@@ -25,7 +25,7 @@ from weakseg.datasets import open_data, read_image
 from weakseg.datasets.folder import DatasetError, read_image_file
 from weakseg.errors import InputError, UserError
 from weakseg.nets.backbones import fold_batchnorm
-from weakseg.nets.device import select_device
+from weakseg.nets.device import autocast, select_device
 from weakseg.nets.model_file import ModelFileError, load_model_file, load_weights
 from weakseg.palette import class_palette, save_palette_png
 from weakseg.parallel import progress
@@ -79,6 +79,12 @@ def load_segmenter(
     return model.to(device).eval(), ckpt
 
 
+def model_precision(ckpt: dict) -> str:
+    """The precision a segmentation model file's network runs in: the segment.precision it was
+    trained with (float32 for files saved before the key existed)."""
+    return ckpt["config"]["segment"].get("precision", "float32")
+
+
 def predict_probabilities(
     model: Segmenter,
     image_uint8: np.ndarray,
@@ -87,6 +93,7 @@ def predict_probabilities(
     device: torch.device | str,
     classes: Sequence[int] | None = None,
     prior_adjustment: float = 0.0,
+    precision: str = "float32",
 ) -> np.ndarray:
     """(n_classes, H, W) float32 softmax probabilities of one (H, W, 3) uint8 RGB image, averaged over
     ``scales`` and (with ``flip``) horizontal flips, at image resolution.
@@ -95,6 +102,8 @@ def predict_probabilities(
     is (len(classes), H, W) in that order. ``prior_adjustment`` tau divides the class prior of the
     training labels out of the softmax, p(c|x) / prior(c)^tau (logit adjustment, Menon et al., ICLR
     2021): tau = 1 is the Bayes decision for mean class accuracy, 0 leaves the network's distribution.
+    ``precision``: the network's forward pass (the segment.precision it was trained with); the
+    softmax and averaging are float32.
     """
     if image_uint8.ndim != 3 or image_uint8.shape[2] != 3 or image_uint8.dtype != np.uint8:
         raise ValueError(
@@ -134,7 +143,7 @@ def predict_probabilities(
                 )
                 if flip:
                     x = torch.cat([x, x.flip(-1)])
-                with timing.kernel("forward"):
+                with timing.kernel("forward"), autocast(image.device, precision):
                     logits = model(x, image_labels)["logits"].float()
                 if classes is not None:
                     logits = logits.index_select(1, classes)
@@ -169,7 +178,7 @@ def run_predict_store(
     info, data = open_data(data_path)
     ids = store.shard_ids(info.split(split), shard, n_shards)
     device = select_device(config["device"])
-    model, _ = load_segmenter(model_path, device, info.class_names)
+    model, ckpt = load_segmenter(model_path, device, info.class_names)
     # channels-last: the layout CPU convolution kernels run faster at inference; BatchNorm folded into the
     # convolutions saves a pass over every feature map
     fold_batchnorm(model.to(memory_format=torch.channels_last))
@@ -202,6 +211,7 @@ def run_predict_store(
                 device,
                 classes=classes,
                 prior_adjustment=seg["prior_adjustment"],
+                precision=model_precision(ckpt),
             )
             store.put_scores(out, SEG, image_id, probs, classes)
     timing.log_kernel_seconds()
@@ -367,7 +377,13 @@ def predict_files(
             skipped.append(path)
             continue
         probs = predict_probabilities(
-            model, image, seg["infer_scales"], seg["infer_flip"], torch_device, prior_adjustment=tau
+            model,
+            image,
+            seg["infer_scales"],
+            seg["infer_flip"],
+            torch_device,
+            prior_adjustment=tau,
+            precision=model_precision(ckpt),
         )
         labels = probs.argmax(axis=0).astype(np.uint8)
         png = out_dir / f"{path.stem}.png"

@@ -52,6 +52,12 @@ def random_crop(
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
+def subsample_labels(labels: np.ndarray, stride: int) -> np.ndarray:
+    """Every ``stride``-th pixel label of an (H, W) map, from the centre of each stride x stride cell:
+    the labels the loss sees at ``segment.label_stride`` (size ceil((H - stride // 2) / stride))."""
+    return labels[stride // 2 :: stride, stride // 2 :: stride] if stride > 1 else labels
+
+
 def label_prior(label_maps, n_classes: int) -> np.ndarray:
     """(n_classes,) frequency of each class among the labelled pixels of ``label_maps`` (255 = ignored).
 
@@ -177,7 +183,7 @@ def run_train_seg(
                 bool(rng.integers(2)),
                 rng,
             )
-            images.append(img), targets.append(lab)
+            images.append(img), targets.append(subsample_labels(lab, seg["label_stride"]))
             image_labels.append(info.label_vector(image_id).astype(np.float32))
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
         return {
@@ -188,7 +194,9 @@ def run_train_seg(
 
     def compute_loss(m, batch):
         # Image labels let the decoupled net decode only the labelled classes (DeepLab ignores them).
-        return m.loss(m(batch["x"], batch["labels"]), batch["y"], batch["labels"])
+        # At a label_stride the logits are resized to the subsampled labels' size, not the crop's.
+        out = m(batch["x"], batch["labels"], output_size=batch["y"].shape[-2:])
+        return m.loss(out, batch["y"], batch["labels"])
 
     train_loop(
         model=model,
@@ -205,6 +213,7 @@ def run_train_seg(
             training_section(seg), config["dataset"], ids, labels_digest.hexdigest(), *init_digest
         ),
         log_every=seg["log_every"],
+        precision=seg["precision"],
     )
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
