@@ -702,7 +702,7 @@ def test_run_train_seg_at_a_label_stride_and_in_bfloat16(seg_inputs):
     exact, strided, bf16 = (
         trained("exact"),
         trained("strided", label_stride=4),
-        trained("bf16", precision="bfloat16"),
+        trained("bf16", train_precision="bfloat16"),
     )
     weights = [k for k, v in exact.items() if v.dtype.is_floating_point and k.endswith("weight")]
     for other in (strided, bf16):

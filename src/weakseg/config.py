@@ -87,7 +87,7 @@ def load(spec: str | Path | dict | None, run_from_file: bool = False) -> dict:
 
 # segment.* keys that do not change what a round's network learns: raising `rounds` or changing
 # evaluation must neither retrain finished rounds nor invalidate a training checkpoint.
-SEGMENT_PREDICTION = ("infer_scales", "infer_flip", "prior_adjustment")
+SEGMENT_PREDICTION = ("infer_scales", "infer_flip", "infer_precision", "prior_adjustment")
 SEGMENT_NOT_TRAINING = (
     "rounds",
     "warm_start",  # what it changes reaches training as the --init model file

@@ -92,7 +92,8 @@ def train_loop(
     ``compute_loss(model, batch)`` returns the loss and a dict of floats for the log. Every
     ``log_every`` iterations (and at the last) one log row — the mean loss and parts over those
     iterations, and the learning rate — goes to the progress bar and to ``out_dir/train_log.csv``.
-    ``precision`` bfloat16 runs ``compute_loss`` under bfloat16 autocast (``nets.device.autocast``).
+    ``precision`` (a section's ``train_precision``) bfloat16 runs ``compute_loss`` under bfloat16
+    autocast (``nets.device.autocast``).
     Returns the log rows. A checkpoint whose ``fingerprint`` (a digest of the training config)
     differs from this run's is ignored: a changed config starts training afresh.
     """

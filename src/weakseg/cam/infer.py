@@ -63,7 +63,7 @@ def image_scores(
     (and flips): what the model believes the image contains.
     Every class is normalised on its own, so only the kept classes are upsampled and pooled: the
     result equals computing all classes and selecting ``keep`` afterwards. ``precision``: the
-    network's forward pass (``cam.precision``); what follows it is float32.
+    network's forward pass (``cam.infer_precision``); what follows it is float32.
     """
     h, w = image.shape[:2]
     sp = torch.from_numpy(superpixels.astype(np.int64)).to(device).reshape(-1)
@@ -158,7 +158,7 @@ def run_infer_cam(
                 device,
                 cam_cfg["spcam_merge"],
                 keep=keep,
-                precision=cam_cfg["precision"],
+                precision=cam_cfg["infer_precision"],
             )
             store.put_scores(
                 out,

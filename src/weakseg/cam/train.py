@@ -188,7 +188,7 @@ def run_train_cam(config: dict, data_path, superpixels_path, out_dir, threads: i
         desc="train-cam",
         fingerprint=config_fingerprint(cam_cfg, config["dataset"], config["superpixels"]),
         log_every=cam_cfg["log_every"],
-        precision=cam_cfg["precision"],
+        precision=cam_cfg["train_precision"],
     )
     if cache is not None:
         log.info(

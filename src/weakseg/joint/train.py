@@ -313,7 +313,7 @@ def run_train_joint(config: dict, data_path, superpixels_path, out_dir, threads:
             desc=f"train-joint ({joint['method']})",
             fingerprint=fingerprint,
             log_every=cam_cfg["log_every"],
-            precision=cam_cfg["precision"],
+            precision=cam_cfg["train_precision"],
         )
     finally:
         if pool is not None:

@@ -79,12 +79,6 @@ def load_segmenter(
     return model.to(device).eval(), ckpt
 
 
-def model_precision(ckpt: dict) -> str:
-    """The precision a segmentation model file's network runs in: the segment.precision it was
-    trained with (float32 for files saved before the key existed)."""
-    return ckpt["config"]["segment"].get("precision", "float32")
-
-
 def predict_probabilities(
     model: Segmenter,
     image_uint8: np.ndarray,
@@ -102,8 +96,8 @@ def predict_probabilities(
     is (len(classes), H, W) in that order. ``prior_adjustment`` tau divides the class prior of the
     training labels out of the softmax, p(c|x) / prior(c)^tau (logit adjustment, Menon et al., ICLR
     2021): tau = 1 is the Bayes decision for mean class accuracy, 0 leaves the network's distribution.
-    ``precision``: the network's forward pass (the segment.precision it was trained with); the
-    softmax and averaging are float32.
+    ``precision``: the network's forward pass (segment.infer_precision); the softmax and averaging
+    are float32.
     """
     if image_uint8.ndim != 3 or image_uint8.shape[2] != 3 or image_uint8.dtype != np.uint8:
         raise ValueError(
@@ -178,7 +172,7 @@ def run_predict_store(
     info, data = open_data(data_path)
     ids = store.shard_ids(info.split(split), shard, n_shards)
     device = select_device(config["device"])
-    model, ckpt = load_segmenter(model_path, device, info.class_names)
+    model, _ = load_segmenter(model_path, device, info.class_names)
     # channels-last: the layout CPU convolution kernels run faster at inference; BatchNorm folded into the
     # convolutions saves a pass over every feature map
     fold_batchnorm(model.to(memory_format=torch.channels_last))
@@ -211,7 +205,7 @@ def run_predict_store(
                 device,
                 classes=classes,
                 prior_adjustment=seg["prior_adjustment"],
-                precision=model_precision(ckpt),
+                precision=seg["infer_precision"],
             )
             store.put_scores(out, SEG, image_id, probs, classes)
     timing.log_kernel_seconds()
@@ -342,8 +336,8 @@ def predict_files(
     """Segment image files: writes ``<out_dir>/<stem>.png`` (palette PNG, pixel value = class index) per
     image and, with ``probabilities``, ``<stem>.npy`` ((n_classes, H, W) float32); with ``overlay``,
     ``<stem>_overlay.png`` (the image under its label colours) and ``legend.png`` (colours and names of
-    the classes found). Inference scales, flip and prior adjustment come from the config saved with the
-    model (``prior_adjustment`` overrides the latter); ``device`` is auto, cpu or cuda.
+    the classes found). Inference scales, flip, precision and prior adjustment come from the config
+    saved with the model (``prior_adjustment`` overrides the latter); ``device`` is auto, cpu or cuda.
 
     ``out_dir`` may not be (or lie inside) an input folder, and existing output files are replaced
     only with ``overwrite``. An unreadable image is logged and skipped; at the end a
@@ -383,7 +377,7 @@ def predict_files(
             seg["infer_flip"],
             torch_device,
             prior_adjustment=tau,
-            precision=model_precision(ckpt),
+            precision=seg.get("infer_precision", "float32"),
         )
         labels = probs.argmax(axis=0).astype(np.uint8)
         png = out_dir / f"{path.stem}.png"

@@ -213,7 +213,7 @@ def run_train_seg(
             training_section(seg), config["dataset"], ids, labels_digest.hexdigest(), *init_digest
         ),
         log_every=seg["log_every"],
-        precision=seg["precision"],
+        precision=seg["train_precision"],
     )
     model_path = Path(out_dir) / "model.pt"
     save_model(model_path, model.cpu(), config, info.class_names, info.has_background, "segment")
