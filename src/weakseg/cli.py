@@ -21,6 +21,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from weakseg.allocator import reexecute_on_jemalloc
 from weakseg.commands import Command
 from weakseg.errors import EXIT_USER_ERROR, UserError
 
@@ -144,6 +145,8 @@ def _exit_on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's entry point (not a call from Python): choose its allocator first
+        reexecute_on_jemalloc()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     spec: Command = args.command_spec
