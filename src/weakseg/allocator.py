@@ -43,7 +43,7 @@ def preload_environment(environ: Mapping[str, str], library: Path | None) -> dic
     not preload it, or another one the user chose, such as tcmalloc)."""
     if library is None or environ.get(SWITCH, "") == "system":
         return None
-    preloaded = [p for p in environ.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+    preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if any("malloc" in Path(p).name for p in preloaded):
         return None
     env = dict(environ)
@@ -60,5 +60,6 @@ def reexecute_on_jemalloc() -> None:
     env = preload_environment(os.environ, find_jemalloc())
     if env is None:
         return
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
