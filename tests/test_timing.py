@@ -51,6 +51,25 @@ def test_kernel_time_counts_a_block_that_raises():
     assert timing.snapshot()["broken"] >= 0.01
 
 
+def test_kernel_time_waits_for_queued_cuda_work(monkeypatch):
+    """On CUDA a block returns once its kernels are queued; the clock must wait for them to finish,
+    or the benchmark bills the work to whatever synchronises next. Here the queued work runs inside
+    synchronize()."""
+    import torch
+
+    queued: list[float] = []
+
+    def synchronize():
+        while queued:
+            time.sleep(queued.pop())
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    with timing.kernel("forward"):
+        queued.append(0.05)
+    assert timing.snapshot()["forward"] >= 0.05
+
+
 def test_log_line_round_trips_through_a_log_file(tmp_path, caplog):
     timing.add({"forward": 1.25, "crf": 0.5})
     log_file = tmp_path / "job.log"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +26,23 @@ MARKER = "kernel seconds:"  # the log line: "<MARKER> {json of kind -> seconds}"
 _SECONDS: dict[str, float] = {}
 
 
+def _wait_for_accelerator() -> None:
+    """CUDA kernels run asynchronously: without waiting for them, a block's wall time is the time it
+    took to launch its work, and that work is billed to whatever waits for it next."""
+    torch = sys.modules.get("torch")  # jobs without a network never import it
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextlib.contextmanager
 def kernel(kind: str) -> Iterator[None]:
     """Add the wall time of the block to this process's kernel seconds of ``kind``."""
+    _wait_for_accelerator()
     started = time.perf_counter()
     try:
         yield
     finally:
+        _wait_for_accelerator()
         _SECONDS[kind] = _SECONDS.get(kind, 0.0) + time.perf_counter() - started
 
 
