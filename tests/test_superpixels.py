@@ -90,6 +90,19 @@ def test_bad_method_and_bad_image_are_refused():
         compute_superpixels(image[..., 0], "slic", 50)
 
 
+@pytest.mark.parametrize("method", ["slic", "slico", "seeds"])
+def test_an_opencv_without_contrib_is_named_in_one_line(method, monkeypatch):
+    """A plain opencv-python beside the contrib wheel shadows ximgproc: say so, not AttributeError."""
+    image, _ = _synthetic(0)
+    monkeypatch.delattr(cv2, "ximgproc")
+    with pytest.raises(
+        config.ConfigError, match="superpixels.method: .*opencv-contrib-python-headless"
+    ) as err:
+        compute_superpixels(image, method, 50)
+    assert "\n" not in str(err.value)
+    _check_map(compute_superpixels(image, "felzenszwalb", 50), image.shape[:2])  # needs no contrib
+
+
 @pytest.mark.msrc
 @pytest.mark.parametrize("method", METHODS)
 def test_real_msrc_image(method, msrc_root):

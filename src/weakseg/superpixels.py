@@ -15,6 +15,7 @@ import numpy as np
 
 from weakseg import store, timing
 from weakseg.commands import DATA, SHARD, THREADS, Command, output
+from weakseg.config import ConfigError
 from weakseg.datasets import open_data, read_image
 from weakseg.parallel import map_images
 
@@ -46,6 +47,18 @@ def _felzenszwalb(image: np.ndarray, n_segments: int, sigma: float) -> np.ndarra
     return best
 
 
+def _ximgproc():
+    """OpenCV's contrib module of SLIC, SLICO and SEEDS. A plain opencv-python wheel installed beside the
+    contrib one shadows it, and its absence would otherwise surface as an AttributeError mid-stage."""
+    if not hasattr(cv2, "ximgproc"):
+        raise ConfigError(
+            f"superpixels.method: slic, slico and seeds need OpenCV's contrib module ximgproc, which this cv2 "
+            f"({cv2.__version__}, {cv2.__file__}) lacks: install opencv-contrib-python-headless (without "
+            "opencv-python or opencv-python-headless beside it), or choose felzenszwalb or skimage_slic"
+        )
+    return cv2.ximgproc
+
+
 def _seeds_near(width: int, height: int, n_segments: int):
     """A SEEDS object whose block grid is closest to ``n_segments``.
 
@@ -53,8 +66,9 @@ def _seeds_near(width: int, height: int, n_segments: int):
     request can yield a third of it (150 on 128x96 gives 48; 1000 on 320x213 gives 260). Creating
     the object only sizes the grid (no image work), so try a few requests and level counts.
     """
+    ximgproc = _ximgproc()
     candidates = (
-        cv2.ximgproc.createSuperpixelSEEDS(
+        ximgproc.createSuperpixelSEEDS(
             width, height, 3, int(round(n_segments * factor)), num_levels=levels, prior=2, histogram_bins=5
         )
         for factor in (1.0, 1.25, 1.5, 2.0)
@@ -83,10 +97,9 @@ def compute_superpixels(
     if method in ("slic", "slico"):
         lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
         region = max(2, int(round(math.sqrt(h * w / n_segments))))
-        algo = cv2.ximgproc.SLIC if method == "slic" else cv2.ximgproc.SLICO
-        sp = cv2.ximgproc.createSuperpixelSLIC(
-            lab, algorithm=algo, region_size=region, ruler=float(compactness)
-        )
+        ximgproc = _ximgproc()
+        algo = ximgproc.SLIC if method == "slic" else ximgproc.SLICO
+        sp = ximgproc.createSuperpixelSLIC(lab, algorithm=algo, region_size=region, ruler=float(compactness))
         sp.iterate(iterations)
         sp.enforceLabelConnectivity(25)
         labels = sp.getLabels()

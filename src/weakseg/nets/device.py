@@ -20,6 +20,11 @@ def select_device(preference: str = "auto") -> torch.device:
         )
     device = torch.device("cuda" if preference != "cpu" and cuda else "cpu")
     if device.type == "cuda":
+        # The precision keys' float32 means IEEE float32 here too. cuDNN's default TF32 convolutions keep
+        # 10 mantissa bits, so a GPU run would drift from a CPU run well past float tolerance;
+        # bfloat16 is the explicit fast choice.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         log.info("device: %s (%s) -> %s", preference, "CUDA available", torch.cuda.get_device_name(device))
     else:
         log.info("device: %s -> cpu%s", preference, "" if preference == "cpu" else " (no usable CUDA device)")
