@@ -137,26 +137,31 @@ def open_store(path: str | os.PathLike, kind: str | None = None) -> zarr.Group:
 def put(group: zarr.Group, key: str, image_id: str, array: np.ndarray, attrs: dict | None = None) -> None:
     """Write one per-image array (one chunk) under ``key/image_id``."""
     array = np.ascontiguousarray(array)
+    # attributes go in with the array's metadata: setting them afterwards rewrites that file
     arr = group.create_array(
-        f"{key}/{image_id}", shape=array.shape, dtype=array.dtype, chunks=array.shape, overwrite=True
+        f"{key}/{image_id}",
+        shape=array.shape,
+        dtype=array.dtype,
+        chunks=array.shape,
+        overwrite=True,
+        attributes=attrs or {},
     )
     arr[...] = array
-    if attrs:
-        arr.attrs.update(attrs)
+
+
+def _array(group: zarr.Group, key: str, image_id: str) -> zarr.Array:
+    try:
+        return group[f"{key}/{image_id}"]
+    except KeyError:
+        raise StoreError(f"{_where(group)}: no '{key}' array for image '{image_id}'") from None
 
 
 def get(group: zarr.Group, key: str, image_id: str) -> np.ndarray:
-    try:
-        return group[f"{key}/{image_id}"][...]
-    except KeyError:
-        raise StoreError(f"{_where(group)}: no '{key}' array for image '{image_id}'") from None
+    return _array(group, key, image_id)[...]
 
 
 def get_attrs(group: zarr.Group, key: str, image_id: str) -> dict:
-    try:
-        return dict(group[f"{key}/{image_id}"].attrs)
-    except KeyError:
-        raise StoreError(f"{_where(group)}: no '{key}' array for image '{image_id}'") from None
+    return dict(_array(group, key, image_id).attrs)
 
 
 def ids_in(group: zarr.Group, key: str) -> list[str]:
@@ -175,8 +180,9 @@ def put_scores(
 
 def get_scores(group: zarr.Group, key: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
     """Return (scores float32 (K, H, W) in [0, 1], class indices (K,))."""
-    q = get(group, key, image_id)
-    classes = np.asarray(get_attrs(group, key, image_id)["classes"], dtype=np.int64)
+    arr = _array(group, key, image_id)  # opened once: values and attributes share its metadata
+    q = arr[...]
+    classes = np.asarray(arr.attrs["classes"], dtype=np.int64)
     return q.astype(np.float32) / SCORE_SCALE, classes
 
 
