@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 CORES ?= 2
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lint test-slow bench-superpixels bench-msrc bench-msrc-objects report clean
+.PHONY: setup run test lint test-slow bench-superpixels bench-msrc bench-msrc-fast bench-msrc-objects report clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-superpixels: setup  ## MSRC-21 ingest + superpixel methods table
 
 bench-msrc: setup  ## the whole pipeline on MSRC-21 with timings and a quality table
 	weakseg benchmark pipeline --config config/msrc21.yaml --out bench
+
+bench-msrc-fast: setup  ## MSRC-21 at half of session 3's time (config/msrc21_fast.yaml), same tables
+	weakseg benchmark pipeline --config config/msrc21_fast.yaml --out bench
 
 bench-msrc-objects: setup  ## the same on MSRC-21 objects on background (stuff classes merged into background)
 	weakseg benchmark pipeline --config config/msrc21_objects.yaml --out bench

@@ -1,4 +1,5 @@
-"""Kernel seconds: the clock, its log line, worker processes, and the benchmark's per-job table."""
+"""Kernel seconds: the clock, its log line, worker processes, the benchmark's per-job table and its
+comparison of two runs."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from weakseg import timing
-from weakseg.benchmark import stage_times
+from weakseg.benchmark import compare_quality, compare_times, stage_times
 from weakseg.parallel import map_images
 
 
@@ -113,3 +115,50 @@ def test_stage_times_sets_job_seconds_against_kernel_seconds(tmp_path):
     assert table.loc["infer_cam", "kernels"] == "forward=20.0"
     assert np.isnan(table.loc["metrics", "kernel_s"]) and np.isnan(table.loc["metrics", "job_per_kernel"])
     assert table.loc["metrics", "seconds"] == 4.0 and table.loc["metrics", "cpu_s"] == 2.0
+
+
+def test_compare_sums_job_seconds_per_stage_across_rounds():
+    old = pd.DataFrame(
+        {
+            "job": ["train_seg_round1", "train_seg_round2", "evaluate_cam_train", "infer_cam"],
+            "seconds": [100.0, 100.0, 2.0, 50.0],
+        }
+    )
+    new = pd.DataFrame(
+        {
+            "job": ["train_seg_round1", "train_seg_round2", "evaluate_round1_val", "pruned_round1"],
+            "seconds": [40.0, 20.0, 1.0, 3.0],
+        }
+    )
+    table = compare_times(old, new).set_index("stage")
+    assert table.loc["train_seg", "old_s"] == 200.0 and table.loc["train_seg", "new_s"] == 60.0
+    assert table.loc["train_seg", "new_per_old"] == pytest.approx(0.3)
+    assert table.loc["evaluate", "new_jobs"] == 1
+    # a stage one side lacks counts as 0 s there; a stage new to the new side has no ratio
+    assert table.loc["infer_cam", "new_s"] == 0.0 and np.isnan(table.loc["pruned", "new_per_old"])
+    assert table.loc["all jobs", "old_s"] == 252.0 and table.loc["all jobs", "new_s"] == 64.0
+    assert table.loc["all jobs", "new_per_old"] == pytest.approx(64 / 252)
+
+
+def test_compare_flags_rows_that_fell_by_more_than_the_tolerance():
+    old = pd.DataFrame(
+        {
+            "stage": ["cam", "round1", "round2"],
+            "split": ["train", "val", "val"],
+            "miou": [0.60, 0.60, 0.55],
+            "mean_class_acc": [0.80, 0.83, 0.83],
+        }
+    )
+    new = pd.DataFrame(
+        {
+            "stage": ["cam", "round1", "joint"],
+            "split": ["train", "val", "val"],
+            "miou": [0.596, 0.70, 0.5],
+            "mean_class_acc": [0.81, 0.82, 0.8],
+        }
+    )
+    table = compare_quality(old, new).set_index("stage")
+    assert list(table.index) == ["cam", "round1"]  # rows in both only
+    assert table.loc["cam", "miou_change"] == pytest.approx(-0.4)
+    assert bool(table.loc["cam", "holds"])  # -0.4 points is within 0.5
+    assert not bool(table.loc["round1", "holds"])  # mIoU +10 does not excuse mean class accuracy -1

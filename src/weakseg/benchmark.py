@@ -16,6 +16,9 @@
                                     divergence, consistency and agreement with the confident labels
     weakseg benchmark joint         the one-stage variants (weakseg.joint.benchmark) next to the
                                     config's two-step run
+    weakseg benchmark compare       two finished pipeline benchmarks (this config's and --against's
+                                    CSVs): job seconds per stage and their ratio, quality per row
+                                    and the rows that fell by more than half a point (issue 18)
 
 Benchmarks measure; tests assert. Apart from the row summary of ``benchmark methods``
 (``method_row``), nothing here is run by the test suite.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -222,6 +226,84 @@ def bench_pipeline(config_path: str, out_dir: Path, cores: int) -> None:
         out_dir / f"{cfg['run']}_quality.csv",
     )
     _print_table(f"{cfg['run']}: bytes per image", bytes_per_image(run), out_dir / f"{cfg['run']}_bytes.csv")
+
+
+# A quality row "holds" when neither mIoU nor mean class accuracy fell by more than this (points).
+COMPARE_TOLERANCE = 0.5
+
+
+def stage_of(job: str) -> str:
+    """The stage a job belongs to, whatever its round: train_seg_round2 -> train_seg,
+    predict_seg_round1_val -> predict_seg_val; every evaluation job is one stage."""
+    stage = re.sub(r"_round\d+", "", job)
+    return "evaluate" if stage.startswith("evaluate") else stage
+
+
+def compare_times(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Job seconds of two ``stage_times`` tables summed per stage, with new / old; the last row is the
+    sum over all jobs."""
+    sums = [t.groupby(t["job"].map(stage_of))["seconds"].agg(["sum", "count"]) for t in (old, new)]
+    table = pd.concat(sums, axis=1, keys=["old", "new"]).fillna(0)
+    table.loc["all jobs"] = table.sum()
+    return pd.DataFrame(
+        {
+            "stage": table.index,
+            "old_jobs": table[("old", "count")].astype(int).to_numpy(),
+            "old_s": table[("old", "sum")].to_numpy(),
+            "new_jobs": table[("new", "count")].astype(int).to_numpy(),
+            "new_s": table[("new", "sum")].to_numpy(),
+            "new_per_old": (table[("new", "sum")] / table[("old", "sum")].replace(0, np.nan)).to_numpy(),
+        }
+    )
+
+
+def compare_quality(
+    old: pd.DataFrame, new: pd.DataFrame, tolerance: float = COMPARE_TOLERANCE
+) -> pd.DataFrame:
+    """The rows (stage, split) of two ``quality_table`` tables present in both, in points, with the
+    change and whether the row holds (neither mIoU nor mean class accuracy fell by more than
+    ``tolerance`` points)."""
+    both = old.merge(new, on=["stage", "split"], suffixes=("_old", "_new"))
+    table = both[["stage", "split"]].copy()
+    for metric in ("miou", "mean_class_acc"):
+        table[f"{metric}_old"] = 100 * both[f"{metric}_old"]
+        table[f"{metric}_new"] = 100 * both[f"{metric}_new"]
+        table[f"{metric}_change"] = table[f"{metric}_new"] - table[f"{metric}_old"]
+    table["holds"] = (table[["miou_change", "mean_class_acc_change"]] >= -tolerance).all(axis=1)
+    return table
+
+
+def bench_compare(config_path: str, out_dir: Path, against: str) -> None:
+    from weakseg.config import load
+
+    run = load(config_path)["run"]
+    mine, theirs = out_dir / run, Path(against)
+    tables = {}
+    for side, prefix in (("new", mine), ("old", theirs)):
+        for kind in ("times", "quality"):
+            path = Path(f"{prefix}_{kind}.csv")
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: not found (written by weakseg benchmark pipeline)")
+            tables[side, kind] = pd.read_csv(path)
+    times = compare_times(tables["old", "times"], tables["new", "times"])
+    _print_table(
+        f"{run} (new) against {theirs.name} (old): job seconds per stage",
+        times,
+        out_dir / f"{run}_vs_{theirs.name}_times.csv",
+    )
+    quality = compare_quality(tables["old", "quality"], tables["new", "quality"])
+    _print_table(
+        f"{run} (new) against {theirs.name} (old): quality (points)",
+        quality,
+        out_dir / f"{run}_vs_{theirs.name}_quality.csv",
+    )
+    fell = quality[~quality["holds"]]
+    total = times.iloc[-1]
+    print(
+        f"sum of job times: new / old = {total['new_s']:.0f} / {total['old_s']:.0f} s = {total['new_per_old']:.2f}; "
+        f"rows more than {COMPARE_TOLERANCE} points below old: "
+        + (", ".join(f"{r.stage} {r.split}" for r in fell.itertuples()) or "none")
+    )
 
 
 def bench_reliability(config_path: str, out_dir: Path) -> None:
@@ -792,6 +874,7 @@ def run_benchmark(
     iterations: int | None = None,
     infer_scales=None,
     joint_methods=("annealed", "rrm"),
+    against: str | None = None,
 ) -> None:
     out_dir = Path(out)
     if what == "superpixels":
@@ -817,6 +900,10 @@ def run_benchmark(
         bench_methods(config_path, out_dir, threads, methods, split, iterations, infer_scales)
     elif what == "speed":
         bench_speed(config_path, out_dir, threads)
+    elif what == "compare":
+        if not against:
+            raise ValueError("benchmark compare needs --against PREFIX (the other run's <out>/<run>)")
+        bench_compare(config_path, out_dir, against)
     elif what == "joint":  # one-stage training (issue 17)
         from weakseg.joint.benchmark import bench_joint
 
@@ -830,9 +917,20 @@ COMMAND = Command(
     (
         option(
             "what",
-            choices=["superpixels", "crf", "pipeline", "bytes", "methods", "speed", "joint", "reliability"],
+            choices=[
+                "superpixels",
+                "crf",
+                "pipeline",
+                "bytes",
+                "methods",
+                "speed",
+                "joint",
+                "reliability",
+                "compare",
+            ],
             help="what to measure (joint: the one-stage variants next to the config's two-step run; "
-            "reliability: a finished run's reliability curves under two annotation scores)",
+            "reliability: a finished run's reliability curves under two annotation scores; compare: this "
+            "config's pipeline benchmark against --against's)",
         ),
         option("--root", default="../shared/data/msrc21", help="dataset folder"),
         optional(
@@ -870,6 +968,11 @@ COMMAND = Command(
             type=float,
             nargs="+",
             help="methods: inference scales of every method (default: cam.infer_scales)",
+        ),
+        option(
+            "--against",
+            help="compare: the other pipeline benchmark's CSV prefix, <out>/<run> (its <run>_times.csv "
+            "and <run>_quality.csv); this config's are read from --out",
         ),
         THREADS,
     ),
