@@ -42,6 +42,7 @@ import pandas as pd
 from weakseg import store, timing
 from weakseg.cam import MODELS as CAM_MODELS
 from weakseg.commands import THREADS, Command, option, optional
+from weakseg.errors import InputError
 from weakseg.superpixels import METHODS as SUPERPIXEL_METHODS
 
 log = logging.getLogger("weakseg")
@@ -902,7 +903,7 @@ def run_benchmark(
         bench_speed(config_path, out_dir, threads)
     elif what == "compare":
         if not against:
-            raise ValueError("benchmark compare needs --against PREFIX (the other run's <out>/<run>)")
+            raise InputError("benchmark compare needs --against PREFIX (the other run's <out>/<run>)")
         bench_compare(config_path, out_dir, against)
     elif what == "joint":  # one-stage training (issue 17)
         from weakseg.joint.benchmark import bench_joint
