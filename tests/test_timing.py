@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from weakseg import timing
-from weakseg.benchmark import compare_quality, compare_times, stage_times
+from weakseg.benchmark import compare_quality, compare_times, stage_of, stage_times
 from weakseg.parallel import map_images
 
 
@@ -134,6 +134,7 @@ def test_compare_sums_job_seconds_per_stage_across_rounds():
     assert table.loc["train_seg", "old_s"] == 200.0 and table.loc["train_seg", "new_s"] == 60.0
     assert table.loc["train_seg", "new_per_old"] == pytest.approx(0.3)
     assert table.loc["evaluate", "new_jobs"] == 1
+    assert stage_of("predict_seg_round2_val-3") == "predict_seg_val"  # shards of a round: one stage
     # a stage one side lacks counts as 0 s there; a stage new to the new side has no ratio
     assert table.loc["infer_cam", "new_s"] == 0.0 and np.isnan(table.loc["pruned", "new_per_old"])
     assert table.loc["all jobs", "old_s"] == 252.0 and table.loc["all jobs", "new_s"] == 64.0

@@ -234,9 +234,9 @@ COMPARE_TOLERANCE = 0.5
 
 
 def stage_of(job: str) -> str:
-    """The stage a job belongs to, whatever its round: train_seg_round2 -> train_seg,
-    predict_seg_round1_val -> predict_seg_val; every evaluation job is one stage."""
-    stage = re.sub(r"_round\d+", "", job)
+    """The stage a job belongs to, whatever its round or shard: train_seg_round2 -> train_seg,
+    predict_seg_round1_val-3 -> predict_seg_val; every evaluation job is one stage."""
+    stage = re.sub(r"_round\d+|-\d+$", "", job)
     return "evaluate" if stage.startswith("evaluate") else stage
 
 
